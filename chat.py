@@ -212,6 +212,13 @@ def check_name(value: Any, code: str) -> str:
     return value
 
 
+def check_room(value: Any) -> str:
+    """A room name from a frame: missing or not a string is bad_request, a bad name bad_room."""
+    if not isinstance(value, str):
+        raise ChatError("bad_request", "'room' must be a room name")
+    return check_name(value, "bad_room")
+
+
 def is_unicode(text: str) -> bool:
     """False for strings holding lone surrogates ("\\ud800"), which are not text."""
     try:
@@ -249,7 +256,7 @@ def reject_constant(name: str) -> None:
 
 
 def parse_frame(data: str | bytes) -> dict:
-    """One client frame as a dict with a string 'type', or ChatError."""
+    """One client frame as a JSON object, or ChatError."""
     if isinstance(data, bytes):
         raise ChatError("bad_json", "frames must be text, not binary")
     try:
@@ -258,8 +265,6 @@ def parse_frame(data: str | bytes) -> dict:
         raise ChatError("bad_json", "the frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ChatError("bad_request", "a frame must be a JSON object")
-    if not isinstance(frame.get("type"), str):
-        raise ChatError("bad_request", "a frame needs a string 'type'")
     return frame
 
 
@@ -530,6 +535,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by _arrive, _depart
     last_id: ClassVar[int] = 0  # the highest message id given out; changed by _next_id
     dirty: ClassVar[list[ChatSocket]] = []  # connections with frames to write this loop turn
+    pinger: ClassVar[Optional[tornado.ioloop.PeriodicCallback]] = None  # runs _ping_all
 
     user: Optional[str] = None  # user key, set once the connection is accepted
 
@@ -541,8 +547,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._owed = 0  # bytes queued or being written; over max_queue means too slow
         self._writing = False
         self._dead = False  # closing: nothing more is written
+        self._departed = False
         self._tokens = float(self.conf.burst)
-        self._refill = time.monotonic()
+        self._refill = self._heard = time.monotonic()
         self._stream = raw_stream(self)
         try:
             name = check_name(self.get_query_argument("username", "", strip=False), "bad_username")
@@ -603,8 +610,43 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self._dead = True
-        if self.user is not None:
+        if self.user is not None and not self._departed:
             self._depart()
+
+    def on_pong(self, data: bytes) -> None:
+        self._heard = time.monotonic()
+
+    # ---- liveness: a client that vanished sends no close frame, so we ask
+
+    @classmethod
+    def _ping_all(cls) -> None:
+        """Every --ping_interval: ping each connection, and --ping_timeout later
+        drop those that answered neither this ping nor anything else.
+
+        A client that vanishes just after a pong is pinged at most one interval
+        later and dropped one timeout after that: within 2 x the interval.
+        We do this rather than use Tornado's own ping timeout, which waits
+        five more seconds for a close handshake a vanished client never sends.
+        """
+        sent = time.monotonic()
+        pinged = [c for tabs in cls.online.values() for c in tabs if not c._dead]
+        for connection in pinged:
+            try:
+                connection.ping()
+            except tornado.websocket.WebSocketClosedError:
+                pass
+        tornado.ioloop.IOLoop.current().call_later(cls.conf.ping_timeout, cls._drop_silent, pinged, sent)
+
+    @classmethod
+    def _drop_silent(cls, pinged: list, sent: float) -> None:
+        for connection in pinged:
+            if connection._heard < sent and not connection._dead:
+                log.info("%s stopped answering pings", connection.user)
+                connection._dead = True
+                if connection._stream is not None:
+                    connection._stream.close()  # no close handshake with a peer that is gone
+                else:
+                    connection.close(1001, "ping timed out")
 
     # ---- shared state: each dict is changed in these few methods only
 
@@ -624,6 +666,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def _arrive(self, user: str, ip: str) -> None:
         self.user = user
+        if ChatSocket.pinger is None and self.conf.ping_interval > 0:
+            ChatSocket.pinger = tornado.ioloop.PeriodicCallback(ChatSocket._ping_all, 1000 * self.conf.ping_interval)
+            ChatSocket.pinger.start()
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         tabs = self.online.setdefault(user, set())
         tabs.add(self)
@@ -632,6 +677,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.send_to(self._everyone_but(user), presence_frame(self.users[user].name, "online"))
 
     def _depart(self) -> None:
+        self._departed = True
         ip, user = self.request.remote_ip, self.user
         self.per_ip[ip] -= 1
         if not self.per_ip[ip]:
@@ -706,6 +752,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- client frames: on_message dispatches to do_<type>
 
     def on_message(self, data: str | bytes) -> None:
+        self._heard = time.monotonic()
         ref = None
         allowed = self._spend()  # every frame costs a token, even a broken one
         try:
@@ -714,9 +761,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 ref = check_ref(frame["ref"])
             if not allowed:
                 raise ChatError("rate_limited", f"slow down: at most {self.conf.rate:g} frames a second")
-            handler = getattr(self, "do_" + frame["type"], None)
+            kind = frame.get("type")
+            if not isinstance(kind, str):
+                raise ChatError("bad_request", "a frame needs a string 'type'")
+            handler = getattr(self, "do_" + kind, None)
             if handler is None:
-                raise ChatError("bad_request", f"unknown frame type {frame['type'][:40]!r}")
+                raise ChatError("bad_request", f"unknown frame type {kind[:40]!r}")
             handler(frame, ref)
         except ChatError as e:
             self.send(error_frame(e.code, e.message, ref))
@@ -743,9 +793,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def _my_room(self, name: Any) -> Room:
         """The room a frame names, which the user must be in."""
-        if not isinstance(name, str):
-            raise ChatError("bad_request", "'room' must be a room name")
-        room = self.rooms.get(key(check_name(name, "bad_room")))
+        room = self.rooms.get(key(check_room(name)))
         if room is None or self.user not in room.members:
             raise ChatError("not_in_room", f"you are not in {name}; join it first")
         return room
@@ -775,8 +823,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def do_join(self, frame: dict, ref: Any) -> None:
         # {"type":"join","room":"python"}
-        name = check_name(frame.get("room"), "bad_room")
-        room = self._room(name)
+        room = self._room(check_room(frame.get("room")))
         if self.user in room.members:
             self.send(self._joined(room, None))  # already in: a fresh copy for this tab
         else:
@@ -892,6 +939,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._out.clear()
         self._dead = True
         self.close(code, reason)
+        if self.user is not None and not self._departed:
+            self._depart()  # gone now for everybody else, not after the close handshake
 
     # ---- the handshake
 
@@ -990,14 +1039,15 @@ def make_app(**overrides: Any) -> tornado.web.Application:
     for recipient, message in state["undelivered"]:
         ChatSocket.mailboxes.setdefault(recipient, {})[message["id"]] = message
     ChatSocket.online, ChatSocket.per_ip, ChatSocket.dirty = {}, {}, []
+    if ChatSocket.pinger is not None:
+        ChatSocket.pinger.stop()
+        ChatSocket.pinger = None
     ChatSocket.last_id = state["last_id"]
 
     PageHandler.load(os.path.join(HERE, "index.html"))
     return tornado.web.Application(
         [(r"/", PageHandler), (r"/ws", ChatSocket), (r"/healthz", HealthHandler)],
         websocket_max_message_size=MAX_FRAME,
-        websocket_ping_interval=conf.ping_interval,
-        websocket_ping_timeout=conf.ping_timeout,
         log_function=log_request,
         autoreload=conf.debug,
         serve_traceback=conf.debug,

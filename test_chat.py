@@ -1,0 +1,1596 @@
+"""Tests for chat.py: one test per rule of the protocol (see README, "Protocol").
+
+Run them with ``python -m pytest -q test_chat.py``.
+
+Every test builds a fresh server with ``chat.make_app(db=":memory:", ...)``
+(``make_app`` resets ChatSocket's class-level state), talks to it through
+``websocket_connect`` as a page would, and awaits frames instead of sleeping.
+To show that something did NOT arrive, a test sends a later frame with a
+``ref`` (``{"type":"rooms","ref":...}``) and checks that its answer is the next
+thing received: the server answers each connection's frames in order.
+
+Sections: helpers; connecting and names; rooms; direct messages; errors and
+limits; origin, Unicode, HTTP; the property test; persistence and resume
+(issue 3, including subprocess tests of SIGKILL/SIGTERM); slow consumers,
+liveness and connection caps (issue 5).
+"""
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+from urllib.parse import urlencode
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+from tornado import gen
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
+from tornado.websocket import websocket_connect
+
+import chat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT_PY = os.path.join(HERE, "chat.py")
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")  # UTC, milliseconds
+TIME = re.compile(r"^\d\d:\d\d:\d\d$")  # the default --timestamp_format %H:%M:%S
+ERROR_CODES = {"bad_json", "bad_request", "bad_room", "not_in_room", "too_long",
+               "unknown_user", "mailbox_full", "rate_limited", "too_many_rooms"}
+READ_TIMEOUT = 4  # seconds to wait for one frame before failing with a message
+async_test = gen_test(timeout=15)
+
+
+################ Helpers
+
+
+class ChatTestCase(AsyncHTTPTestCase):
+    """A fresh chat server per test, and a few words to speak its protocol."""
+
+    app_options: dict = {}  # per-class make_app overrides (max_text=10, ...)
+
+    def get_app(self):
+        settings_ = dict(db=":memory:", rate=0)
+        settings_.update(self.app_options)
+        return chat.make_app(**settings_)
+
+    def setUp(self):
+        super().setUp()
+        self.sockets = []  # every client connection, closed in tearDown
+        self.tokens = {}  # user name -> token from its welcome
+        self.refs = 0
+
+    def tearDown(self):
+        for ws in self.sockets:
+            ws.close()
+        super().tearDown()
+
+    # ---- connecting
+
+    def url(self, port=None, **params):
+        query = urlencode({k: v for k, v in params.items() if v is not None})
+        return "ws://127.0.0.1:%d/ws?%s" % (port or self.get_http_port(), query)
+
+    async def open_ws(self, name=None, token=None, since=None, headers=None, port=None):
+        """The bare WebSocket, nothing read yet."""
+        request = HTTPRequest(self.url(port, username=name, token=token, since=since),
+                              headers=headers)
+        ws = await websocket_connect(request)
+        self.sockets.append(ws)
+        return ws
+
+    async def connect(self, name, token=None, since=None, port=None):
+        """Connect as `name`; return (ws, welcome) once the welcome and one
+        `joined` per room of the user have arrived (kept in ws.joined)."""
+        ws = await self.open_ws(name, token, since, port=port)
+        welcome = await self.read(ws, "the welcome of %s" % name)
+        self.assertEqual(welcome["type"], "welcome", welcome)
+        self.tokens[welcome["user"]] = welcome["token"]
+        ws.joined = {}
+        for room in welcome["rooms"]:
+            joined = await self.read(ws, "joined %s" % room)
+            self.assertEqual(joined["type"], "joined", joined)
+            ws.joined[joined["room"]] = joined
+        self.assertEqual(sorted(ws.joined), sorted(welcome["rooms"]))
+        return ws, welcome
+
+    async def pair(self):
+        """UserA and UserB online in the default room, nothing left unread."""
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        await self.sync(a)  # UserB's presence and member frames
+        return a, b
+
+    async def refused(self, code, close_code, **params):
+        """Connect with these query parameters; expect exactly one error
+        frame with `code`, then a close with `close_code`."""
+        request = HTTPRequest(self.url(params.pop("port", None), **params))
+        ws = await websocket_connect(request)
+        self.sockets.append(ws)
+        frames = []
+        for _ in range(10):
+            msg = await self.raw_read(ws, "the %s error" % code)
+            if msg is None:
+                break
+            frames.append(json.loads(msg))
+        self.assertEqual(len(frames), 1, "expected only the error frame, got %r" % frames)
+        self.assertEqual(frames[0]["type"], "error", frames)
+        self.assertEqual(frames[0]["code"], code, frames)
+        self.assertIsInstance(frames[0]["message"], str)
+        self.assertEqual(ws.close_code, close_code)
+        return frames[0]
+
+    # ---- reading
+
+    async def raw_read(self, ws, what):
+        try:
+            return await gen.with_timeout(datetime.timedelta(seconds=READ_TIMEOUT),
+                                          ws.read_message())
+        except gen.TimeoutError:
+            self.fail("nothing arrived within %ss while waiting for %s" % (READ_TIMEOUT, what))
+
+    async def read(self, ws, what="a frame"):
+        """The next frame, decoded; fails clearly if the server closed."""
+        msg = await self.raw_read(ws, what)
+        if msg is None:
+            self.fail("connection closed (code %r, reason %r) while waiting for %s"
+                      % (ws.close_code, ws.close_reason, what))
+        self.assertIsInstance(msg, str, "the server sends text frames only")
+        frame = json.loads(msg)
+        self.assertIsInstance(frame, dict)
+        self.assertIn("type", frame)
+        return frame
+
+    async def until(self, ws, type_, **fields):
+        """Read up to the first frame of `type_` with these fields; return
+        (frame, the frames skipped before it)."""
+        skipped = []
+        for _ in range(2000):
+            frame = await self.read(ws, "a %r frame with %r (skipped %r)" % (type_, fields, skipped[-5:]))
+            if frame["type"] == type_ and all(frame.get(k) == v for k, v in fields.items()):
+                return frame, skipped
+            skipped.append(frame)
+        self.fail("no %r frame among %d frames" % (type_, len(skipped)))
+
+    async def expect(self, ws, type_, **fields):
+        frame, _ = await self.until(ws, type_, **fields)
+        return frame
+
+    # ---- sending
+
+    def send(self, ws, **frame):
+        ws.write_message(json.dumps(frame))
+
+    def ref(self):
+        self.refs += 1
+        return "~ref~%d" % self.refs
+
+    async def answer(self, ws, ref):
+        """(the ack or error carrying `ref`, the frames before it)."""
+        before = []
+        for _ in range(2000):
+            frame = await self.read(ws, "the answer to ref %r (before it: %r)" % (ref, before[-5:]))
+            if frame["type"] in ("ack", "error") and frame.get("ref") == ref:
+                return frame, before
+            before.append(frame)
+        self.fail("no answer to ref %r" % ref)
+
+    async def request(self, ws, **frame):
+        """Send `frame` with a fresh ref; return (answer, frames before it)."""
+        frame.setdefault("ref", self.ref())
+        self.send(ws, **frame)
+        return await self.answer(ws, frame["ref"])
+
+    async def ack(self, ws, **frame):
+        """Send `frame`; it must be acked. Returns (ack, frames before it)."""
+        answer, before = await self.request(ws, **frame)
+        self.assertEqual(answer["type"], "ack", "expected an ack for %r, got %r" % (frame, answer))
+        return answer, before
+
+    async def reply(self, ws, type_, **frame):
+        """Send `frame`; return its answer of `type_` (joined, left, rooms),
+        which may come before or after the ack."""
+        _, before = await self.ack(ws, **frame)
+        found = [f for f in before if f["type"] == type_]
+        return found[0] if found else await self.expect(ws, type_)
+
+    async def sync(self, ws):
+        """Everything that arrived before the answer to a `rooms` request
+        (the `rooms` answer itself left out)."""
+        _, before = await self.ack(ws, type="rooms")
+        answers = [f for f in before if f["type"] == "rooms"]
+        if answers:
+            before.remove(answers[-1])
+        else:
+            await self.expect(ws, "rooms")
+        return before
+
+    async def quiet(self, ws, who="this connection"):
+        """Nothing has arrived that the test did not expect."""
+        self.assertEqual(await self.sync(ws), [], "%s received unexpected frames" % who)
+
+    async def error(self, ws, code, **frame):
+        """Send `frame` (with a ref unless given); the answer is an error with
+        `code`, and nothing else came first."""
+        frame.setdefault("ref", self.ref())
+        self.send(ws, **frame)
+        return await self.next_error(ws, code, frame["ref"])
+
+    async def next_error(self, ws, code, ref=None):
+        err = await self.read(ws, "a %s error" % code)
+        self.assertEqual(err["type"], "error", err)
+        self.assertEqual(err["code"], code, err)
+        self.assertIsInstance(err["message"], str)
+        self.assertTrue(err["message"].strip())
+        if ref is None:
+            self.assertNotIn("ref", err)
+            self.assertEqual(set(err), {"type", "code", "message"})
+        else:
+            self.assertEqual(err.get("ref"), ref, "the error must carry the frame's ref: %r" % err)
+            self.assertEqual(set(err), {"type", "code", "message", "ref"})
+        return err
+
+    async def say(self, ws, text, room=None):
+        """Post `text` (to `room`, or the default room; "@name text" is a
+        DM); return its ack once the sender's own copy has arrived too."""
+        frame = dict(type="message", text=text)
+        if room is not None:
+            frame["room"] = room
+        ack, before = await self.ack(ws, **frame)
+        if not any(f.get("id") == ack["id"] for f in before):
+            await self.expect(ws, "direct" if text.startswith("@") else "message", id=ack["id"])
+        return ack
+
+    async def still_serving(self, a, b, room="general"):
+        """After a bad input from `a`: a's next message is acked, and the
+        message is the very next thing b receives (b got nothing else)."""
+        text = "ok %d" % self.refs  # short: TooLongTest allows 10 characters
+        ack = await self.say(a, text, room)
+        got = await self.read(b, "the message %r" % text)
+        self.assertEqual((got["type"], got.get("text"), got.get("id")), ("message", text, ack["id"]),
+                         "the other user received something else first")
+        await self.quiet(a, "the sender")
+        await self.quiet(b, "the other user")
+
+    async def health(self, port=None):
+        response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/healthz" % (port or self.get_http_port()))
+        return json.loads(response.body)
+
+    async def wait_health(self, **want):
+        """Fetch /healthz until its fields equal `want` (the server has
+        processed closes we cannot otherwise observe)."""
+        for _ in range(500):
+            h = await self.health()
+            if all(h[k] == v for k, v in want.items()):
+                return h
+        self.fail("/healthz never showed %r (last %r)" % (want, h))
+
+    def assert_message(self, frame, text, sender, room="general"):
+        """The shape of a room message."""
+        self.assertEqual(set(frame), {"type", "id", "room", "from", "text", "ts", "time"}, frame)
+        self.assertEqual((frame["type"], frame["room"], frame["from"], frame["text"]),
+                         ("message", room, sender, text))
+        self.assert_stamps(frame)
+
+    def assert_direct(self, frame, text, sender, to, **flags):
+        """The shape of a direct message (with `buffered`/`queued` flags)."""
+        self.assertEqual(set(frame), {"type", "id", "from", "to", "text", "ts", "time"} | set(flags), frame)
+        self.assertEqual((frame["type"], frame["from"], frame["to"], frame["text"]),
+                         ("direct", sender, to, text))
+        for flag, value in flags.items():
+            self.assertIs(frame[flag], value)
+        self.assert_stamps(frame)
+
+    def assert_stamps(self, frame):
+        self.assertIs(type(frame["id"]), int)
+        self.assertRegex(frame["ts"], TS)
+        self.assertRegex(frame["time"], TIME)
+        ts = datetime.datetime.fromisoformat(frame["ts"][:-1] + "+00:00")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.assertLess(abs((now - ts).total_seconds()), 60, "ts is not now in UTC")
+        # `time` is the same instant in the server's local time
+        self.assertEqual(frame["time"], ts.astimezone().strftime("%H:%M:%S"))
+
+
+################ Connecting and names
+
+
+class ConnectTest(ChatTestCase):
+
+    @async_test
+    async def test_welcome_then_joined_per_room_then_buffered_directs(self):
+        """welcome, then one joined per room of the user, then buffered DMs."""
+        a, b = await self.pair()
+        await self.ack(b, type="join", room="python")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        dm = await self.say(a, "@UserB while you were away")
+
+        b = await self.open_ws("UserB", self.tokens["UserB"])
+        welcome = await self.read(b)
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertLessEqual({"type", "user", "token", "online", "rooms", "default_room", "max_text"},
+                             set(welcome))
+        self.assertEqual(welcome["user"], "UserB")
+        self.assertEqual(sorted(welcome["online"]), ["UserA", "UserB"])
+        self.assertEqual(sorted(welcome["rooms"]), ["general", "python"])
+        self.assertEqual((welcome["default_room"], welcome["max_text"]), ("general", 2000))
+        joined = [await self.read(b), await self.read(b)]
+        self.assertEqual([f["type"] for f in joined], ["joined", "joined"])
+        self.assertEqual(sorted(f["room"] for f in joined), ["general", "python"])
+        direct = await self.read(b)
+        self.assert_direct(direct, "while you were away", "UserA", "UserB", buffered=True)
+        self.assertEqual(direct["id"], dm["id"])
+        await self.quiet(b)
+
+    @async_test
+    async def test_new_user_is_put_in_default_room_and_members_told(self):
+        """A new user's welcome lists the default room; its members get
+        {"type":"member","room":"general","user":"UserB","action":"join"}."""
+        a, _ = await self.connect("UserA")
+        self.assertEqual(a.joined["general"]["members"], ["UserA"])
+        self.assertEqual(a.joined["general"]["history"], [])
+        b, welcome = await self.connect("UserB")
+        self.assertEqual(welcome["rooms"], ["general"])
+        self.assertEqual(sorted(b.joined["general"]["members"]), ["UserA", "UserB"])
+        frames = await self.sync(a)
+        self.assertIn({"type": "member", "room": "general", "user": "UserB", "action": "join"}, frames)
+        self.assertIn({"type": "presence", "user": "UserB", "status": "online"}, frames)
+        self.assertEqual(len(frames), 2, frames)
+
+    @async_test
+    async def test_first_connection_claims_name_and_gets_token(self):
+        """The first connection to a free name is given a token."""
+        _, welcome = await self.connect("UserA")
+        self.assertIsInstance(welcome["token"], str)
+        self.assertGreaterEqual(len(welcome["token"]), 16)
+
+    @async_test
+    async def test_owned_name_without_token_is_name_taken_4409(self):
+        """A later connection without the token: name_taken, close 4409."""
+        await self.connect("UserA")
+        await self.refused("name_taken", 4409, username="UserA")
+
+    @async_test
+    async def test_owned_name_with_wrong_token_is_name_taken_4409(self):
+        await self.connect("UserA")
+        await self.refused("name_taken", 4409, username="UserA", token="not-the-token")
+        await self.refused("name_taken", 4409, username="UserA", token="")
+
+    @async_test
+    async def test_owned_name_with_token_connects(self):
+        _, first = await self.connect("UserA")
+        _, second = await self.connect("UserA", first["token"])
+        self.assertEqual(second["user"], "UserA")
+
+    @async_test
+    async def test_token_for_unowned_name_is_ignored_and_new_one_issued(self):
+        """A token presented for a name nobody owns is ignored; a new one is issued."""
+        _, welcome = await self.connect("Fresh", token="made-up-token")
+        self.assertNotEqual(welcome["token"], "made-up-token")
+        self.assertTrue(welcome["token"])
+        await self.refused("name_taken", 4409, username="Fresh", token="made-up-token")
+
+    @async_test
+    async def test_names_are_case_insensitive_and_shown_as_first_written(self):
+        """`usera` is `UserA`: it needs UserA's token, and is shown as UserA."""
+        _, welcome = await self.connect("UserA")
+        await self.refused("name_taken", 4409, username="usera")
+        _, again = await self.connect("USERA", welcome["token"])
+        self.assertEqual(again["user"], "UserA")
+        self.assertEqual(again["online"], ["UserA"])
+
+    @async_test
+    async def test_bad_username_is_4400(self):
+        """Names are 1-32 characters of A-Z a-z 0-9 _ - . ; anything else: bad_username, 4400."""
+        for name in ["", "x" * 33, "bad name", "ali$e", "Jos\u00e9", "a/b", "<script>", "tab\t"]:
+            with self.subTest(name=name):
+                await self.refused("bad_username", 4400, username=name)
+        await self.refused("bad_username", 4400)  # no username at all
+        _, welcome = await self.connect("x" * 32)  # the longest allowed
+        self.assertEqual(welcome["user"], "x" * 32)
+        _, welcome = await self.connect("A-b_c.9")
+        self.assertEqual(welcome["user"], "A-b_c.9")
+
+    @async_test
+    async def test_every_tab_of_a_user_receives_everything(self):
+        """Several tabs of one name: each gets room messages, DMs, and its own
+        user's messages sent from another tab."""
+        a1, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        b, _ = await self.connect("UserB")
+        await self.sync(a1)
+        await self.sync(a2)
+        ack = await self.say(b, "to the room")
+        for tab in (a1, a2):
+            self.assert_message(await self.read(tab), "to the room", "UserB")
+        ack = await self.say(b, "@UserA just you")
+        for tab in (a1, a2):
+            got = await self.read(tab)
+            self.assert_direct(got, "just you", "UserB", "UserA")
+            self.assertEqual(got["id"], ack["id"])
+        ack = await self.say(a1, "from tab one")
+        self.assertEqual((await self.read(a2))["id"], ack["id"])
+        await self.say(a1, "@UserB from tab one")
+        self.assert_direct(await self.read(a2), "from tab one", "UserA", "UserB")
+
+    @async_test
+    async def test_presence_only_on_first_and_last_tab(self):
+        """presence online when the first tab opens, offline when the last
+        closes; nothing for the tabs in between. Presence is server-wide:
+        UserB shares no room with UserA and is still told."""
+        b, _ = await self.connect("UserB")
+        await self.reply(b, "left", type="leave", room="general")
+        a1, welcome = await self.connect("UserA")
+        self.assertEqual(await self.read(b), {"type": "presence", "user": "UserA", "status": "online"})
+        a2, _ = await self.connect("UserA", welcome["token"])
+        await self.quiet(b, "UserB after UserA's second tab")
+        a1.close()
+        await self.wait_health(connections=2)
+        await self.quiet(b, "UserB after UserA closed one of two tabs")
+        a2.close()
+        self.assertEqual(await self.read(b), {"type": "presence", "user": "UserA", "status": "offline"})
+        await self.quiet(b)
+
+
+################ Rooms
+
+
+class RoomTest(ChatTestCase):
+
+    @async_test
+    async def test_message_shape_and_ack(self):
+        """{"type":"message","room":"general","text":"hello","ref":1} ->
+        every member gets {"type":"message","id":..,"room","from","text","ts","time"};
+        the sender also {"type":"ack","ref":1,"id":..}."""
+        a, b = await self.pair()
+        self.send(a, type="message", room="general", text="hello", ref=1)
+        ack, before = await self.answer(a, 1)
+        self.assertEqual(set(ack), {"type", "ref", "id"})
+        self.assertEqual((ack["type"], ack["ref"]), ("ack", 1))
+        mine = before[0] if before else await self.read(a)
+        self.assert_message(mine, "hello", "UserA")
+        theirs = await self.read(b)
+        self.assertEqual(theirs, mine)
+        self.assertEqual(theirs["id"], ack["id"])
+
+    @async_test
+    async def test_ids_strictly_increase_over_all_messages(self):
+        a, b = await self.pair()
+        ids = [(await self.say(a, "one"))["id"]]
+        ids.append((await self.say(b, "@UserA two"))["id"])
+        ids.append((await self.say(b, "three"))["id"])
+        await self.ack(a, type="join", room="python")
+        ids.append((await self.say(a, "four", "python"))["id"])
+        self.assertEqual(ids, sorted(set(ids)), ids)
+
+    @async_test
+    async def test_room_defaults_to_default_room(self):
+        """{"type":"message","text":"hi"} goes to the default room."""
+        a, b = await self.pair()
+        await self.say(a, "no room given")
+        self.assert_message(await self.read(b), "no room given", "UserA", "general")
+
+    @async_test
+    async def test_room_names_are_case_insensitive(self):
+        """`General` is `general`, shown as first written."""
+        a, b = await self.pair()
+        await self.say(a, "shouting", "GENERAL")
+        self.assert_message(await self.read(b), "shouting", "UserA", "general")
+        await self.ack(a, type="join", room="Python")
+        joined = await self.reply(b, "joined", type="join", room="PYTHON")
+        self.assertEqual(joined["room"], "Python")
+
+    @async_test
+    async def test_not_in_room(self):
+        """A room you are not in, or that does not exist: not_in_room."""
+        a, b = await self.pair()
+        await self.error(a, "not_in_room", type="message", room="nowhere", text="hi")
+        await self.reply(b, "joined", type="join", room="python")
+        await self.error(a, "not_in_room", type="message", room="python", text="hi")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_bad_room(self):
+        """An invalid room name: bad_room (for message, join, leave, typing)."""
+        a, b = await self.pair()
+        for room in ["bad room", "r" * 33, "caf\u00e9", "#x", ""]:
+            with self.subTest(room=room):
+                await self.error(a, "bad_room", type="message", room=room, text="hi")
+                await self.error(a, "bad_room", type="join", room=room)
+                await self.error(a, "bad_room", type="leave", room=room)
+                await self.error(a, "bad_room", type="typing", room=room)
+        await self.still_serving(a, b)
+        await self.quiet(a)
+
+    @async_test
+    async def test_join_answers_joined_and_tells_members(self):
+        """join -> joined to all the user's tabs; others get member action join."""
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        joined = await self.reply(a, "joined", type="join", room="python")
+        self.assertEqual(joined, {"type": "joined", "room": "python", "members": ["UserA"], "history": []})
+        self.assertEqual(await self.read(a2), joined)  # the other tab too
+        await self.quiet(b, "UserB, not in python")
+        await self.ack(b, type="join", room="python")
+        member = await self.read(a)
+        self.assertEqual(member, {"type": "member", "room": "python", "user": "UserB", "action": "join"})
+        self.assertEqual(await self.read(a2), member)
+
+    @async_test
+    async def test_joined_lists_all_members_online_or_not(self):
+        a, b = await self.pair()
+        await self.ack(b, type="join", room="python")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        joined = await self.reply(a, "joined", type="join", room="python")
+        self.assertEqual(sorted(joined["members"]), ["UserA", "UserB"])
+
+    @async_test
+    async def test_leave_answers_left_and_tells_members(self):
+        """leave -> {"type":"left","room":"python"}; others get action leave;
+        afterwards messages to it are not_in_room."""
+        a, b = await self.pair()
+        await self.ack(a, type="join", room="python")
+        await self.ack(b, type="join", room="python")
+        await self.sync(a)
+        left = await self.reply(b, "left", type="leave", room="python")
+        self.assertEqual(left, {"type": "left", "room": "python"})
+        self.assertEqual(await self.read(a), {"type": "member", "room": "python", "user": "UserB", "action": "leave"})
+        await self.error(b, "not_in_room", type="message", room="python", text="hi")
+        await self.error(b, "not_in_room", type="leave", room="python")
+
+    @async_test
+    async def test_user_may_leave_default_room(self):
+        a, b = await self.pair()
+        await self.reply(b, "left", type="leave", room="general")
+        await self.sync(a)
+        await self.error(b, "not_in_room", type="message", text="hi")
+        await self.say(a, "b is gone")
+        await self.quiet(b)
+
+    @async_test
+    async def test_membership_belongs_to_user_not_connection(self):
+        """A room joined in one tab is in the rooms of every later tab."""
+        a, welcome = await self.connect("UserA")
+        await self.ack(a, type="join", room="python")
+        await self.ack(a, type="leave", room="general")
+        a.close()
+        await self.wait_health(connections=0)
+        _, again = await self.connect("UserA", welcome["token"])
+        self.assertEqual(again["rooms"], ["python"])
+
+    @async_test
+    async def test_rooms_lists_every_room_with_member_count(self):
+        """{"type":"rooms"} -> {"type":"rooms","rooms":[{"name":"general","members":2},...]}."""
+        a, b = await self.pair()
+        await self.ack(a, type="join", room="python")
+        answer = await self.reply(b, "rooms", type="rooms")
+        self.assertEqual(set(answer), {"type", "rooms"})
+        self.assertEqual(sorted(answer["rooms"], key=lambda r: r["name"]),
+                         [{"name": "general", "members": 2}, {"name": "python", "members": 1}])
+
+    @async_test
+    async def test_typing_relayed_to_room_and_to_user(self):
+        """typing with room -> other members; with to -> that user; neither -> bad_request."""
+        a, b = await self.pair()
+        await self.ack(a, type="typing", room="general")
+        self.assertEqual(await self.read(b), {"type": "typing", "user": "UserA", "room": "general"})
+        await self.quiet(a, "the typist")  # not echoed to the typist
+        await self.ack(b, type="typing", to="usera")
+        self.assertEqual(await self.read(a), {"type": "typing", "user": "UserB", "to": "UserA"})
+        await self.error(a, "bad_request", type="typing")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_typing_to_offline_user_is_dropped(self):
+        a, b = await self.pair()
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        self.send(a, type="typing", to="UserB")
+        await self.quiet(a)
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(b, "UserB, who was offline while typed at")
+
+
+class MaxRoomsTest(ChatTestCase):
+    app_options = {"max_rooms": 2}
+
+    @async_test
+    async def test_too_many_rooms(self):
+        """The server holds --max_rooms rooms: joining a new one is too_many_rooms."""
+        a, b = await self.pair()
+        await self.reply(a, "joined", type="join", room="second")
+        await self.error(a, "too_many_rooms", type="join", room="third")
+        await self.reply(b, "joined", type="join", room="Second")  # an existing room is fine
+        await self.sync(a)
+        await self.still_serving(a, b)
+
+
+class DefaultRoomTest(ChatTestCase):
+    app_options = {"default_room": "lobby"}
+
+    @async_test
+    async def test_default_room_option(self):
+        a, welcome = await self.connect("UserA")
+        self.assertEqual((welcome["default_room"], welcome["rooms"]), ("lobby", ["lobby"]))
+        b, _ = await self.connect("UserB")
+        await self.say(a, "hi")
+        self.assert_message(await self.read(b), "hi", "UserA", "lobby")
+
+
+class HistoryTest(ChatTestCase):
+    app_options = {"history": 3}
+
+    @async_test
+    async def test_history_on_join_is_last_n_oldest_first(self):
+        """joined.history holds the room's last --history messages, oldest first."""
+        a, _ = await self.connect("UserA")
+        await self.ack(a, type="join", room="python")
+        ids = [(await self.say(a, "m%d" % i, "python"))["id"] for i in range(5)]
+        b, _ = await self.connect("UserB")
+        joined = await self.reply(b, "joined", type="join", room="python")
+        self.assertEqual([m["id"] for m in joined["history"]], ids[2:])
+        self.assertEqual([m["text"] for m in joined["history"]], ["m2", "m3", "m4"])
+        for m in joined["history"]:
+            self.assert_message(m, m["text"], "UserA", "python")
+        self.assertNotIn("truncated", joined)
+
+    @async_test
+    async def test_history_in_connect_joined(self):
+        a, _ = await self.connect("UserA")
+        for i in range(4):
+            await self.say(a, "m%d" % i)
+        b, _ = await self.connect("UserB")
+        self.assertEqual([m["text"] for m in b.joined["general"]["history"]], ["m1", "m2", "m3"])
+
+
+################ Direct messages
+
+
+class DirectTest(ChatTestCase):
+
+    async def away(self):
+        """UserA online; UserB known (owns the name) but offline."""
+        a, b = await self.pair()
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        return a
+
+    @async_test
+    async def test_direct_to_both_users_every_connection(self):
+        """{"type":"message","text":"@userb hello"} -> {"type":"direct","id","from":"UserA",
+        "to":"UserB","text":"hello","ts","time"} to every connection of both."""
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        b2, _ = await self.connect("UserB", self.tokens["UserB"])
+        self.send(a, type="message", room="ignored-room", text="@userb hello", ref=7)
+        ack, before = await self.answer(a, 7)
+        self.assertEqual(set(ack), {"type", "ref", "id"})  # no "queued": UserB is online
+        mine = before[0] if before else await self.read(a)
+        self.assert_direct(mine, "hello", "UserA", "UserB")
+        self.assertEqual(mine["id"], ack["id"])
+        for ws in (a2, b, b2):
+            self.assertEqual(await self.read(ws), mine)
+        await self.quiet(a)
+
+    @async_test
+    async def test_direct_to_offline_user_is_buffered_and_delivered_once(self):
+        """Offline recipient: ack says queued; on reconnect the DM comes with
+        "buffered": true and the sender gets {"type":"delivered","id":..,"to":"UserB"}."""
+        a = await self.away()
+        ack = await self.say(a, "@UserB are you there?")
+        self.assertEqual(set(ack), {"type", "ref", "id", "queued"})
+        self.assertIs(ack["queued"], True)
+        await self.sync(a)
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        got = await self.read(b)
+        self.assert_direct(got, "are you there?", "UserA", "UserB", buffered=True)
+        self.assertEqual(got["id"], ack["id"])
+        await self.quiet(b)
+        receipt, skipped = await self.until(a, "delivered")
+        self.assertEqual(receipt, {"type": "delivered", "id": ack["id"], "to": "UserB"})
+        self.assertEqual([f["type"] for f in skipped], ["presence"])
+        # delivered means delivered: the next connection does not get it again
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(b, "UserB on its second return")
+
+    @async_test
+    async def test_buffered_directs_only_for_the_token_holder(self):
+        """Typing someone's name is not enough to read their private
+        messages: without or with a wrong token the connection gets only
+        name_taken, and the DM stays buffered for the owner."""
+        a = await self.away()
+        ack = await self.say(a, "@UserB secret")
+        await self.refused("name_taken", 4409, username="UserB")
+        await self.refused("name_taken", 4409, username="userb", token="guess")
+        await self.quiet(a, "the sender (no delivered receipt yet)")
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        got = await self.read(b)
+        self.assertEqual((got["id"], got["text"], got["buffered"]), (ack["id"], "secret", True))
+
+    @async_test
+    async def test_unknown_user_is_not_buffered(self):
+        """@Nobody (never connected): unknown_user; nothing kept for Nobody."""
+        a, b = await self.pair()
+        await self.error(a, "unknown_user", type="message", text="@Nobody hello")
+        nobody, _ = await self.connect("Nobody")
+        await self.quiet(nobody, "the new user Nobody")
+        await self.sync(a)
+        await self.sync(b)
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_blank_direct_text_is_bad_request(self):
+        a, b = await self.pair()
+        await self.error(a, "bad_request", type="message", text="@UserB    ")
+        await self.error(a, "bad_request", type="message", text="@UserB \t\n")
+        await self.still_serving(a, b)
+
+
+class MailboxTest(ChatTestCase):
+    app_options = {"mailbox": 2}
+
+    @async_test
+    async def test_mailbox_full(self):
+        """Past --mailbox buffered DMs: mailbox_full, never a silent drop."""
+        a, b = await self.pair()
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        ids = []
+        for text in ("one", "two"):
+            ids.append((await self.say(a, "@UserB " + text))["id"])
+        await self.error(a, "mailbox_full", type="message", text="@UserB three")
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        got = [await self.read(b), await self.read(b)]
+        self.assertEqual([(f["id"], f["text"]) for f in got], list(zip(ids, ["one", "two"])))
+        await self.quiet(b)
+
+
+################ Errors and limits
+
+
+class ErrorTest(ChatTestCase):
+
+    @async_test
+    async def test_bad_json(self):
+        """Text that is not JSON: bad_json; the connection stays open."""
+        a, b = await self.pair()
+        for text in ["not json", "{", '{"type": "message", "text": "hi",}']:
+            a.write_message(text)
+            await self.next_error(a, "bad_json")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_binary_frame_is_bad_json(self):
+        a, b = await self.pair()
+        a.write_message(json.dumps({"type": "message", "text": "hi"}).encode(), binary=True)
+        await self.next_error(a, "bad_json")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_json_that_is_not_an_object(self):
+        """[1,2], 42, "text", null: an error, and nothing else happens."""
+        a, b = await self.pair()
+        for text in ["[1, 2]", "42", '"text"', "null"]:
+            a.write_message(text)
+            err = await self.read(a)
+            self.assertEqual(err["type"], "error")
+            self.assertIn(err["code"], ("bad_json", "bad_request"))
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_unknown_type_is_bad_request(self):
+        a, b = await self.pair()
+        await self.error(a, "bad_request", type="dance")
+        await self.error(a, "bad_request", type="MESSAGE", text="hi")
+        await self.error(a, "bad_request", type=5)
+        await self.error(a, "bad_request", text="no type")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_missing_or_ill_typed_field_is_bad_request(self):
+        a, b = await self.pair()
+        await self.error(a, "bad_request", type="message")
+        await self.error(a, "bad_request", type="message", text=5)
+        await self.error(a, "bad_request", type="message", text=None)
+        await self.error(a, "bad_request", type="message", text=["hi"])
+        await self.error(a, "bad_request", type="message", text="hi", room=5)
+        await self.error(a, "bad_request", type="join")
+        await self.error(a, "bad_request", type="join", room=["general"])
+        await self.error(a, "bad_request", type="leave")
+        await self.error(a, "bad_request", type="typing", to=5)
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_empty_or_blank_text_is_bad_request(self):
+        a, b = await self.pair()
+        for text in ["", " ", "\t\n  ", "\u3000"]:
+            with self.subTest(text=text):
+                await self.error(a, "bad_request", type="message", text=text)
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_lone_surrogate_is_bad_request(self):
+        """Text that is not valid Unicode ("\\ud800" in the JSON): bad_request."""
+        a, b = await self.pair()
+        a.write_message('{"type": "message", "text": "a\\ud800b", "ref": "s"}')
+        await self.next_error(a, "bad_request", "s")
+        a.write_message('{"type": "message", "text": "\\udfff", "ref": "t"}')
+        await self.next_error(a, "bad_request", "t")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_ref_must_be_string_or_integer(self):
+        """ref of another type (or a string over 100 chars): bad_request, ref not echoed."""
+        a, b = await self.pair()
+        for ref in [[1], {"x": 1}, 1.5, True, "r" * 101]:
+            with self.subTest(ref=ref):
+                self.send(a, type="rooms", ref=ref)
+                await self.next_error(a, "bad_request")
+        self.send(a, type="rooms", ref="r" * 100)
+        ack, before = await self.answer(a, "r" * 100)
+        self.assertEqual(ack["type"], "ack")
+        if not before:
+            await self.expect(a, "rooms")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_every_frame_with_ref_gets_exactly_one_answer(self):
+        """message, join, leave, rooms, typing: each answered by one ack."""
+        a, b = await self.pair()
+        for frame in [dict(type="message", text="x"), dict(type="join", room="p"),
+                      dict(type="leave", room="p"), dict(type="rooms"),
+                      dict(type="typing", room="general"), dict(type="typing", to="UserB")]:
+            with self.subTest(frame=frame):
+                await self.ack(a, ref=99, **frame)
+                answers = [f for f in await self.sync(a) if f["type"] in ("ack", "error")]
+                self.assertEqual(answers, [])
+
+    @async_test
+    async def test_frame_over_64_kib_closes_1009(self):
+        a, b = await self.pair()
+        a.write_message("x" * (64 * 1024 + 1))
+        self.assertIsNone(await self.raw_read(a, "the close"))
+        self.assertEqual(a.close_code, 1009)
+        await self.expect(b, "presence", user="UserA", status="offline")
+        c, _ = await self.connect("UserC")
+        await self.sync(b)
+        await self.still_serving(c, b)
+
+
+class TooLongTest(ChatTestCase):
+    app_options = {"max_text": 10}
+
+    @async_test
+    async def test_too_long_counts_code_points(self):
+        """--max_text 10: ten code points are fine, eleven are too_long; an
+        emoji is one code point."""
+        a, b = await self.pair()
+        for text in ["a" * 10, "\U0001F600" * 10, "\u05e9" * 10]:
+            await self.say(a, text)
+            self.assertEqual((await self.read(b))["text"], text)
+        for text in ["a" * 11, "\U0001F600" * 11, "a" * 1000]:
+            await self.error(a, "too_long", type="message", text=text)
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_too_long_counts_the_whole_direct_text_as_sent(self):
+        """"@UserB " + 3 chars is 10: fine; + 4 chars is 11: too_long."""
+        a, b = await self.pair()
+        await self.say(a, "@UserB abc")
+        self.assertEqual((await self.read(b))["text"], "abc")
+        await self.error(a, "too_long", type="message", text="@UserB abcd")
+        await self.still_serving(a, b)
+
+
+class RateLimitTest(ChatTestCase):
+    app_options = {"rate": 2, "burst": 3}
+
+    @async_test
+    async def test_rate_limited_after_burst_then_recovers(self):
+        """--rate 2 --burst 3: three frames pass, the fourth is rate_limited;
+        the connection stays open and works again once the bucket refills."""
+        a, b = await self.pair()  # pair() spent one of UserA's three
+        await self.say(a, "one")
+        await self.say(a, "two")
+        await self.error(a, "rate_limited", type="message", text="three")
+        self.assertEqual([(await self.read(b))["text"] for _ in "12"], ["one", "two"])
+        await self.quiet(b, "UserB (no 'three')")
+        # The bucket refills with time, so this is the one test that waits on
+        # the clock: one token takes 1/rate = 0.5 s.
+        await asyncio.sleep(0.6)
+        ack = await self.say(a, "four")
+        got = await self.expect(b, "message")
+        self.assertEqual((got["text"], got["id"]), ("four", ack["id"]))
+
+
+################ Origin, Unicode, HTTP
+
+
+class OriginTest(ChatTestCase):
+    app_options = {"origins": ["https://chat.example.org"]}
+
+    @async_test
+    async def test_foreign_origin_is_403(self):
+        with self.assertRaises(HTTPClientError) as caught:
+            await self.open_ws("UserA", headers={"Origin": "http://evil.example.com"})
+        self.assertEqual(caught.exception.code, 403)
+
+    @async_test
+    async def test_same_origin_is_allowed(self):
+        ws = await self.open_ws("UserA", headers={"Origin": "http://127.0.0.1:%d" % self.get_http_port()})
+        self.assertEqual((await self.read(ws))["type"], "welcome")
+
+    @async_test
+    async def test_origins_option_allows_listed_origins(self):
+        ws = await self.open_ws("UserA", headers={"Origin": "https://chat.example.org"})
+        self.assertEqual((await self.read(ws))["type"], "welcome")
+        with self.assertRaises(HTTPClientError) as caught:
+            await self.open_ws("UserB", headers={"Origin": "https://chat.example.org.evil.com"})
+        self.assertEqual(caught.exception.code, 403)
+
+
+class UnicodeTest(ChatTestCase):
+    TEXTS = [
+        "h\u00e9llo w\u00f6rld",
+        "\U0001F600\U0001F44D\U0001F3FD family \U0001F468\u200d\U0001F469\u200d\U0001F467",
+        "\u05e9\u05dc\u05d5\u05dd \u05e2\u05d5\u05dc\u05dd",  # Hebrew, right-to-left
+        "\u0645\u0631\u062d\u0628\u0627 123",  # Arabic, right-to-left
+        "zero\u200bwidth\u200c\u200d\ufeffjoiners",
+        "\u202eevil override\u202c",
+        "  leading and trailing spaces  ",
+        "line one\nline two",
+        "<script>alert('x')</script> &amp; <b>bold</b> \"quoted\"",
+    ]
+
+    @async_test
+    async def test_room_text_relayed_exactly(self):
+        a, b = await self.pair()
+        for text in self.TEXTS:
+            with self.subTest(text=text):
+                ack = await self.say(a, text)
+                got = await self.read(b)
+                self.assertEqual((got["text"], got["id"]), (text, ack["id"]))
+        b2, _ = await self.connect("UserC")
+        self.assertEqual([m["text"] for m in b2.joined["general"]["history"]], self.TEXTS)
+
+    @async_test
+    async def test_direct_text_relayed_exactly(self):
+        a, b = await self.pair()
+        for text in self.TEXTS:
+            if text != text.lstrip():
+                continue  # the white space after @name separates it from the text
+            with self.subTest(text=text):
+                await self.say(a, "@UserB " + text)
+                self.assertEqual((await self.read(b))["text"], text)
+
+
+class HttpTest(ChatTestCase):
+
+    def test_page_is_served(self):
+        response = self.fetch("/")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers["Content-Type"].startswith("text/html"))
+        self.assertIn(b"<", response.body)
+
+    @async_test
+    async def test_healthz_fields(self):
+        """{"status":"ok","connections":N,"users_online":N,"rooms":N}."""
+        a, b = await self.pair()
+        await self.connect("UserA", self.tokens["UserA"])
+        await self.ack(a, type="join", room="python")
+        response = await AsyncHTTPClient().fetch(self.get_url("/healthz"))
+        self.assertTrue(response.headers["Content-Type"].startswith("application/json"))
+        h = json.loads(response.body)
+        self.assertEqual(h["status"], "ok")
+        self.assertEqual((h["connections"], h["users_online"]), (3, 2))
+        self.assertEqual(h["rooms"] if isinstance(h["rooms"], int) else len(h["rooms"]), 2)
+
+
+    def test_page_allows_only_its_own_inline_script(self):
+        """The Content-Security-Policy names each inline script of the page by
+        its hash and nothing else, so a script injected into the page cannot run."""
+        response = self.fetch("/")
+        policy = dict(p.strip().split(" ", 1) for p in response.headers["Content-Security-Policy"].split(";"))
+        scripts = re.findall(rb"<script\b[^>]*>(.*?)</script>", response.body, re.DOTALL)
+        self.assertTrue(scripts)
+        allowed = {"'sha256-%s'" % base64.b64encode(hashlib.sha256(s).digest()).decode() for s in scripts}
+        self.assertEqual(set(policy["script-src"].split()), allowed)
+        self.assertEqual(policy["default-src"], "'none'")
+        self.assertEqual(policy["connect-src"], "'self'")
+
+
+class WireTest(ChatTestCase):
+    """The fast write path, its public-API fallback, and what they put on the wire."""
+
+    def test_ws_frame_headers_follow_rfc6455(self):
+        """Short, 16-bit and 64-bit payload lengths each get their header (RFC 6455 5.2)."""
+        for n, header in [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"),
+                          (70000, b"\x81\x7f" + (70000).to_bytes(8, "big"))]:
+            self.assertEqual(chat.ws_frame(b"x" * n), header + b"x" * n)
+
+    @async_test
+    async def test_connections_write_prebuilt_frames(self):
+        """With Tornado as it is, every connection takes the pre-built frame path."""
+        a, b = await self.pair()
+        self.assertTrue(all(c._stream is not None for tabs in chat.ChatSocket.online.values() for c in tabs))
+        ack = await self.say(a, "x" * 200)  # a 16-bit length frame
+        self.assertEqual((await self.expect(b, "message"))["id"], ack["id"])
+
+    @async_test
+    async def test_without_raw_stream_everything_goes_through_write_message(self):
+        """If Tornado's internals change, raw_stream() says None and the chat still works."""
+        original = chat.raw_stream
+        chat.raw_stream = lambda handler: None
+        try:
+            a, b = await self.pair()
+            self.assertTrue(all(c._stream is None for tabs in chat.ChatSocket.online.values() for c in tabs))
+            await self.still_serving(a, b)
+            await self.say(a, "@UserB psst")
+            self.assertEqual((await self.expect(b, "direct"))["text"], "psst")
+        finally:
+            chat.raw_stream = original
+
+
+class LogTest(ChatTestCase):
+
+    @async_test
+    async def test_tokens_never_reach_the_log(self):
+        """The access log shows each connection's URL with the token blotted out."""
+        lines = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = lambda record: lines.append(record.getMessage())
+        loggers = [logging.getLogger(n) for n in ("tornado.access", "tornado.application", "tornado.general", "chat")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
+        try:
+            _, welcome = await self.connect("UserA")
+            again, _ = await self.connect("UserA", welcome["token"])
+            await self.sync(again)
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.removeHandler(handler)
+                logger.setLevel(level)
+        self.assertTrue([line for line in lines if "token=***" in line], lines)
+        self.assertEqual([line for line in lines if welcome["token"] in line], [])
+
+
+class MaxUsersTest(ChatTestCase):
+    app_options = {"max_users": 2}
+
+    @async_test
+    async def test_a_new_name_past_max_users_is_server_full_4503(self):
+        """Owned names are bounded too; people who already own one still get in."""
+        a, welcome = await self.connect("UserA")
+        await self.connect("UserB")
+        await self.sync(a)
+        await self.refused("server_full", 4503, username="UserC")
+        await self.connect("UserA", welcome["token"])
+
+
+################ The property test: random frames never break the server
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "@", "@Nobody hi", "@UserB", "\ud800"]),
+                  st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=3))
+typed_frames = st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "join", "leave", "rooms", "typing", "dance", "", "Message"])},
+    optional={
+        "room": st.one_of(st.sampled_from(["general", "General", "python", "bad room", "x" * 33]),
+                          st.text(max_size=10), json_values),
+        "text": st.one_of(texts, json_values),
+        "to": st.one_of(st.sampled_from(["Nobody", "bad name"]), st.text(max_size=10), json_values),
+        "ref": st.one_of(st.integers(), st.text(max_size=110), json_values),
+    })
+random_frames = st.one_of(
+    typed_frames.map(json.dumps),
+    json_values.map(json.dumps),
+    st.text(max_size=60),
+    st.binary(max_size=60),
+)
+
+
+class PropertyTest(ChatTestCase):
+    runs = 0
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(frames=st.lists(random_frames, min_size=1, max_size=8))
+    def test_random_frames_never_break_the_server(self, frames):
+        """Whatever a client throws, it gets only well-formed answers, keeps
+        its connection, others receive nothing of it, and a normal exchange
+        between two users still works."""
+        self.io_loop.run_sync(lambda: self.scenario(frames), timeout=20)
+
+    async def scenario(self, frames):
+        PropertyTest.runs += 1
+        na, nb = "Fz%dA" % self.runs, "Fz%dB" % self.runs
+        a, _ = await self.connect(na)
+        b, _ = await self.connect(nb)
+        await self.reply(b, "left", type="leave", room="general")  # b shares no room with a
+        await self.sync(b)
+        await self.sync(a)
+        try:
+            for frame in frames:
+                a.write_message(frame, binary=isinstance(frame, bytes))
+            for f in await self.sync(a):
+                if f["type"] == "error":
+                    self.assertIn(f["code"], ERROR_CODES, f)
+                    self.assertIsInstance(f["message"], str)
+            # a normal exchange still works, both ways, and b saw nothing else
+            ack = await self.say(a, "@%s ping" % nb)
+            got, before = await self.until(b, "direct", id=ack["id"])
+            self.assertEqual(got["text"], "ping")
+            self.assertEqual([f for f in before if f["type"] != "typing" or f.get("user") != na], [],
+                             "the other user received frames it should not have")
+            ack = await self.say(b, "@%s pong" % na)
+            self.assertEqual((await self.expect(a, "direct", id=ack["id"]))["text"], "pong")
+        finally:
+            a.close()
+            b.close()
+
+
+################ Persistence and resume (issue 3)
+
+
+class PersistenceTest(ChatTestCase):
+    """A second make_app on the same file is a restart."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chat-test-")
+        self.db = os.path.join(self.tmp, "chat.db")
+        super().setUp()
+
+    def tearDown(self):
+        super().tearDown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def get_app(self):
+        return chat.make_app(db=self.db, rate=0)
+
+    async def restart(self):
+        for ws in self.sockets:
+            ws.close()
+        await self.wait_health(connections=0)
+        self._app = self.get_app()
+        self.http_server.request_callback = self._app
+
+    @async_test
+    async def test_restart_keeps_rooms_names_history_and_buffered_directs(self):
+        a, b = await self.pair()
+        await self.ack(a, type="join", room="python")
+        said = await self.say(a, "remember me", "python")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        dm = await self.say(a, "@UserB kept for you")
+        self.assertTrue(dm["queued"])
+        await self.restart()
+
+        await self.refused("name_taken", 4409, username="UserA")
+        await self.refused("name_taken", 4409, username="UserB")
+        a, welcome = await self.connect("UserA", self.tokens["UserA"])
+        self.assertEqual(sorted(welcome["rooms"]), ["general", "python"])
+        self.assertEqual([m["id"] for m in a.joined["python"]["history"]], [said["id"]])
+        self.assert_message(a.joined["python"]["history"][0], "remember me", "UserA", "python")
+        await self.quiet(a)
+        b, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertEqual(welcome["rooms"], ["general"])
+        self.assertEqual(sorted(b.joined["general"]["members"]), ["UserA", "UserB"])
+        got = await self.read(b)
+        self.assert_direct(got, "kept for you", "UserA", "UserB", buffered=True)
+        self.assertEqual(got["id"], dm["id"])
+        await self.quiet(b)
+        self.assertEqual(await self.expect(a, "delivered"), {"type": "delivered", "id": dm["id"], "to": "UserB"})
+        later = await self.say(a, "after the restart")
+        self.assertGreater(later["id"], dm["id"])
+        # delivered is stored too: another restart does not deliver it again
+        await self.restart()
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(b)
+
+    @async_test
+    async def test_tokens_are_not_stored_in_clear(self):
+        a, b = await self.pair()
+        await self.say(a, "something to write")
+        await self.restart()
+        await self.connect("UserA", self.tokens["UserA"])  # the stored hash still matches
+        stored = b""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(self.db + suffix):
+                with open(self.db + suffix, "rb") as f:
+                    stored += f.read()
+        self.assertIn(b"something to write", stored)
+        for token in self.tokens.values():
+            self.assertNotIn(token.encode(), stored)
+
+    @async_test
+    async def test_database_file_mode_is_0600(self):
+        a, _ = await self.connect("UserA")
+        await self.say(a, "hi")
+        self.assertEqual(os.stat(self.db).st_mode & 0o777, 0o600)
+
+
+class ResumeTest(ChatTestCase):
+
+    async def gap(self):
+        """UserB saw up to `seen`, sent a DM after it, then dropped; UserA
+        said two things and sent UserB a DM meanwhile."""
+        a, b = await self.pair()
+        seen = (await self.say(a, "seen by both"))["id"]
+        await self.expect(b, "message", id=seen)
+        own = await self.say(b, "@UserA sent before the drop")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        missed = [(await self.say(a, "missed %d" % i))["id"] for i in (1, 2)]
+        dm = await self.say(a, "@UserB missed dm")
+        return a, seen, own["id"], missed, dm["id"]
+
+    @async_test
+    async def test_since_delivers_exactly_the_missed_messages(self):
+        """/ws?...&since=ID: history holds only messages after ID, and the
+        user's DMs after ID come again, each exactly once."""
+        a, seen, own, missed, dm = await self.gap()
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=seen)
+        joined = b.joined["general"]
+        self.assertEqual([m["id"] for m in joined["history"]], missed)
+        self.assertFalse(joined.get("truncated", False))
+        directs = [await self.read(b), await self.read(b)]
+        self.assertEqual([(f["type"], f["id"]) for f in directs], [("direct", own), ("direct", dm)])
+        self.assert_direct(directs[0], "sent before the drop", "UserB", "UserA")
+        self.assert_direct(directs[1], "missed dm", "UserA", "UserB", buffered=True)
+        await self.quiet(b)
+        # caught up: since = the newest id gives nothing again
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=dm)
+        self.assertEqual(b.joined["general"]["history"], [])
+        await self.quiet(b)
+
+    @async_test
+    async def test_since_replays_own_undelivered_direct_as_queued(self):
+        a, b = await self.pair()
+        seen = (await self.say(a, "x"))["id"]
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        dm = await self.say(a, "@UserB not yet")
+        a2, _ = await self.connect("UserA", self.tokens["UserA"], since=seen)
+        got = await self.read(a2)
+        self.assert_direct(got, "not yet", "UserA", "UserB", queued=True)
+        await self.quiet(a2)
+
+    @async_test
+    async def test_non_numeric_since_is_ignored(self):
+        a, seen, own, missed, dm = await self.gap()
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since="abc")
+        self.assertEqual([m["id"] for m in b.joined["general"]["history"]], [seen] + missed)
+        got = await self.read(b)
+        self.assertEqual((got["id"], got["buffered"]), (dm, True))
+        await self.quiet(b)
+
+
+class TruncatedTest(ChatTestCase):
+    app_options = {"history": 3}
+
+    @async_test
+    async def test_truncated_when_gap_exceeds_history(self):
+        a, b = await self.pair()
+        seen = (await self.say(a, "seen"))["id"]
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        missed = [(await self.say(a, "m%d" % i))["id"] for i in range(5)]
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=seen)
+        joined = b.joined["general"]
+        self.assertEqual([m["id"] for m in joined["history"]], missed[-3:])
+        self.assertIs(joined.get("truncated"), True)
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=missed[1])
+        self.assertEqual([m["id"] for m in b.joined["general"]["history"]], missed[2:])
+        self.assertFalse(b.joined["general"].get("truncated", False))
+
+
+class ProcessTest(ChatTestCase):
+    """chat.py as a process: kill -9, SIGTERM, a corrupt database."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chat-test-")
+        self.db = os.path.join(self.tmp, "chat.db")
+        self.procs = []
+        super().setUp()
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.kill()
+                self.io_loop.run_sync(proc.wait)
+        super().tearDown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def start(self, *args, ready=True, argv=None):
+        """Run chat.py on a free port; return (proc, port, stderr lines).
+        Waits for its "listening on" log line, then checks /healthz."""
+        sock, port = bind_unused_port()
+        sock.close()
+        if argv is None:
+            argv = ["--port", str(port), "--db", self.db, "--rate", "0"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, CHAT_PY, *[a.replace("PORT", str(port)) for a in argv], *args,
+            cwd=self.tmp, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        self.procs.append(proc)
+        lines = []
+        if not ready:
+            return proc, port, lines
+        for _ in range(200):
+            line = await asyncio.wait_for(proc.stderr.readline(), 10)
+            if not line:
+                self.fail("chat.py exited before listening: %r" % b"".join(lines))
+            lines.append(line)
+            if b"listening on" in line:
+                break
+
+        async def drain():  # keep reading so the pipe never fills
+            async for line in proc.stderr:
+                lines.append(line)
+        proc.drain = asyncio.ensure_future(drain())
+        self.assertEqual((await self.health(port))["status"], "ok")
+        return proc, port, lines
+
+    @gen_test(timeout=30)
+    async def test_kill_9_loses_no_acked_message(self):
+        """DMs acked to a sender survive SIGKILL: after a restart each is
+        delivered once, with receipts; names still need their tokens; ids go on."""
+        proc, port, log1 = await self.start()
+        a, _ = await self.connect("UserA", port=port)
+        b, _ = await self.connect("UserB", port=port)
+        said = await self.say(a, "in the room")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        dms = []
+        for i in range(3):
+            ack = await self.say(a, "@UserB dm %d" % i)
+            self.assertTrue(ack["queued"])
+            dms.append(ack["id"])
+        proc.kill()
+        self.assertEqual(await proc.wait(), -signal.SIGKILL)
+        await proc.drain
+
+        proc, port, log2 = await self.start()
+        await self.refused("name_taken", 4409, username="UserB", port=port)
+        await self.refused("name_taken", 4409, username="UserA", port=port)
+        a, _ = await self.connect("UserA", self.tokens["UserA"], port=port)
+        b, _ = await self.connect("UserB", self.tokens["UserB"], port=port)
+        self.assertIn(said["id"], [m["id"] for m in b.joined["general"]["history"]])
+        got = [await self.read(b) for _ in dms]
+        self.assertEqual([(f["type"], f["id"], f["text"], f["buffered"]) for f in got],
+                         [("direct", id_, "dm %d" % i, True) for i, id_ in enumerate(dms)])
+        await self.quiet(b)
+        receipts = [await self.expect(a, "delivered") for _ in dms]
+        self.assertEqual(sorted(r["id"] for r in receipts), dms)
+        later = await self.say(a, "after kill -9")
+        self.assertGreater(later["id"], max(dms))
+        log = b"".join(log1 + log2)
+        self.assertNotIn(b"Traceback", log)
+        for token in self.tokens.values():
+            self.assertNotIn(token.encode(), log, "a token appears in the log")
+
+    @gen_test(timeout=30)
+    async def test_sigterm_closes_clients_1001_and_exits_0(self):
+        proc, port, log = await self.start()
+        a, _ = await self.connect("UserA", port=port)
+        await self.say(a, "hi")
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(10):
+            if await self.raw_read(a, "the close") is None:
+                break
+        self.assertEqual(a.close_code, 1001)
+        self.assertEqual(await asyncio.wait_for(proc.wait(), 5), 0)
+        await proc.drain
+        self.assertNotIn(b"Traceback", b"".join(log))
+
+    @gen_test(timeout=30)
+    async def test_command_line_forms_and_config_file(self):
+        """--x=v and --x v, dashes or underscores; --config FILE, with the
+        command line winning over the file."""
+        config = os.path.join(self.tmp, "chat.conf")
+        with open(config, "w") as f:
+            f.write('default_room = "lobby"\nmax_text = 50\n')
+        proc, port, log = await self.start(argv=[
+            "--port=PORT", "--db", self.db, "--config=" + config, "--max-text", "60", "--rate=0"])
+        _, welcome = await self.connect("UserA", port=port)
+        self.assertEqual((welcome["default_room"], welcome["max_text"]), ("lobby", 60))
+        proc.terminate()
+        self.assertEqual(await asyncio.wait_for(proc.wait(), 5), 0)
+        await proc.drain
+
+    @gen_test(timeout=30)
+    async def test_corrupt_database_is_a_clear_error_at_start(self):
+        with open(self.db, "wb") as f:
+            f.write(b"this is not an SQLite database\n" * 200)
+        proc, _, _ = await self.start(ready=False)
+        code = await asyncio.wait_for(proc.wait(), 10)
+        err = (await proc.stderr.read()).decode("utf-8", "replace")
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("Traceback", err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        self.assertTrue(1 <= len(lines) <= 2, "expected a one-line error, got:\n" + err)
+        self.assertTrue("database" in err.lower() or self.db in err, err)
+
+
+################ Slow consumers, liveness, caps (issue 5)
+
+
+async def raw_client(port, name, rcvbuf=None):
+    """A hand-made WebSocket client: handshake, then it reads nothing more
+    (and so never answers pings). Returns (socket, bytes after the headers)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (
+        "GET /ws?username=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        % (name, port, key)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), READ_TIMEOUT)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise AssertionError("handshake refused: %r" % head)
+    return sock, rest
+
+
+def close_code_in(data):
+    """The status code of the first close frame in server-to-client bytes."""
+    pos = 0
+    while pos + 2 <= len(data):
+        opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if length == 126:
+            length, = struct.unpack(">H", data[pos:pos + 2])
+            pos += 2
+        elif length == 127:
+            length, = struct.unpack(">Q", data[pos:pos + 8])
+            pos += 8
+        payload = data[pos:pos + length]
+        pos += length
+        if opcode == 0x8:
+            return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+    return None
+
+
+class SlowConsumerTest(ChatTestCase):
+    app_options = {"max_text": 30000, "max_queue": 64 * 1024, "rate": 0}
+
+    @gen_test(timeout=30)
+    async def test_stalled_client_closed_1013_while_others_keep_receiving(self):
+        """A client that stops reading is closed with 1013 once it is owed
+        more than --max_queue (64 KiB here); the reading client misses nothing."""
+        a, _ = await self.connect("UserA")
+        stalled, data = await raw_client(self.get_http_port(), "Stalled", rcvbuf=4096)
+        await self.expect(a, "presence", user="Stalled", status="online")
+        sent, received, seen = [], [], []
+        # 6 MB: past 64 KiB plus what the kernels buffer (Linux lets a socket's
+        # send buffer grow to tcp_wmem's 4 MB)
+        for i in range(240):
+            ack, before = await self.ack(a, type="message", text="%d %s" % (i, "x" * 25000))
+            sent.append(ack["id"])
+            seen += before
+        seen += await self.sync(a)
+        received = [f["id"] for f in seen if f["type"] == "message"]
+        self.assertEqual(received, sent, "the reading client missed messages")
+        # Now the stalled client reads again: what it was sent ends in close 1013.
+        loop, code = asyncio.get_running_loop(), None
+        for _ in range(1000):
+            code = close_code_in(data)
+            if code is not None:
+                break
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(stalled, 1 << 20), READ_TIMEOUT)
+            except (asyncio.TimeoutError, ConnectionError) as e:
+                self.fail("no close frame in %d bytes (%r)" % (len(data), e))
+            if not chunk:
+                self.fail("the connection ended without a close frame (%d bytes)" % len(data))
+            data += chunk
+        self.assertEqual(code, 1013)
+        # it answers the close as a browser would, and is shown offline
+        await loop.sock_sendall(stalled, b"\x88\x82" + b"\x00" * 4 + struct.pack(">H", 1013))
+        offline = {"type": "presence", "user": "Stalled", "status": "offline"}
+        if offline not in seen:
+            await self.expect(a, "presence", user="Stalled", status="offline")
+        stalled.close()
+        self.assertEqual((await self.health())["connections"], 1)
+        await self.say(a, "still served")
+
+
+class LivenessTest(ChatTestCase):
+    app_options = {"ping_interval": 0.3, "ping_timeout": 0.3}
+
+    @async_test
+    async def test_vanished_client_goes_offline_after_ping_timeout(self):
+        """A client that vanishes without a close frame (it never answers a
+        ping) is dropped and shown offline within 2 x the interval, give or
+        take; clients that answer pings stay."""
+        a, _ = await self.connect("UserA")
+        ghost, _ = await raw_client(self.get_http_port(), "Ghost")
+        try:
+            await self.expect(a, "presence", user="Ghost", status="online")
+            start = self.io_loop.time()
+            offline = self.expect(a, "presence", user="Ghost", status="offline")
+            try:  # 2 x 0.3 s by the rule; 2 s leaves room for a busy machine
+                await gen.with_timeout(datetime.timedelta(seconds=2), offline)
+            except gen.TimeoutError:
+                self.fail("Ghost still online 2 s after it stopped answering pings")
+            self.assertLess(self.io_loop.time() - start, 2)
+        finally:
+            ghost.close()
+        self.assertEqual((await self.health())["connections"], 1)
+        await self.quiet(a, "UserA, who answers pings")
+
+
+class TabCapTest(ChatTestCase):
+    app_options = {"max_tabs": 2, "max_conns_per_ip": 0}
+
+    @async_test
+    async def test_max_tabs_is_too_many_connections_4429(self):
+        b, _ = await self.connect("UserB")
+        a1, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        await self.sync(b)
+        await self.refused("too_many_connections", 4429, username="UserA", token=welcome["token"])
+        await self.quiet(b, "UserB")
+        await self.say(a1, "the first two tabs still work")
+        await self.expect(a2, "message")
+        a1.close()
+        await self.wait_health(connections=2)
+        await self.connect("UserA", welcome["token"])  # a free slot again
+
+
+class IpCapTest(ChatTestCase):
+    app_options = {"max_tabs": 0, "max_conns_per_ip": 3}
+
+    @async_test
+    async def test_max_conns_per_ip_is_too_many_connections_4429(self):
+        a, welcome = await self.connect("UserA")
+        await self.connect("UserA", welcome["token"])
+        await self.connect("UserB")
+        await self.sync(a)
+        await self.refused("too_many_connections", 4429, username="UserC")
+        await self.quiet(a, "UserA (no presence for a refused UserC)")
+
+
+class NoCapTest(ChatTestCase):
+    app_options = {"max_tabs": 0, "max_conns_per_ip": 0}
+
+    @gen_test(timeout=30)
+    async def test_zero_turns_caps_off(self):
+        """--max_tabs 0 --max_conns_per_ip 0: more than the defaults (10 tabs,
+        200 per address) are all let in."""
+        _, welcome = await self.connect("UserA")
+        for _ in range(205):
+            ws = await self.open_ws("UserA", welcome["token"])
+            self.assertEqual((await self.read(ws))["type"], "welcome")
+        self.assertEqual((await self.health())["connections"], 206)
