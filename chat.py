@@ -113,6 +113,7 @@ import signal
 import sqlite3
 import struct
 import sys
+import threading
 import time
 from typing import Any, ClassVar, Iterable, Optional
 
@@ -393,7 +394,11 @@ class Store:
     Each change is its own committed transaction (autocommit) before the
     server acks or relays it. WAL with synchronous=NORMAL survives the process
     being killed at any moment; only a power cut may lose the last commits.
+    Checkpoints (copying the WAL into the database file) run in a thread of
+    their own, so the event loop never waits for one.
     """
+
+    CHECKPOINT_EVERY = 1.0  # seconds
 
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS users (key TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL);
@@ -422,11 +427,29 @@ class Store:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
             self.db.executescript(self.SCHEMA)
             self.db.execute("BEGIN IMMEDIATE")  # proves we can write, now rather than mid-chat
             self.db.execute("COMMIT")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use database {path!r}: {e}") from None
+        self.stopping = threading.Event()
+        self.checkpointer: Optional[threading.Thread] = None
+        if path != ":memory:":
+            self.checkpointer = threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True)
+            self.checkpointer.start()
+
+    def _checkpoints(self) -> None:
+        """In its own thread and connection: fold the WAL into the database
+        now and then. PASSIVE never blocks the server's writes."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            while not self.stopping.wait(self.CHECKPOINT_EVERY):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as e:
+            log.warning("checkpoints of %s stopped: %s", self.path, e)
+        finally:
+            db.close()
 
     def load(self, history: int) -> dict:
         """Everything the live state starts from."""
@@ -479,6 +502,9 @@ class Store:
 
     def close(self) -> None:
         """Fold the WAL back into the database file and close it."""
+        self.stopping.set()
+        if self.checkpointer is not None:
+            self.checkpointer.join()
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
@@ -551,6 +577,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._tokens = float(self.conf.burst)
         self._refill = self._heard = time.monotonic()
         self._stream = raw_stream(self)
+        # Frames are already gathered into one write per loop turn; Nagle's
+        # algorithm would only hold that write back for the peer's delayed ACK.
+        self.set_nodelay(True)
         try:
             name = check_name(self.get_query_argument("username", "", strip=False), "bad_username")
         except ChatError as e:
@@ -942,6 +971,17 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self.user is not None and not self._departed:
             self._depart()  # gone now for everybody else, not after the close handshake
 
+    @classmethod
+    def close_all(cls, code: int, reason: str) -> None:
+        """Close every connection (shutdown). Nobody is told about the others
+        leaving: they are all leaving, and will be back."""
+        everyone = [c for tabs in cls.online.values() for c in tabs]
+        for connection in everyone:
+            connection._dead = True
+            connection._out.clear()
+        for connection in everyone:
+            connection.close(code, reason)
+
     # ---- the handshake
 
     def check_origin(self, origin: str) -> bool:
@@ -1102,9 +1142,7 @@ async def main() -> int:
 
     log.info("shutting down")
     server.stop()  # no new connections
-    for tabs in list(ChatSocket.online.values()):
-        for connection in list(tabs):
-            connection._close(1001, "server shutting down")
+    ChatSocket.close_all(1001, "server shutting down")
     deadline = time.monotonic() + 3
     while ChatSocket.online and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # let close handshakes finish
