@@ -1,0 +1,1058 @@
+#!/usr/bin/env python3
+"""Benchmark for chat.py: fan-out cost, latency, memory per connection, slow consumers.
+
+This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a free
+127.0.0.1 port with a temporary database and every limit off (``--rate 0
+--max_tabs 0 --max_conns_per_ip 0``), drives it with clients in this process, and
+prints ONE JSON line first on stdout, then a short human table with the targets of
+issue 5 beside the figures.
+
+Usage::
+
+    python bench_chat.py            # full run, a few minutes
+    python bench_chat.py --quick    # small version of everything, < 30 s (CI)
+    python bench_chat.py --baseline-server PORT   # the plain Tornado baseline alone
+
+What is measured (one function per measurement, section "Measurements"):
+
+* connect rate    -- N users connecting at once (bounded concurrency) until each
+                     has its ``welcome`` frame, in connections per second.
+* burst fan-out   -- one sender sends M messages as fast as it can into a room of N
+                     receivers; we wait until every receiver has every message.
+                     Server CPU (before vs after, from /proc: see Server.cpu_seconds)
+                     divided by M x N deliveries, and deliveries per second.  Done
+                     with the database in a file, with ``--db :memory:``, and for
+                     the plain Tornado baseline (below).
+* latency         -- 20 messages/s into 200 receivers (4,000 deliveries/s); each
+                     text carries the client's monotonic send time; p50/p99 of
+                     send -> arrival at the receivers, and server CPU per delivery
+                     at this pace (one message per loop turn: nothing to coalesce).
+                     Same for the baseline.
+* idle RSS        -- VmRSS of the server before vs after 1,000 and 10,000 idle
+                     connections (10 tabs per user name), per connection.
+* direct message  -- server CPU per DM between two online users, and to an offline
+                     user (buffered in the mailbox).
+* slow consumers  -- 10 of the 200 receivers are replaced by clients that stop
+                     reading (tiny receive buffer, reading paused), which share a
+                     room "flood" with one flooder.  Filled until the kernel holds
+                     all it will and the server owes each ~--max_queue/2: healthy
+                     p99 at the same paced load; then filled past --max_queue: the
+                     server must close every stalled client with 1013, its RSS
+                     bounded.
+
+The server CPU and memory figures come from /proc, never from wall time, so a
+busy client cannot flatter or spoil them.  The receivers are deliberately light:
+a 60-line asyncio protocol (``RawClient``) that counts frames by type and only
+parses a timestamp where latency is measured.  The sender and the DM user are
+real ``websockets`` clients.
+
+The baseline (``--baseline-server PORT``) is the plain Tornado broadcast of the
+issue: a WebSocketHandler that JSON-encodes each message once and calls
+``write_message`` for every socket.
+
+Exit status: 0 when every measurement ran without errors (no missing deliveries,
+no failed connections, server alive, stalled clients closed); 1 otherwise.
+Targets that are missed are reported, not failed: figures vary by machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import itertools
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Targets from issue 5 (printed beside the figures).
+TARGET_CPU_US = 10.0         # server CPU per delivery at N=200, database on
+TARGET_RSS_KIB = 20.0        # RSS per idle connection
+TARGET_CONNS = 10_000        # concurrent connections held with no errors
+TARGET_SLOW_P99_RATIO = 1.10  # healthy p99 with 10 stalled clients, vs without
+MAX_QUEUE = 1 << 20          # chat.py's --max_queue default: bytes a connection may be owed
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; stdout carries only the JSON line and the table."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """A measurement could not be completed (the run will exit non-zero)."""
+
+
+################ Profiles: what --quick and the full run measure
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of every measurement; ``QUICK`` must finish in under 30 s on 2 cores."""
+    name: str
+    burst: tuple[tuple[int, int], ...]   # (N receivers, M messages)
+    latency_n: int                       # receivers for the paced latency runs
+    latency_rate: float                  # messages per second (x N = deliveries/s)
+    latency_seconds: float               # per round
+    latency_rounds: int                  # rounds, chat and baseline in turn
+    idle: tuple[int, ...]                # idle connection counts
+    tabs: int                            # connections per user name in the idle runs
+    dm_online: int
+    dm_offline: int                      # <= --mailbox (500 by default)
+    stalled: int
+    concurrency: int                     # simultaneous connection handshakes
+
+
+FULL = Profile("full", burst=((200, 1000), (1000, 200)), latency_n=200, latency_rate=20.0,
+               latency_seconds=10.0, latency_rounds=3, idle=(1000, 10_000), tabs=10, dm_online=2000,
+               dm_offline=400, stalled=10, concurrency=100)
+QUICK = Profile("quick", burst=((50, 200),), latency_n=50, latency_rate=20.0,
+                latency_seconds=2.0, latency_rounds=1, idle=(500,), tabs=10, dm_online=300,
+                dm_offline=100, stalled=10, concurrency=50)
+
+
+################ The server under test: subprocess, /healthz, /proc figures
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def http_get_json(port: int, path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET http://127.0.0.1:PORT/PATH and decode its JSON body."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class Server:
+    """One server subprocess (chat.py or the baseline), killed by ``stop()``."""
+
+    running: set["Server"] = set()   # started and not yet stopped (main() kills leftovers)
+
+    def __init__(self, label: str, argv: list[str], port: int, logdir: Path) -> None:
+        self.label, self.argv, self.port = label, argv, port
+        self.logpath = logdir / f"{label}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> "Server":
+        """Start the process and wait (bounded) until /healthz answers."""
+        log(f"start {self.label}: {' '.join(self.argv[1:])}")
+        with open(self.logpath, "wb") as logfile:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=logfile, stderr=subprocess.STDOUT, cwd=HERE)
+        Server.running.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.label} exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                http_get_json(self.port, "/healthz", timeout=1.0)
+                return self
+            except OSError:
+                time.sleep(0.05)  # polling a starting process; there is no event to await
+        self.stop()
+        raise BenchError(f"{self.label} did not answer /healthz in {timeout} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """Kill the process (its figures are taken; a graceful shutdown of
+        thousands of connections would only cost time); safe to call twice."""
+        Server.running.discard(self)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def check_alive(self) -> None:
+        """Raise if the server died."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BenchError(f"{self.label} died: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 8) -> str:
+        """Last lines of the server's log, for error messages."""
+        try:
+            return " | ".join(self.logpath.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the server, all threads: the sum of /proc/PID/task/*/schedstat
+        (nanoseconds), else utime + stime from /proc/PID/stat (1/100 s ticks,
+        too coarse for the small --quick runs)."""
+        assert self.proc is not None
+        try:
+            return sum(int(t.joinpath("schedstat").read_text().split()[0])
+                       for t in Path(f"/proc/{self.proc.pid}/task").iterdir()) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_kib(self) -> int:
+        """VmRSS of the server in KiB, from /proc/PID/status."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BenchError("no VmRSS")
+
+    async def healthz(self) -> dict[str, Any]:
+        """/healthz without blocking the event loop."""
+        return await asyncio.to_thread(http_get_json, self.port, "/healthz")
+
+    async def quiet_cpu(self, window: float = 0.1, limit: float = 10.0) -> float:
+        """Wait until the server is idle (under 1 ms CPU in ``window``), so deferred
+        work such as batched database commits is counted; return its CPU time."""
+        deadline = time.monotonic() + limit
+        last = self.cpu_seconds()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(window)
+            now = self.cpu_seconds()
+            if now - last < 0.001:
+                return now
+            last = now
+        return last
+
+
+def chat_server(label: str, tmp: Path, db: str = "file", extra: tuple[str, ...] = ()) -> Server:
+    """chat.py with every limit off and a database in ``tmp`` (or ``:memory:``)."""
+    port = free_port()
+    dbarg = str(tmp / f"{label}.db") if db == "file" else ":memory:"
+    argv = [sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db", dbarg,
+            "--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", *extra]
+    return Server(label, argv, port, tmp)
+
+
+def baseline_server(label: str, tmp: Path) -> Server:
+    """The plain Tornado broadcast below, as its own process."""
+    port = free_port()
+    return Server(label, [sys.executable, str(Path(__file__).resolve()),
+                          "--baseline-server", str(port)], port, tmp)
+
+
+################ The baseline: a plain Tornado broadcast (issue 5's "about 25 us")
+
+
+def run_baseline_server(port: int) -> None:
+    """Serve /ws and /healthz: JSON-encode each message once, write_message to all."""
+    import datetime
+    import tornado.web
+    import tornado.websocket
+
+    class Broadcast(tornado.websocket.WebSocketHandler):
+        clients: set["Broadcast"] = set()   # every open socket
+        next_id = 0                         # message ids, as chat.py gives them
+
+        def open(self) -> None:
+            self.user = self.get_argument("username", "anonymous")
+            Broadcast.clients.add(self)
+            self.write_message({"type": "welcome", "user": self.user, "rooms": ["general"]})
+
+        def on_message(self, raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            Broadcast.next_id += 1
+            now = datetime.datetime.now(datetime.timezone.utc)
+            out = json.dumps({"type": "message", "id": Broadcast.next_id, "room": "general",
+                              "from": self.user, "text": frame["text"],
+                              "ts": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                              "time": now.strftime("%H:%M:%S")})
+            for client in list(Broadcast.clients):   # copy: on_close may change the set
+                try:
+                    client.write_message(out)
+                except tornado.websocket.WebSocketClosedError:
+                    pass
+
+        def on_close(self) -> None:
+            Broadcast.clients.discard(self)
+
+    class Health(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.write({"status": "ok", "connections": len(Broadcast.clients)})
+
+    async def main() -> None:
+        app = tornado.web.Application([(r"/ws", Broadcast), (r"/healthz", Health)])
+        app.listen(port, address=HOST)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+################ Clients: a light raw receiver and a websockets sender
+
+PACERS = itertools.count()                 # unique sender names for latency runs
+TYPE_RE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
+STAMP_RE = re.compile(rb"lat \d+ (\d+)")   # text of latency messages: "lat SEQ SEND_NS"
+
+
+class Tally:
+    """What a group of receivers counts: frames of one ``kind``, optional latencies."""
+
+    frames_total = 0   # every text frame any client got (for settle())
+
+    def __init__(self, kind: str = "message", target: int = 0, latency: bool = False) -> None:
+        self.kind = kind.encode()
+        self.count = 0
+        self.target = target
+        self.reached = asyncio.Event()
+        self.last_ns = 0                  # arrival time of the newest counted frame
+        self.latencies: list[int] | None = [] if latency else None
+
+    def arm(self, target: int) -> None:
+        """Count from zero towards ``target``."""
+        self.count, self.target = 0, target
+        self.reached = asyncio.Event()
+
+    async def wait(self, timeout: float, what: str) -> None:
+        """Wait until the target is reached, or raise with how many are missing."""
+        if self.count < self.target:
+            try:
+                await asyncio.wait_for(self.reached.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise BenchError(f"{what}: got {self.count} of {self.target} frames "
+                                 f"in {timeout:.0f} s (missing deliveries)") from None
+
+
+class RawClient(asyncio.Protocol):
+    """A minimal WebSocket client: handshake, count text frames by type, answer pings.
+
+    Server frames are unmasked, so parsing is slicing; we only look at the ``type``
+    (and at the send stamp when the tally measures latency).  ``stall=True`` stops
+    reading right after the welcome frame, like a client whose tab froze.
+    """
+
+    def __init__(self, path: str, tally: Tally, stall: bool = False) -> None:
+        self.path, self.tally, self.stall = path, tally, stall
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.upgraded = False
+        self.welcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                        f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[:buf.find(b"\r\n")])
+            del buf[:end + 4]
+            if b" 101 " not in status:
+                self._fail(f"handshake refused: {status.decode(errors='replace')}")
+                return
+            self.upgraded = True
+        now = time.monotonic_ns() if self.tally.latencies is not None else 0
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            length, head = buf[pos + 1] & 0x7F, 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+            end = pos + head + length
+            if end > n:
+                break
+            opcode = buf[pos] & 0x0F
+            if opcode == 1:
+                self._on_text(bytes(buf[pos + head:end]), now)
+            elif opcode == 8:                                   # close
+                payload = buf[pos + head:end]
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.transport.close()  # type: ignore[union-attr]
+            elif opcode == 9:                                   # ping -> pong
+                self.send(10, bytes(buf[pos + head:end]))
+            pos = end
+        del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(BenchError(f"connection lost before welcome ({exc})"))
+        if not self.closed.done():
+            self.closed.set_result(self.close_code)
+
+    # -- frames
+    def _on_text(self, payload: bytes, now: int) -> None:
+        Tally.frames_total += 1
+        if not self.welcome.done():
+            if b'"welcome"' in payload:
+                self.welcome.set_result(payload)
+                if self.stall:
+                    self.transport.pause_reading()  # type: ignore[union-attr]
+            else:
+                self._fail(f"first frame is not welcome: {payload[:200]!r}")
+            return
+        match = TYPE_RE.search(payload)
+        tally = self.tally
+        if match is None or match.group(1) != tally.kind:
+            return
+        tally.count += 1
+        tally.last_ns = now or time.monotonic_ns()
+        if tally.latencies is not None:
+            stamp = STAMP_RE.search(payload)
+            if stamp:
+                tally.latencies.append(now - int(stamp.group(1)))
+        if tally.count >= tally.target:
+            tally.reached.set()
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """Send one masked frame (pongs, and the stalled clients' join frames)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        mask = os.urandom(4)
+        n = len(payload)
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+                  ).to_bytes(n, "big") if n else b""
+        header = bytes([0x80 | opcode, 0x80 | n]) if n < 126 else \
+            bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        self.transport.write(header + mask + masked)
+
+    def _fail(self, why: str) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(BenchError(why))
+        self.transport.close()  # type: ignore[union-attr]
+
+
+async def open_raw(port: int, name: str, tally: Tally, stall: bool = False,
+                   token: str | None = None, timeout: float = 15.0) -> RawClient:
+    """Connect one RawClient as ``name`` and wait for its welcome frame."""
+    loop = asyncio.get_running_loop()
+    path = f"/ws?username={name}"
+    if token:
+        path += f"&token={urllib.parse.quote(token)}"
+    if stall:   # a tiny receive buffer, so the server (not the kernel) must hold what it owes
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), timeout)
+        _, client = await loop.create_connection(lambda: RawClient(path, tally, stall), sock=sock)
+    else:
+        _, client = await asyncio.wait_for(
+            loop.create_connection(lambda: RawClient(path, tally, stall), HOST, port), timeout)
+    await asyncio.wait_for(client.welcome, timeout)
+    return client
+
+
+async def connect_many(port: int, names: list[str], tally: Tally, concurrency: int,
+                       stall: bool = False, tokens: list[str] | None = None,
+                       ) -> tuple[list[RawClient], float, list[str]]:
+    """Connect one client per name (with the matching token, for further tabs),
+    ``concurrency`` handshakes at a time.  Returns (clients, seconds, errors)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> RawClient:
+        async with gate:
+            return await open_raw(port, names[i], tally, stall, tokens[i] if tokens else None)
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(len(names))), return_exceptions=True)
+    seconds = time.monotonic() - started
+    clients = [r for r in results if isinstance(r, RawClient)]
+    errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+    return clients, seconds, errors
+
+
+def drop(clients: list[RawClient]) -> None:
+    """Abort client connections (no close handshake: fast, and the server copes)."""
+    for c in clients:
+        if c.transport is not None:
+            c.transport.abort()
+
+
+class Sender:
+    """A real ``websockets`` client that sends, and reads everything it is sent."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.acks: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.acked = asyncio.Event()
+        self.ack_target = 0
+        self.echo_count = 0             # "message" frames received (its own, in flood())
+        self.echo_target = 0
+        self.echoed = asyncio.Event()
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, port: int, name: str) -> "Sender":
+        """Connect as ``name`` and wait for the welcome frame."""
+        from websockets.asyncio.client import connect
+        ws = await connect(f"ws://{HOST}:{port}/ws?username={name}", compression=None,
+                           ping_interval=None, max_size=2**24, open_timeout=15)
+        first = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        if first.get("type") != "welcome":
+            raise BenchError(f"sender {name}: first frame {first}")
+        return cls(ws)
+
+    async def _read(self) -> None:
+        """Drain the socket (else the server would owe us ever more); keep acks/errors."""
+        try:
+            async for raw in self.ws:
+                Tally.frames_total += 1
+                match = TYPE_RE.search(raw[:40].encode())
+                kind = match.group(1) if match else b""
+                if kind == b"ack":
+                    self.acks.append(json.loads(raw))
+                    if len(self.acks) >= self.ack_target:
+                        self.acked.set()
+                elif kind == b"error":
+                    self.errors.append(json.loads(raw))
+                elif kind == b"message":
+                    self.echo_count += 1
+                    if self.echo_count >= self.echo_target:
+                        self.echoed.set()
+        except Exception:   # the connection ended; close() reports nothing more
+            pass
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.reader.cancel()
+
+
+################ Helpers shared by the measurements
+
+
+async def settle(quiet: float = 0.3, limit: float = 30.0) -> None:
+    """Wait until no client has received a frame for ``quiet`` seconds (bounded)."""
+    deadline = time.monotonic() + limit
+    last = Tally.frames_total
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet)
+        if Tally.frames_total == last:
+            return
+        last = Tally.frames_total
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    """Nearest-rank percentile of ns values, in ms."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] / 1e6
+
+
+@dataclass
+class Results:
+    """Everything the run reports (becomes the JSON line)."""
+    profile: str
+    connect: list[dict[str, Any]] = field(default_factory=list)
+    burst: list[dict[str, Any]] = field(default_factory=list)
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    idle: list[dict[str, Any]] = field(default_factory=list)
+    dm: dict[str, Any] = field(default_factory=dict)
+    slow: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+################ Measurements
+
+
+async def measure_connect(server: Server, n: int, concurrency: int,
+                          tally: Tally) -> tuple[list[RawClient], dict[str, Any]]:
+    """Connect rate: n distinct users connect until each has its welcome."""
+    names = [f"r{i}" for i in range(n)]
+    clients, seconds, errors = await connect_many(server.port, names, tally, concurrency)
+    if errors:
+        raise BenchError(f"{server.label}: {len(errors)} of {n} connections failed, e.g. {errors[0]}")
+    await settle()      # presence frames of later users reach earlier ones
+    return clients, {"server": server.label, "n": n, "concurrency": concurrency,
+                     "seconds": round(seconds, 3), "conn_per_s": round(n / seconds, 1)}
+
+
+async def measure_burst(server: Server, tally: Tally, n: int, m: int) -> dict[str, Any]:
+    """One sender, m messages as fast as possible into a room of n receivers.
+
+    Deliveries are m x n (the sender's own copies are not counted).  A server
+    that coalesces a loop turn's frames into one write per socket pays far less
+    here than at a paced load (see the CPU figure of measure_latency)."""
+    sender = await Sender.open(server.port, "sender")
+    await settle()
+    tally.arm(m * n)
+    cpu0 = await server.quiet_cpu()
+    t0 = time.monotonic_ns()
+    for i in range(m):
+        await sender.send({"type": "message", "room": "general", "text": f"burst {i}"})
+    await tally.wait(10 + m * n * 50e-6, f"{server.label} burst N={n}")
+    seconds = (tally.last_ns - t0) / 1e9
+    cpu1 = await server.quiet_cpu()
+    await sender.close()
+    server.check_alive()
+    deliveries = m * n
+    return {"server": server.label, "n": n, "m": m, "deliveries": deliveries,
+            "cpu_us_per_delivery": round((cpu1 - cpu0) * 1e6 / deliveries, 2),
+            "deliveries_per_s": round(deliveries / seconds),
+            "server_cpu_s": round(cpu1 - cpu0, 3)}
+
+
+@dataclass
+class LatencyRuns:
+    """Latency samples (ns) and server CPU pooled over the rounds of one server."""
+    label: str
+    samples: list[int] = field(default_factory=list)
+    round_p99_ms: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0
+    deliveries: int = 0
+
+    def summary(self, rate: float, n: int) -> dict[str, Any]:
+        lat = sorted(self.samples)
+        return {"server": self.label, "n": n, "msg_per_s": rate,
+                "deliveries_per_s": round(rate * n), "samples": len(lat),
+                "p50_ms": round(percentile(lat, 0.50), 3), "p99_ms": round(percentile(lat, 0.99), 3),
+                "max_ms": round(lat[-1] / 1e6, 3) if lat else None,
+                "round_p99_ms": self.round_p99_ms,
+                "cpu_us_per_delivery": round(self.cpu_s * 1e6 / max(1, self.deliveries), 2)}
+
+
+async def measure_latency(server: Server, receivers: list[RawClient], rate: float,
+                          seconds: float, runs: LatencyRuns) -> None:
+    """One round: send -> receipt times at a paced rate x len(receivers) deliveries/s,
+    added to ``runs`` with the server CPU it took."""
+    tally = Tally(latency=True)
+    for r in receivers:
+        r.tally = tally
+    sender = await Sender.open(server.port, f"pacer{next(PACERS)}")
+    await settle()
+    count = max(1, int(rate * seconds))
+    tally.arm(count * len(receivers))
+    cpu0 = server.cpu_seconds()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(count):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)   # pacing the load, not waiting for an event
+        await sender.send({"type": "message", "room": "general",
+                           "text": f"lat {i} {time.monotonic_ns()}"})
+    await tally.wait(10, f"{runs.label} latency")
+    runs.cpu_s += server.cpu_seconds() - cpu0
+    runs.deliveries += count * len(receivers)
+    await sender.close()
+    server.check_alive()
+    samples = tally.latencies or []
+    runs.samples += samples
+    runs.round_p99_ms.append(round(percentile(sorted(samples), 0.99), 3))
+
+
+async def measure_idle(tmp: Path, count: int, tabs: int, concurrency: int) -> dict[str, Any]:
+    """RSS per idle connection: count connections, count/tabs user names, fresh server."""
+    server = chat_server(f"idle-{count}", tmp)
+    clients: list[RawClient] = []
+    try:
+        server.start()
+        # One warm-up connection, so imports and first-use caches are not counted.
+        warm, _, errors = await connect_many(server.port, ["warmup"], Tally(), 1)
+        drop(warm)
+        await settle()
+        await server.quiet_cpu()
+        rss0 = server.rss_kib()
+        users = max(1, count // tabs)
+        # Every user's first tab (which owns the name and gets its token), then
+        # the other tabs with the token; presence goes out on first tabs only.
+        started = time.monotonic()
+        clients, _, errors = await connect_many(
+            server.port, [f"u{i}" for i in range(users)], Tally(), concurrency)
+        tokens = [json.loads(c.welcome.result()).get("token", "") for c in clients]
+        if len(tokens) != users:
+            raise BenchError(f"idle {count}: first tabs failed, e.g. {errors[:1]}")
+        more, _, errors2 = await connect_many(
+            server.port, [f"u{i % users}" for i in range(users, count)], Tally(), concurrency,
+            tokens=[tokens[i % users] for i in range(users, count)])
+        clients += more
+        errors += errors2
+        seconds = time.monotonic() - started
+        await settle(quiet=0.5, limit=60)
+        health = await server.healthz()
+        rss1 = server.rss_kib()
+        server.check_alive()
+        result = {"n": count, "users": users, "connected": len(clients), "errors": len(errors),
+                  "conn_per_s": round(len(clients) / seconds, 1),
+                  "healthz_connections": health.get("connections"),
+                  "rss_before_mib": round(rss0 / 1024, 1), "rss_after_mib": round(rss1 / 1024, 1),
+                  "rss_kib_per_conn": round((rss1 - rss0) / max(1, len(clients)), 2)}
+        if errors:
+            result["first_error"] = errors[0]
+        return result
+    finally:
+        server.stop()
+        drop(clients)
+
+
+async def measure_dm(server: Server, online: int, offline: int) -> dict[str, Any]:
+    """Server CPU per direct message: to an online user, and to an offline one."""
+    result: dict[str, Any] = {}
+    tally_b = Tally(kind="direct")
+    b = await open_raw(server.port, "dmB", tally_b)
+    c = await open_raw(server.port, "dmC", Tally())        # exists, then goes offline
+    drop([c])
+    await asyncio.wait_for(c.closed, 10)
+    a = await Sender.open(server.port, "dmA")
+    await settle()
+    for label, to, k in (("online", "dmB", online), ("offline", "dmC", offline)):
+        a.acks.clear()
+        a.ack_target, a.acked = k, asyncio.Event()
+        tally_b.arm(k if label == "online" else 0)
+        cpu0 = await server.quiet_cpu()
+        for i in range(k):
+            await a.send({"type": "message", "text": f"@{to} dm {i}", "ref": i})
+        try:
+            await asyncio.wait_for(a.acked.wait(), 10 + k * 1e-3)
+        except asyncio.TimeoutError:
+            raise BenchError(f"DM {label}: {len(a.acks)} of {k} acks; errors {a.errors[:2]}") from None
+        await tally_b.wait(10, f"DM {label}")
+        cpu1 = await server.quiet_cpu()
+        queued = sum(1 for ack in a.acks if ack.get("queued"))
+        if a.errors:
+            raise BenchError(f"DM {label}: error frames, e.g. {a.errors[0]}")
+        if label == "offline" and queued != k:
+            raise BenchError(f"DM offline: only {queued} of {k} acks say queued")
+        result[f"{label}_cpu_us_per_dm"] = round((cpu1 - cpu0) * 1e6 / k, 2)
+        result[f"{label}_count"] = k
+    await a.close()
+    drop([b])
+    server.check_alive()
+    return result
+
+
+def kernel_queued(server_port: int, client_ports: list[int]) -> dict[int, int]:
+    """Bytes the kernel holds for each client connection: the server socket's send
+    queue plus the client socket's receive queue (from /proc/net/tcp)."""
+    held = dict.fromkeys(client_ports, 0)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote = int(parts[1].split(":")[1], 16), int(parts[2].split(":")[1], 16)
+        tx, rx = (int(x, 16) for x in parts[4].split(":"))
+        if local == server_port and remote in held:
+            held[remote] += tx           # server side: not yet taken by the client
+        elif remote == server_port and local in held:
+            held[local] += rx            # client side: received, not read
+    return held
+
+
+async def flood(server: Server, sender: "Sender", nbytes: int, room: str) -> int:
+    """Send about nbytes of 2 KB messages into ``room``; wait until the sender has
+    its own copies back (so the server has processed them).  Returns bytes sent."""
+    text, count = "x" * 1900, max(1, nbytes // 2000)
+    sender.echo_target, sender.echoed = sender.echo_count + count, asyncio.Event()
+    for i in range(count):
+        await sender.send({"type": "message", "room": room, "text": f"{text} {i}"})
+    try:
+        await asyncio.wait_for(sender.echoed.wait(), 30)
+    except asyncio.TimeoutError:
+        raise BenchError(f"flood: the server relayed {sender.echo_count} of {sender.echo_target}") from None
+    server.check_alive()
+    return count * 2000
+
+
+async def measure_slow(server: Server, receivers: list[RawClient], stalled_n: int,
+                       rate: float, seconds: float, rounds: int, max_queue: int,
+                       p99_without: float) -> dict[str, Any]:
+    """Slow consumers: stalled_n of the room's receivers stop reading.
+
+    The stalled clients (tiny receive buffer, reading paused after their welcome)
+    are also in a room "flood" with one flooder, so they can be filled without
+    loading the healthy ones: first until the kernel holds all it will and the
+    server owes each about max_queue/2; then the paced latency run measures the
+    healthy receivers; then another max_queue, after which the server must have
+    closed each of them (1013) with its memory bounded.
+    """
+    # Same room size as the latency run: stalled_n healthy receivers leave ...
+    drop(receivers[:stalled_n])
+    healthy = receivers[stalled_n:]
+    # ... and stalled_n clients join "flood" and then never read again.
+    stalled, _, errors = await connect_many(
+        server.port, [f"stall{i}" for i in range(stalled_n)], Tally(), stalled_n, stall=True)
+    if errors:
+        raise BenchError(f"stalled clients failed to connect: {errors[0]}")
+    for s in stalled:
+        s.send(1, json.dumps({"type": "join", "room": "flood"}).encode())
+    sender = await Sender.open(server.port, "flooder")
+    await sender.send({"type": "join", "room": "flood", "ref": "join"})
+    await settle()
+    if len(sender.acks) != 1 or sender.errors:
+        raise BenchError(f"flooder could not join: {sender.errors[:1]}")
+    ports = [s.transport.get_extra_info("sockname")[1] for s in stalled]  # type: ignore[union-attr]
+    rss0 = rss_peak = server.rss_kib()
+
+    # 1. Fill the kernel buffers (until a round adds nothing), then half the cap.
+    sent = 0
+    held = kernel_queued(server.port, ports)
+    for _ in range(200):
+        sent += await flood(server, sender, 64 * 1024, "flood")
+        now = kernel_queued(server.port, ports)
+        if all(now[p] <= held[p] for p in ports):
+            break
+        held = now
+    kernel_kib = min(held.values()) // 1024
+    sent += await flood(server, sender, max_queue // 2, "flood")
+    rss_peak = max(rss_peak, server.rss_kib())
+
+    # 2. The healthy receivers' latency while the server owes the stalled ones.
+    runs = LatencyRuns(f"{server.label}+stalled")
+    for _ in range(rounds):
+        await measure_latency(server, healthy, rate, seconds, runs)
+    with_stalled = runs.summary(rate, len(healthy))
+
+    # 3. Past the cap: the server must close every stalled client.
+    sent += await flood(server, sender, max_queue + 128 * 1024, "flood")
+    rss_peak = max(rss_peak, server.rss_kib())
+    for s in stalled:   # read again: what the kernel held, then the close frame
+        if s.transport is not None and not s.transport.is_closing():
+            s.transport.resume_reading()
+    done, _ = await asyncio.wait([s.closed for s in stalled], timeout=10)
+    codes = [s.close_code for s in stalled]
+    await sender.close()
+    await settle()
+    server.check_alive()
+    result = {
+        "room": len(healthy) + stalled_n, "stalled": stalled_n,
+        "p99_ms_without": p99_without, "p99_ms_with": with_stalled["p99_ms"],
+        "p50_ms_with": with_stalled["p50_ms"],
+        "p99_ratio": round(with_stalled["p99_ms"] / p99_without, 3) if p99_without else None,
+        "kernel_held_kib": kernel_kib, "sent_kib_per_stalled": sent // 1024,
+        "closed": len(done), "closed_1013": codes.count(1013), "close_codes": codes,
+        "rss_growth_peak_mib": round((rss_peak - rss0) / 1024, 1),
+        "rss_after_vs_before_mib": round((server.rss_kib() - rss0) / 1024, 1),
+    }
+    if len(done) < stalled_n or codes.count(1013) < stalled_n:
+        raise BenchError(f"slow consumers: {len(done)} of {stalled_n} stalled clients closed, "
+                         f"{codes.count(1013)} with 1013, after {sent // 1024} KiB each: {result}")
+    return result
+
+
+################ The run
+
+
+async def run_burst_suite(res: Results, prof: Profile, tmp: Path, kind: str, n: int, m: int) -> None:
+    """One fresh server: connect n receivers (connect rate), then the burst."""
+    label = {"file": f"chat-db-{n}", "memory": f"chat-mem-{n}", "baseline": f"baseline-{n}"}[kind]
+    server = baseline_server(label, tmp) if kind == "baseline" else chat_server(label, tmp, kind)
+    receivers: list[RawClient] = []
+    try:
+        server.start()
+        tally = Tally()
+        receivers, connect = await measure_connect(server, n, prof.concurrency, tally)
+        res.connect.append(connect)
+        burst = await measure_burst(server, tally, n, m)
+        burst["db"] = kind
+        res.burst.append(burst)
+        log(f"{label}: connect {connect['conn_per_s']}/s, burst {burst['cpu_us_per_delivery']} us/delivery, "
+            f"{burst['deliveries_per_s']} deliveries/s")
+    finally:
+        server.stop()
+        drop(receivers)
+
+
+async def run_latency_suite(res: Results, prof: Profile, tmp: Path) -> None:
+    """chat.py (database on) and the baseline side by side, latency rounds taken in
+    turn so that both meet the same machine; then DM cost and slow consumers."""
+    n, rate, seconds = prof.latency_n, prof.latency_rate, prof.latency_seconds
+    chat, base = chat_server(f"chat-db-lat{n}", tmp), baseline_server(f"baseline-lat{n}", tmp)
+    receivers: dict[str, list[RawClient]] = {}
+    try:
+        runs = {}
+        for server, label in ((chat, "chat"), (base, "baseline")):
+            server.start()
+            receivers[label], _ = await measure_connect(server, n, prof.concurrency, Tally())
+            runs[label] = LatencyRuns(label)
+        for _ in range(prof.latency_rounds):
+            for server, label in ((chat, "chat"), (base, "baseline")):
+                await measure_latency(server, receivers[label], rate, seconds, runs[label])
+        res.latency = [runs[label].summary(rate, n) for label in ("chat", "baseline")]
+        for lat in res.latency:
+            log(f"{lat['server']}: latency p50 {lat['p50_ms']} ms p99 {lat['p99_ms']} ms "
+                f"(rounds {lat['round_p99_ms']})")
+        base.stop()
+        res.dm = await measure_dm(chat, prof.dm_online, prof.dm_offline)
+        log(f"chat: DM {res.dm}")
+        res.slow = await measure_slow(chat, receivers["chat"], prof.stalled, rate, seconds,
+                                      prof.latency_rounds, MAX_QUEUE, res.latency[0]["p99_ms"])
+        log(f"chat: slow consumers {res.slow}")
+    finally:
+        chat.stop()
+        base.stop()
+        for clients in receivers.values():
+            drop(clients)
+
+
+async def run_all(prof: Profile, tmp: Path) -> Results:
+    """Every measurement of the profile; an error ends that part and is recorded."""
+    res = Results(prof.name)
+    for n, m in prof.burst:
+        for kind in ("file", "memory", "baseline"):
+            try:
+                await run_burst_suite(res, prof, tmp, kind, n, m)
+            except Exception as exc:   # any failure ends this part; the others still run
+                res.errors.append(f"{kind} N={n}: {type(exc).__name__}: {exc}")
+                log(f"ERROR {kind} N={n}: {type(exc).__name__}: {exc}")
+    try:
+        await run_latency_suite(res, prof, tmp)
+    except Exception as exc:   # any failure ends this part; the others still run
+        res.errors.append(f"latency/DM/slow: {type(exc).__name__}: {exc}")
+        log(f"ERROR latency/DM/slow: {type(exc).__name__}: {exc}")
+    for count in prof.idle:
+        try:
+            idle = await measure_idle(tmp, count, prof.tabs, prof.concurrency)
+            res.idle.append(idle)
+            log(f"idle {count}: {idle}")
+            if idle["errors"] or idle["connected"] != count:
+                res.errors.append(f"idle {count}: {idle['errors']} connection errors, "
+                                  f"e.g. {idle.get('first_error')}")
+        except Exception as exc:   # any failure ends this part; the others still run
+            res.errors.append(f"idle {count}: {type(exc).__name__}: {exc}")
+            log(f"ERROR idle {count}: {type(exc).__name__}: {exc}")
+    return res
+
+
+################ Report: one JSON line, then a table with the targets
+
+
+def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    """The first row whose fields equal ``match``."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def targets(res: Results) -> dict[str, Any]:
+    """Each target of issue 5: the figure, the goal, and whether it is met."""
+    out: dict[str, Any] = {}
+    b = find(res.burst, db="file", n=200)
+    if b:
+        out["cpu_us_per_delivery_n200_db"] = {"value": b["cpu_us_per_delivery"], "target": TARGET_CPU_US,
+                                              "met": b["cpu_us_per_delivery"] <= TARGET_CPU_US}
+    if res.idle:
+        worst = max(r["rss_kib_per_conn"] for r in res.idle)
+        out["rss_kib_per_idle_conn"] = {"value": worst, "target": TARGET_RSS_KIB,
+                                        "met": worst <= TARGET_RSS_KIB}
+    big = find(res.idle, n=TARGET_CONNS)
+    if big:
+        out["conns_10000_no_errors"] = {"value": big["connected"], "target": TARGET_CONNS,
+                                        "met": big["connected"] == TARGET_CONNS and not big["errors"]}
+    chat, base = find(res.latency, server="chat"), find(res.latency, server="baseline")
+    if chat and base:
+        out["p99_vs_baseline"] = {"value": chat["p99_ms"], "target": base["p99_ms"],
+                                  "met": chat["p99_ms"] <= base["p99_ms"]}
+    if res.slow.get("p99_ratio") is not None:
+        out["slow_p99_ratio"] = {"value": res.slow["p99_ratio"], "target": TARGET_SLOW_P99_RATIO,
+                                 "met": res.slow["p99_ratio"] <= TARGET_SLOW_P99_RATIO}
+    return out
+
+
+def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
+    """The JSON line (first line of stdout), then the human table."""
+    doc = {"profile": res.profile, "seconds": round(seconds, 1), "cpus": os.cpu_count(),
+           "loadavg_1m": os.getloadavg()[0],
+           "python": sys.version.split()[0], "connect": res.connect, "burst": res.burst,
+           "latency": res.latency, "idle": res.idle, "dm": res.dm, "slow": res.slow,
+           "targets": goals, "errors": res.errors, "ok": not res.errors}
+    print(json.dumps(doc, separators=(",", ":")), flush=True)
+
+    def mark(key: str) -> str:
+        goal = goals.get(key)
+        return "" if goal is None else ("  [met]" if goal["met"] else "  [MISSED]")
+
+    lines = [f"\nchat.py benchmark ({res.profile}, {seconds:.0f} s, {os.cpu_count()} cpus, "
+             f"load average {os.getloadavg()[0]:.2f} at the end)"]
+    for c in res.connect:
+        lines.append(f"  connect  {c['server']:<16} {c['n']:>6} users      {c['conn_per_s']:>9.0f} conn/s")
+    for b in res.burst:
+        key = "cpu_us_per_delivery_n200_db" if (b["db"] == "file" and b["n"] == 200) else ""
+        tgt = f"  (target <= {TARGET_CPU_US:g} us){mark(key)}" if key else ""
+        lines.append(f"  burst    {b['server']:<16} N={b['n']:<5} M={b['m']:<5} "
+                     f"{b['cpu_us_per_delivery']:>6.2f} us CPU/delivery "
+                     f"{b['deliveries_per_s']:>8} deliveries/s{tgt}")
+    for lt in res.latency:
+        tgt = f"  (target <= baseline){mark('p99_vs_baseline')}" if lt["server"] == "chat" else ""
+        lines.append(f"  latency  {lt['server']:<16} {lt['deliveries_per_s']:>6} deliveries/s  "
+                     f"p50 {lt['p50_ms']:.2f} ms  p99 {lt['p99_ms']:.2f} ms "
+                     f"(rounds {'/'.join(f'{x:.1f}' for x in lt['round_p99_ms'])})  "
+                     f"{lt['cpu_us_per_delivery']:.2f} us CPU/delivery (paced){tgt}")
+    for i in res.idle:
+        tgt = f"  (target <= {TARGET_RSS_KIB:g} KiB){mark('rss_kib_per_idle_conn')}"
+        if i["n"] == TARGET_CONNS:
+            tgt += f"  (target {TARGET_CONNS} with 0 errors){mark('conns_10000_no_errors')}"
+        lines.append(f"  idle     {i['n']:>6} conns / {i['users']:<5} users "
+                     f"{i['rss_kib_per_conn']:>6.2f} KiB RSS/conn  "
+                     f"{i['errors']} errors  {i['conn_per_s']:.0f} conn/s{tgt}")
+    if res.dm:
+        lines.append(f"  direct   online {res.dm.get('online_cpu_us_per_dm')} us CPU/DM   "
+                     f"offline (buffered) {res.dm.get('offline_cpu_us_per_dm')} us CPU/DM")
+    if res.slow:
+        s = res.slow
+        lines.append(f"  slow     {s['stalled']} stalled in {s['room']}: healthy p99 {s['p99_ms_with']} ms vs "
+                     f"{s['p99_ms_without']} ms without (x{s['p99_ratio']}, target <= x{TARGET_SLOW_P99_RATIO})"
+                     f"{mark('slow_p99_ratio')}")
+        lines.append(f"           closed {s['closed']}/{s['stalled']} (1013: {s['closed_1013']}), "
+                     f"server RSS peak +{s['rss_growth_peak_mib']} MiB")
+    for e in res.errors:
+        lines.append(f"  ERROR    {e}")
+    lines.append("  result   " + ("ok" if not res.errors else f"FAILED ({len(res.errors)} errors)"))
+    print("\n".join(lines), flush=True)
+
+
+def raise_file_limit() -> None:
+    """Raise RLIMIT_NOFILE to the hard limit (the server subprocesses inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small version of everything (< 30 s)")
+    parser.add_argument("--baseline-server", type=int, metavar="PORT",
+                        help="run only the plain Tornado baseline server on PORT")
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        run_baseline_server(args.baseline_server)
+        return 0
+    raise_file_limit()
+    # A polite kill (CI timeout) unwinds like Ctrl-C, through the finally below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if not (HERE / "chat.py").exists():
+        print(json.dumps({"ok": False, "errors": ["chat.py not found"]}))
+        return 1
+    prof = QUICK if args.quick else FULL
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_chat_") as tmpdir:
+        try:
+            res = asyncio.run(run_all(prof, Path(tmpdir)))
+        finally:   # whatever happened, no server outlives the benchmark
+            for server in list(Server.running):
+                server.stop()
+    print_report(res, targets(res), time.monotonic() - started)
+    return 0 if not res.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
