@@ -882,7 +882,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.send_to(others, typing_frame(me, room.name, None))
         elif frame.get("to") is not None:
             to = self._known_user(frame["to"])
-            self.send_to(self.online.get(key(to.name), ()), typing_frame(me, None, to.name))
+            if key(to.name) != self.user:  # your other tabs need not see you typing
+                self.send_to(self.online.get(key(to.name), ()), typing_frame(me, None, to.name))
         else:
             raise ChatError("bad_request", "typing needs a 'room' or a 'to'")
         self._ack(ref)

@@ -1433,6 +1433,14 @@ class ProcessTest(ChatTestCase):
         self.assertTrue(1 <= len(lines) <= 2, "expected a one-line error, got:\n" + err)
         self.assertTrue("database" in err.lower() or self.db in err, err)
 
+    def test_unwritable_database_is_a_clear_error(self):
+        """A database that cannot be created or written is refused at start,
+        with a sentence naming it (main() logs it as one line and exits 1)."""
+        for path in (os.path.join(self.tmp, "no-such-dir", "chat.db"), self.tmp):
+            with self.assertRaises(chat.StoreError) as caught:
+                chat.Store(path)
+            self.assertIn(repr(path), str(caught.exception))
+
 
 ################ Slow consumers, liveness, caps (issue 5)
 
