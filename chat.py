@@ -376,9 +376,25 @@ def raw_stream(handler: tornado.websocket.WebSocketHandler) -> Optional[tornado.
     """
     protocol = handler.ws_connection
     stream = getattr(protocol, "stream", None)
-    if not isinstance(stream, tornado.iostream.IOStream) or getattr(protocol, "_compressor", None) is not None:
+    # Exactly IOStream: an SSLIOStream's socket must never see our bytes directly.
+    if type(stream) is not tornado.iostream.IOStream or getattr(protocol, "_compressor", None) is not None:
         return None
     return stream
+
+
+def send_now(stream: tornado.iostream.IOStream, data: bytes) -> int:
+    """Hand data straight to the kernel when the stream has nothing pending;
+    how many bytes went. The rest goes through stream.write(), in order.
+
+    This skips IOStream's per-write bookkeeping (a Future, buffer updates),
+    about a third of the cost of delivering one message to one socket.
+    """
+    if stream.writing() or stream.closed():
+        return 0
+    try:
+        return stream.socket.send(data)
+    except OSError:  # EAGAIN, or a reset that stream.write() will notice and report
+        return 0
 
 
 ################ Storage: SQLite, written through before anything is acked
@@ -940,13 +956,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
+        sent = send_now(self._stream, data)
+        self._owed -= sent
+        if sent == len(data):
+            return  # the usual case: the kernel took it all
+        data = data[sent:]
         try:
             future = self._stream.write(data)
         except tornado.iostream.StreamClosedError:
             self._dead = True
             return
         if not self._stream.writing():
-            self._owed -= len(data)  # the kernel took it all at once: the usual case
+            self._owed -= len(data)
             return
         # One write in flight at a time: what piles up meanwhile waits in _out,
         # where it is counted and can be dropped if the reader never catches up.

@@ -34,6 +34,7 @@ from urllib.parse import urlencode
 from hypothesis import HealthCheck, given, settings, strategies as st
 from tornado import gen
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.iostream import IOStream
 from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
 from tornado.websocket import websocket_connect
 
@@ -1020,6 +1021,29 @@ class WireTest(ChatTestCase):
         for n, header in [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"),
                           (70000, b"\x81\x7f" + (70000).to_bytes(8, "big"))]:
             self.assertEqual(chat.ws_frame(b"x" * n), header + b"x" * n)
+
+    @async_test
+    async def test_send_now_takes_what_the_kernel_takes_and_keeps_order(self):
+        """send_now() writes straight to the socket only while the stream has
+        nothing pending; the rest follows through stream.write(), in order."""
+        left, right = socket.socketpair()
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer = IOStream(left)
+        try:
+            data = bytes(range(256)) * 4096  # 1 MiB: more than the kernel holds
+            sent = chat.send_now(writer, data)
+            self.assertTrue(0 < sent < len(data), sent)
+            writer.write(data[sent:])
+            self.assertTrue(writer.writing())
+            received = right.recv(1 << 16)  # the kernel has room again, the stream still has data pending
+            self.assertEqual(chat.send_now(writer, b"later"), 0, "it must queue behind what is pending")
+            writer.write(b"later")
+            reader = IOStream(right)
+            received += await reader.read_bytes(len(data) + 5 - len(received))
+            self.assertEqual(received, data + b"later")
+        finally:
+            writer.close()
+            right.close()
 
     @async_test
     async def test_connections_write_prebuilt_frames(self):
