@@ -115,6 +115,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any, ClassVar, Iterable, Optional
 
 import tornado.ioloop
@@ -269,12 +270,12 @@ def parse_frame(data: str | bytes) -> dict:
     return frame
 
 
-def parse_since(value: str | None) -> Optional[int]:
-    """The resume point from ?since=, or None when absent or not a number."""
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
+def parse_since(value: Optional[str]) -> Optional[int]:
+    """The resume point from ?since=, or None when absent or not a message id
+    (plain digits, within SQLite's integers)."""
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
+    return int(value)
 
 
 ################ Outgoing frames: each shape is built here and nowhere else
@@ -590,6 +591,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._writing = False
         self._dead = False  # closing: nothing more is written
         self._departed = False
+        self._greeted = False  # the connect sequence is sent whole, whatever its size
         self._tokens = float(self.conf.burst)
         self._refill = self._heard = time.monotonic()
         self._stream = raw_stream(self)
@@ -597,11 +599,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # algorithm would only hold that write back for the peer's delayed ACK.
         self.set_nodelay(True)
         try:
-            name = check_name(self.get_query_argument("username", "", strip=False), "bad_username")
+            name = check_name(self._query("username"), "bad_username")
         except ChatError as e:
             return self._refuse(e, 4400)
+        token, since = self._query("token"), parse_since(self._query("since"))
         conf, ip, user = self.conf, self.request.remote_ip, self.users.get(key(name))
-        token = self.get_query_argument("token", None, strip=False)
         if conf.max_conns_per_ip and self.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
             return self._refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
         if user is not None and not user.owns(token):
@@ -618,7 +620,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             log.exception("could not store the new user %s", name)
             return self._refuse(ChatError("server_error", "the server could not save your name"), 1011)
         self._arrive(key(name), ip)
-        self._greet(user, token, parse_since(self.get_query_argument("since", None)))
+        try:
+            self._greet(user, token, since)
+        except Exception:  # a bug, not the client's doing: never leave a ghost online
+            log.exception("could not greet %s", user.name)
+            self._close(1011, "server error")
+
+    def _query(self, name: str) -> Optional[str]:
+        """A query argument, or None when absent or not valid UTF-8."""
+        try:
+            return self.get_query_argument(name, None, strip=False)
+        except tornado.web.HTTPError:
+            return None
 
     def _refuse(self, error: ChatError, code: int) -> None:
         self.send(error_frame(error.code, error.message))
@@ -640,8 +653,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 self.send({**directs[id], "queued": True})  # one I sent, still waiting
             else:
                 self.send(directs[id])
-        if mail:
+        if mail and not self._dead:
             self._deliver_mail(self.user)
+        self._greeted = True
 
     def _joined(self, room: Room, since: Optional[int]) -> dict:
         """The joined frame for room, holding only messages after since."""
@@ -818,6 +832,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except sqlite3.Error:
             log.exception("storage failed; the frame was refused")
             self.send(error_frame("server_error", "the server could not save that; try again", ref))
+        except Exception:  # a bug: log it (without the URL and its token), keep the connection
+            log.exception("error handling a frame from %s", self.user)
+            self.send(error_frame("server_error", "the server failed on that frame", ref))
 
     def _spend(self) -> bool:
         """Token bucket: rate per second, up to burst at once."""
@@ -916,7 +933,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         each, written by _flush_all at the end of this loop turn."""
         payload = payload or encode(frame)
         wire = ws_frame(payload)
-        for connection in connections:
+        # A snapshot: a connection closed on the way (1013) leaves the live sets.
+        for connection in tuple(connections):
             connection._push(wire, payload)
 
     def _push(self, wire: bytes, payload: bytes) -> None:
@@ -936,9 +954,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 if not ChatSocket.dirty:
                     tornado.ioloop.IOLoop.current().add_callback(ChatSocket._flush_all)
                 ChatSocket.dirty.append(self)
-        if self._owed > self.conf.max_queue:
-            # It stopped reading. Drop what it is owed rather than hold it
-            # for ever; it can come back with ?since= and miss nothing.
+        if self._owed > self.conf.max_queue and self._greeted and (self._writing or self._stream is None):
+            # It stopped reading: the kernel holds all it will and still more
+            # is owed. Drop it rather than hold it for ever; it can come back
+            # with ?since= and miss nothing.
             log.info("closing a connection of %s: %d bytes unread", self.user, self._owed)
             self._out.clear()
             self._close(1013, "too slow; reconnect with since")
@@ -1006,6 +1025,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     # ---- the handshake
 
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Tornado's error log line names the request; ours blots out the token."""
+        if isinstance(value, tornado.web.HTTPError):
+            access_log.warning("%d %s: %s", value.status_code, redact(self.request.uri or ""), value.log_message)
+        else:
+            log.error("error in %s", redact(self.request.uri or ""), exc_info=(typ, value, tb))
+
     def check_origin(self, origin: str) -> bool:
         """Same origin (Tornado's check), or one listed with --origins."""
         return super().check_origin(origin) or origin.rstrip("/").lower() in self.conf.origins
@@ -1056,15 +1082,24 @@ class HealthHandler(tornado.web.RequestHandler):
         })
 
 
-TOKEN_IN_URI = re.compile(r"([?&]token=)[^&]*")
+def redact(uri: str) -> str:
+    """The URI with every token value blotted out, however its name is
+    spelled (%74oken= is token= to Tornado too)."""
+    path, _, query = uri.partition("?")
+    if not query:
+        return uri
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        parts.append(f"{name}=***" if urllib.parse.unquote_plus(name) == "token" else part)
+    return path + "?" + "&".join(parts)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log line, with tokens blotted out of the URL."""
     status = handler.get_status()
     write = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
-    uri = TOKEN_IN_URI.sub(r"\1***", handler.request.uri or "")
-    write("%d %s %s (%s) %.2fms", status, handler.request.method, uri,
+    write("%d %s %s (%s) %.2fms", status, handler.request.method, redact(handler.request.uri or ""),
           handler.request.remote_ip, 1000.0 * handler.request.request_time())
 
 

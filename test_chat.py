@@ -29,6 +29,7 @@ import socket
 import struct
 import sys
 import tempfile
+import unittest
 from urllib.parse import urlencode
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -1072,10 +1073,11 @@ class LogTest(ChatTestCase):
 
     @async_test
     async def test_tokens_never_reach_the_log(self):
-        """The access log shows each connection's URL with the token blotted out."""
+        """Every log line (access log, errors, tracebacks) shows a connection's
+        URL with the token blotted out, however the client spells it."""
         lines = []
         handler = logging.Handler(logging.DEBUG)
-        handler.emit = lambda record: lines.append(record.getMessage())
+        handler.emit = lambda record: lines.append(logging.Formatter().format(record))
         loggers = [logging.getLogger(n) for n in ("tornado.access", "tornado.application", "tornado.general", "chat")]
         levels = [logger.level for logger in loggers]
         for logger in loggers:
@@ -1083,14 +1085,63 @@ class LogTest(ChatTestCase):
             logger.setLevel(logging.DEBUG)
         try:
             _, welcome = await self.connect("UserA")
-            again, _ = await self.connect("UserA", welcome["token"])
-            await self.sync(again)
+            token = welcome["token"]
+            base = "ws://127.0.0.1:%d/ws?username=UserA&" % self.get_http_port()
+            for query in ("token=%s" % token, "%%74oken=%s" % token, "token=%s&since=%%ff" % token,
+                          "token=%s&since=99999999999999999999" % token):
+                ws = await websocket_connect(base + query)
+                self.sockets.append(ws)
+                self.assertEqual((await self.read(ws, "the welcome"))["type"], "welcome", query)
         finally:
             for logger, level in zip(loggers, levels):
                 logger.removeHandler(handler)
                 logger.setLevel(level)
         self.assertTrue([line for line in lines if "token=***" in line], lines)
-        self.assertEqual([line for line in lines if welcome["token"] in line], [])
+        self.assertTrue([line for line in lines if "%74oken=***" in line], lines)
+        self.assertEqual([line for line in lines if token in line], [])
+
+
+class QueryTest(ChatTestCase):
+
+    @async_test
+    async def test_a_since_that_is_not_a_message_id_is_ignored(self):
+        """since=%ff (not UTF-8), since=1e20 (past SQLite's integers), since=-1 and
+        since=x connect as if no since was given, and leave no ghost behind."""
+        a, _ = await self.connect("UserA")
+        await self.say(a, "hello")
+        await self.say(a, "@UserA note to self")
+        for since in ("%ff", "99999999999999999999", "-1", "x", "", "1_0"):
+            ws = await websocket_connect("ws://127.0.0.1:%d/ws?username=UserA&token=%s&since=%s"
+                                         % (self.get_http_port(), self.tokens["UserA"], since))
+            welcome = await self.read(ws, "the welcome with since=%s" % since)
+            joined = await self.read(ws, "joined with since=%s" % since)
+            self.assertEqual(welcome["type"], "welcome")
+            self.assertEqual([m["text"] for m in joined["history"]], ["hello"], since)
+            self.assertNotIn("truncated", joined)
+            await self.quiet(ws, "a connection with since=%s (no replayed DMs)" % since)
+            ws.close()
+            await self.wait_health(connections=1)
+
+
+class SnapshotTest(unittest.TestCase):
+
+    def test_a_connection_leaving_mid_broadcast_stops_nothing(self):
+        """send_to() is given live sets (a user's tabs); a tab that is closed on
+        the way (1013) leaves that set, and the others still get the frame."""
+
+        class Tab:
+            def __init__(self, tabs):
+                self.tabs, self.got = tabs, []
+
+            def _push(self, wire, payload):
+                self.got.append(payload)
+                self.tabs.discard(self)  # what _close -> _depart does
+
+        tabs: set = set()
+        everyone = [Tab(tabs) for _ in range(5)]
+        tabs.update(everyone)
+        chat.ChatSocket.send_to(tabs, {"type": "left", "room": "python"})
+        self.assertEqual([len(t.got) for t in everyone], [1] * 5)
 
 
 class MaxUsersTest(ChatTestCase):
@@ -1556,6 +1607,30 @@ class SlowConsumerTest(ChatTestCase):
         stalled.close()
         self.assertEqual((await self.health())["connections"], 1)
         await self.say(a, "still served")
+
+
+class BigGreetingTest(ChatTestCase):
+    app_options = {"max_text": 30000, "max_queue": 64 * 1024, "rate": 0}
+
+    @async_test
+    async def test_a_connect_sequence_larger_than_max_queue_arrives_whole(self):
+        """--max_queue is for readers that stopped, not for the connect
+        sequence: 150 KB of kept DMs all arrive, each once, with receipts."""
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        sent = []
+        for i in range(5):
+            ack, _ = await self.ack(a, type="message", text="@UserB %d %s" % (i, "y" * 29000))
+            self.assertIs(ack.get("queued"), True)
+            sent.append(ack["id"])
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        kept = [await self.read(b, "kept DM %d" % i) for i in range(5)]
+        self.assertEqual([(f["type"], f["id"], f.get("buffered")) for f in kept], [("direct", i, True) for i in sent])
+        for id in sent:
+            await self.expect(a, "delivered", id=id, to="UserB")
+        await self.quiet(b, "UserB")
 
 
 class LivenessTest(ChatTestCase):
