@@ -40,7 +40,8 @@ On connect the server sends, in order:
 With ``since=ID`` (the highest id the client has seen) each ``history``
 holds only messages with a larger id, plus ``"truncated": true`` when more
 were missed than the history keeps. A ``since`` that is not a number is
-ignored. Presence goes to everybody else when a user's first connection
+ignored. The histories of one connect sequence share ``--max_queue`` bytes;
+a room cut short is ``"truncated"`` too, and a ``join`` of it returns all. Presence goes to everybody else when a user's first connection
 opens and when the last one closes:
 ``{"type":"presence","user":"UserB","status":"online"}`` (or ``"offline"``).
 
@@ -50,7 +51,8 @@ Client to server, and what comes back::
         -> to every member: {"type":"message","id":101,"room":"general",
            "from":"UserA","text":"hello","ts":"2026-11-24T15:04:05.123Z",
            "time":"15:04:05"}; to the sender also {"type":"ack","ref":1,"id":101}
-    {"type":"message","text":"@UserB hi"}                   a direct message
+    {"type":"message","text":"@UserB hi"}   a direct message ("@name" + ASCII
+                                            white space starts one)
         -> to both users: {"type":"direct","id":102,"from":"UserA",
            "to":"UserB","text":"hi","ts":...,"time":...}. If UserB has no
            connection it is kept for them, the ack says "queued": true, and
@@ -87,8 +89,9 @@ per message, ``--rate``/``--burst`` frames per connection, ``--history``
 messages per room, ``--mailbox`` buffered messages per user, ``--max_tabs``
 and ``--max_conns_per_ip`` connections, ``--max_rooms`` rooms, ``--max_users``
 owned names. A client that
-stops answering pings is dropped after ``--ping_interval`` +
-``--ping_timeout`` seconds.
+stops answering pings (a pong counts only if it echoes the latest ping, which
+waits behind everything the client is owed) is dropped after
+``--ping_interval`` + ``--ping_timeout`` seconds.
 
 Storage
 -------
@@ -189,8 +192,12 @@ class Config:
 ################ Names and validation
 
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
-# "@name" + white space at the start of a text makes it a direct message.
-DIRECT = re.compile(r"@([A-Za-z0-9_.\-]{1,32})\s+(.*)", re.DOTALL)
+# "@name" + white space at the start of a text makes it a direct message. The
+# white space is ASCII only, and the page uses the very same class: a text the
+# page shows as private must never be posted to a room.
+DIRECT = re.compile(r"@([A-Za-z0-9_.\-]{1,32})[ \t\n\r\f\v]+(.*)", re.DOTALL)
+# Text made only of these shows nothing: white space and zero-width characters.
+BLANK = re.compile(r"[\s\u180e\u200b-\u200f\u2060-\u2064\ufeff]*")
 
 
 class ChatError(Exception):
@@ -236,7 +243,7 @@ def check_text(value: Any, limit: int) -> str:
         raise ChatError("bad_request", "'text' must be a string")
     if len(value) > limit:  # len() counts code points, as promised
         raise ChatError("too_long", f"messages are at most {limit} characters")
-    if not value.strip():
+    if BLANK.fullmatch(value):
         raise ChatError("bad_request", "the message is empty")
     if not is_unicode(value):
         raise ChatError("bad_request", "the text is not valid Unicode")
@@ -579,6 +586,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     last_id: ClassVar[int] = 0  # the highest message id given out; changed by _next_id
     dirty: ClassVar[list[ChatSocket]] = []  # connections with frames to write this loop turn
     pinger: ClassVar[Optional[tornado.ioloop.PeriodicCallback]] = None  # runs _ping_all
+    ping_payload: ClassVar[bytes] = b""  # this round's ping; only a pong that echoes it counts
 
     user: Optional[str] = None  # user key, set once the connection is accepted
 
@@ -642,8 +650,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         online = sorted((self.users[u].name for u in self.online), key=key)
         my_rooms = sorted((self.rooms[r].name for r in user.rooms), key=key)
         self.send(welcome_frame(user.name, token, online, my_rooms, self.conf))
+        budget = self.conf.max_queue  # bytes of history all rooms share here
         for r in sorted(user.rooms):
-            self.send(self._joined(self.rooms[r], since))
+            joined, budget = self._joined(self.rooms[r], since, budget)
+            self.send(joined)
         mail = self.mailboxes.get(self.user, {})
         directs = {m["id"]: m for m in self.store.directs_since(self.user, since, self.conf.mailbox)} if since is not None else {}
         for id in sorted(directs.keys() | mail.keys()):
@@ -657,15 +667,30 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self._deliver_mail(self.user)
         self._greeted = True
 
-    def _joined(self, room: Room, since: Optional[int]) -> dict:
-        """The joined frame for room, holding only messages after since."""
+    def _joined(self, room: Room, since: Optional[int], budget: Optional[int] = None) -> tuple[dict, int]:
+        """The joined frame for room, holding only messages after since and,
+        with a budget, only the newest that fit in it; and what is left of it.
+
+        The budget keeps one connect sequence, which is sent whole, from
+        growing with every room a user is in: a room cut short says
+        "truncated", and a join of it later gets the whole history."""
         history, truncated = list(room.history), False
         if since is not None:
             history = [m for m in history if m["id"] > since]
             if len(history) == room.history.maxlen and len(history) > 0:
                 truncated = self.store.count_since(key(room.name), since) > len(history)
+        if budget is not None:
+            fits = 0
+            for message in reversed(history):
+                cost = len(message["text"].encode()) + 200  # its JSON, with room to spare
+                if cost > budget:
+                    break
+                budget -= cost
+                fits += 1
+            truncated = truncated or fits < len(history)
+            history = history[len(history) - fits:]
         members = sorted((self.users[u].name for u in room.members), key=key)
-        return joined_frame(room.name, members, history, truncated)
+        return joined_frame(room.name, members, history, truncated), budget or 0
 
     def on_close(self) -> None:
         self._dead = True
@@ -673,7 +698,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self._depart()
 
     def on_pong(self, data: bytes) -> None:
-        self._heard = time.monotonic()
+        # A client can only echo this round's payload if it read everything
+        # we wrote before the ping: a reader that stalled cannot fake it.
+        if data == ChatSocket.ping_payload:
+            self._heard = time.monotonic()
 
     # ---- liveness: a client that vanished sends no close frame, so we ask
 
@@ -683,15 +711,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         drop those that answered neither this ping nor anything else.
 
         A client that vanishes just after a pong is pinged at most one interval
-        later and dropped one timeout after that: within 2 x the interval.
+        later and dropped one timeout after that: within 2 x the interval. The
+        ping waits behind whatever the connection is owed, so a client that
+        stopped reading is dropped the same way, whatever else it sends.
         We do this rather than use Tornado's own ping timeout, which waits
         five more seconds for a close handshake a vanished client never sends.
         """
         sent = time.monotonic()
+        cls.ping_payload = b"%d" % time.time_ns()
         pinged = [c for tabs in cls.online.values() for c in tabs if not c._dead]
         for connection in pinged:
             try:
-                connection.ping()
+                connection.ping(cls.ping_payload)
             except tornado.websocket.WebSocketClosedError:
                 pass
         tornado.ioloop.IOLoop.current().call_later(cls.conf.ping_timeout, cls._drop_silent, pinged, sent)
@@ -811,7 +842,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- client frames: on_message dispatches to do_<type>
 
     def on_message(self, data: str | bytes) -> None:
-        self._heard = time.monotonic()
         ref = None
         allowed = self._spend()  # every frame costs a token, even a broken one
         try:
@@ -874,7 +904,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         direct = DIRECT.match(text)
         if direct:
             to = self._known_user(direct[1])
-            if not direct[2].strip():
+            if BLANK.fullmatch(direct[2]):
                 raise ChatError("bad_request", "the message is empty")
             message, queued = self._direct(to, direct[2])
             self._ack(ref, id=message["id"], queued=queued)
@@ -887,10 +917,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # {"type":"join","room":"python"}
         room = self._room(check_room(frame.get("room")))
         if self.user in room.members:
-            self.send(self._joined(room, None))  # already in: a fresh copy for this tab
+            self.send(self._joined(room, None)[0])  # already in: a fresh copy for this tab
         else:
             self._set_member(room, self.user, True)
-            self.send_to(self.online[self.user], self._joined(room, None))
+            self.send_to(self.online[self.user], self._joined(room, None)[0])
         self._ack(ref)
 
     def do_leave(self, frame: dict, ref: Any) -> None:

@@ -656,6 +656,26 @@ class HistoryTest(ChatTestCase):
         self.assertEqual([m["text"] for m in b.joined["general"]["history"]], ["m1", "m2", "m3"])
 
 
+class GreetingBudgetTest(ChatTestCase):
+    app_options = {"max_queue": 4000, "max_text": 1000}
+
+    @async_test
+    async def test_connect_histories_share_a_budget_and_join_gets_the_rest(self):
+        """At connect, room histories share --max_queue bytes: a room cut short
+        says truncated and keeps its newest messages; a join of it gets all."""
+        a, _ = await self.connect("UserA")
+        ids = [(await self.say(a, "%d %s" % (i, "z" * 900)))["id"] for i in range(6)]
+        again, _ = await self.connect("UserA", self.tokens["UserA"])
+        joined = again.joined["general"]
+        self.assertIs(joined.get("truncated"), True)
+        kept = [m["id"] for m in joined["history"]]
+        self.assertTrue(0 < len(kept) < 6, kept)
+        self.assertEqual(kept, ids[-len(kept):], "the newest messages are the ones kept")
+        full = await self.reply(again, "joined", type="join", room="general")
+        self.assertEqual([m["id"] for m in full["history"]], ids)
+        self.assertNotIn("truncated", full)
+
+
 ################ Direct messages
 
 
@@ -684,6 +704,20 @@ class DirectTest(ChatTestCase):
         for ws in (a2, b, b2):
             self.assertEqual(await self.read(ws), mine)
         await self.quiet(a)
+
+    @async_test
+    async def test_only_ascii_white_space_after_the_name_makes_it_private(self):
+        """"@UserB" + space, tab or newline is private; "@UserB" + U+FEFF or
+        U+00A0 is an ordinary room message (the page uses the same rule, so it
+        never shows as private a message that everyone got)."""
+        a, b = await self.pair()
+        for sep in (" ", "\t", "\n"):
+            ack = await self.say(a, "@UserB%ssecret" % sep)
+            self.assertEqual((await self.expect(b, "direct", id=ack["id"]))["text"], "secret")
+        for sep in ("\ufeff", "\u00a0"):
+            ack = await self.say(a, "@UserB%spublic" % sep)
+            got = await self.expect(b, "message", id=ack["id"])
+            self.assertEqual((got["room"], got["text"]), ("general", "@UserB%spublic" % sep))
 
     @async_test
     async def test_direct_to_offline_user_is_buffered_and_delivered_once(self):
@@ -818,7 +852,7 @@ class ErrorTest(ChatTestCase):
     @async_test
     async def test_empty_or_blank_text_is_bad_request(self):
         a, b = await self.pair()
-        for text in ["", " ", "\t\n  ", "\u3000"]:
+        for text in ["", " ", "\t\n  ", "\u3000", "\u200b\u200b", "\ufeff \u2060", "@UserB \u200b"]:
             with self.subTest(text=text):
                 await self.error(a, "bad_request", type="message", text=text)
         await self.still_serving(a, b)
@@ -1656,6 +1690,39 @@ class LivenessTest(ChatTestCase):
             ghost.close()
         self.assertEqual((await self.health())["connections"], 1)
         await self.quiet(a, "UserA, who answers pings")
+
+
+    @async_test
+    async def test_a_client_that_stops_reading_is_dropped_whatever_it_sends(self):
+        """Pongs count only when they echo our latest ping, which waits behind
+        everything the client is owed: a client that stopped reading cannot
+        stay online by sending unsolicited pongs and frames."""
+        a, _ = await self.connect("UserA")
+        ghost, _ = await raw_client(self.get_http_port(), "Ghost")
+        loop = asyncio.get_running_loop()
+
+        async def pretend_to_be_alive():  # a misbehaving client's own pace, bounded
+            mask = b"\x00" * 4  # a zero mask leaves the payload as it is
+            text = b'{"type":"rooms"}'
+            for _ in range(100):
+                try:
+                    await loop.sock_sendall(ghost, b"\x8a\x82" + mask + b"hi")  # unsolicited pong
+                    await loop.sock_sendall(ghost, b"\x81" + bytes([0x80 | len(text)]) + mask + text)
+                except OSError:  # dropped: what the test waits for
+                    return
+                await asyncio.sleep(0.05)
+
+        pretender = asyncio.ensure_future(pretend_to_be_alive())
+        try:
+            await self.expect(a, "presence", user="Ghost", status="online")
+            offline = self.expect(a, "presence", user="Ghost", status="offline")
+            try:
+                await gen.with_timeout(datetime.timedelta(seconds=3), offline)
+            except gen.TimeoutError:
+                self.fail("a client that reads nothing stayed online by sending pongs")
+        finally:
+            pretender.cancel()
+            ghost.close()
 
 
 class TabCapTest(ChatTestCase):
