@@ -599,7 +599,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._writing = False
         self._dead = False  # closing: nothing more is written
         self._departed = False
-        self._greeted = False  # the connect sequence is sent whole, whatever its size
+        self._allowance = float("inf")  # bytes of the connect sequence not yet written: not counted as owed
         self._tokens = float(self.conf.burst)
         self._refill = self._heard = time.monotonic()
         self._stream = raw_stream(self)
@@ -665,7 +665,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 self.send(directs[id])
         if mail and not self._dead:
             self._deliver_mail(self.user)
-        self._greeted = True
+        # The connect sequence is sent whole, at the reader's pace: only what
+        # comes after it counts against --max_queue.
+        self._allowance = self._owed
 
     def _joined(self, room: Room, since: Optional[int], budget: Optional[int] = None) -> tuple[dict, int]:
         """The joined frame for room, holding only messages after since and,
@@ -984,7 +986,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 if not ChatSocket.dirty:
                     tornado.ioloop.IOLoop.current().add_callback(ChatSocket._flush_all)
                 ChatSocket.dirty.append(self)
-        if self._owed > self.conf.max_queue and self._greeted and (self._writing or self._stream is None):
+        if self._owed - self._allowance > self.conf.max_queue and (self._writing or self._stream is None):
             # It stopped reading: the kernel holds all it will and still more
             # is owed. Drop it rather than hold it for ever; it can come back
             # with ?since= and miss nothing.
@@ -1006,7 +1008,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         sent = send_now(self._stream, data)
-        self._owed -= sent
+        self._paid(sent)
         if sent == len(data):
             return  # the usual case: the kernel took it all
         data = data[sent:]
@@ -1016,15 +1018,20 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self._dead = True
             return
         if not self._stream.writing():
-            self._owed -= len(data)
+            self._paid(len(data))
             return
         # One write in flight at a time: what piles up meanwhile waits in _out,
         # where it is counted and can be dropped if the reader never catches up.
         self._writing = True
         future.add_done_callback(lambda f, n=len(data): self._written(n))
 
-    def _written(self, n: int) -> None:
+    def _paid(self, n: int) -> None:
+        """n more bytes reached the kernel (they were owed first in, first out)."""
         self._owed -= n
+        self._allowance = max(0, self._allowance - n)
+
+    def _written(self, n: int) -> None:
+        self._paid(n)
         self._writing = False
         if self._out:
             self._flush()

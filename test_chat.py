@@ -1554,7 +1554,7 @@ class ProcessTest(ChatTestCase):
 ################ Slow consumers, liveness, caps (issue 5)
 
 
-async def raw_client(port, name, rcvbuf=None):
+async def raw_client(port, name, rcvbuf=None, query=""):
     """A hand-made WebSocket client: handshake, then it reads nothing more
     (and so never answers pings). Returns (socket, bytes after the headers)."""
     loop = asyncio.get_running_loop()
@@ -1565,9 +1565,9 @@ async def raw_client(port, name, rcvbuf=None):
     await loop.sock_connect(sock, ("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     await loop.sock_sendall(sock, (
-        "GET /ws?username=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+        "GET /ws?username=%s%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        % (name, port, key)).encode())
+        % (name, query, port, key)).encode())
     data = b""
     while b"\r\n\r\n" not in data and len(data) < 65536:
         chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), READ_TIMEOUT)
@@ -1578,6 +1578,23 @@ async def raw_client(port, name, rcvbuf=None):
     if not head.startswith(b"HTTP/1.1 101"):
         raise AssertionError("handshake refused: %r" % head)
     return sock, rest
+
+
+def frames_in(data):
+    """(the whole frames in server-to-client bytes as (opcode, payload), the bytes left over)."""
+    frames, pos = [], 0
+    while pos + 2 <= len(data):
+        opcode, length, start = data[pos] & 0x0F, data[pos + 1] & 0x7F, pos + 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            if start + size > len(data):
+                break
+            length, start = int.from_bytes(data[start:start + size], "big"), start + size
+        if start + length > len(data):
+            break
+        frames.append((opcode, data[start:start + length]))
+        pos = start + length
+    return frames, data[pos:]
 
 
 def close_code_in(data):
@@ -1665,6 +1682,45 @@ class BigGreetingTest(ChatTestCase):
         for id in sent:
             await self.expect(a, "delivered", id=id, to="UserB")
         await self.quiet(b, "UserB")
+
+
+class SlowGreetingTest(ChatTestCase):
+    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "mailbox": 120, "rate": 0}
+
+    @gen_test(timeout=60)
+    async def test_a_slow_reader_of_a_big_connect_sequence_is_not_cut_off(self):
+        """A connect sequence larger than the kernel holds (7 MB of kept DMs)
+        goes at the reader's pace; live frames meanwhile count against
+        --max_queue only beyond it: no 1013, and everything arrives once."""
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        sent = [(await self.ack(a, type="message", text="@UserB %d %s" % (i, "q" * 59000)))[0]["id"]
+                for i in range(120)]
+        slow, data = await raw_client(self.get_http_port(), "UserB", rcvbuf=4096,
+                                      query="&token=" + self.tokens["UserB"])
+        try:
+            await self.expect(a, "presence", user="UserB", status="online")
+            (conn,) = chat.ChatSocket.online["userb"]
+            self.assertTrue(conn._writing, "the kernel took it all: this test needs a bigger sequence")
+            live = await self.say(a, "meanwhile in general")
+            loop, texts, closes = asyncio.get_running_loop(), [], []
+            for _ in range(100000):  # read it all, at our pace
+                frames, data = frames_in(data)
+                texts += [json.loads(p) for op, p in frames if op == 0x1]
+                closes += [p for op, p in frames if op == 0x8]
+                if closes or any(f.get("id") == live["id"] for f in texts):
+                    break
+                chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 16), READ_TIMEOUT)
+                self.assertTrue(chunk, "the server closed the connection")
+                data += chunk
+            self.assertEqual(closes, [], "closed while reading its connect sequence")
+            kept = [f["id"] for f in texts if f["type"] == "direct"]
+            self.assertEqual(kept, sent)
+            self.assertEqual([f["id"] for f in texts if f["type"] == "message"], [live["id"]])
+        finally:
+            slow.close()
 
 
 class LivenessTest(ChatTestCase):
