@@ -41,8 +41,12 @@ With ``since=ID`` (the highest id the client has seen) each ``history``
 holds only messages with a larger id, plus ``"truncated": true`` when more
 were missed than the history keeps. A ``since`` that is not a number is
 ignored. The histories of one connect sequence share ``--max_queue`` bytes;
-a room cut short is ``"truncated"`` too, and a ``join`` of it returns all. Presence goes to everybody else when a user's first connection
-opens and when the last one closes:
+a room cut short is ``"truncated"`` too, and a ``join`` of it returns all.
+The sequence is not in id order, so a client should move its resume point
+only after it has all of it: the answer to its first frame comes after it.
+
+Presence goes to everybody else when a user's first connection opens and
+when the last one closes:
 ``{"type":"presence","user":"UserB","status":"online"}`` (or ``"offline"``).
 
 Client to server, and what comes back::
@@ -83,13 +87,13 @@ binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 Limits
 ------
 A frame over 64 KiB closes with 1009. A connection that owes more than
-``--max_queue`` bytes (it stopped reading) closes with 1013 and may resume
-with ``since``. Server shutdown closes with 1001. ``--max_text`` code points
-per message, ``--rate``/``--burst`` frames per connection, ``--history``
-messages per room, ``--mailbox`` buffered messages per user, ``--max_tabs``
-and ``--max_conns_per_ip`` connections, ``--max_rooms`` rooms, ``--max_users``
-owned names. A client that
-stops answering pings (a pong counts only if it echoes the latest ping, which
+``--max_queue`` bytes beyond its connect sequence (it stopped reading)
+closes with 1013 and may resume with ``since``. Server shutdown closes with
+1001. ``--max_text`` code points per message, ``--rate``/``--burst`` frames
+per connection, ``--history`` messages per room, ``--mailbox`` buffered
+messages per user, ``--max_tabs`` and ``--max_conns_per_ip`` connections,
+``--max_rooms`` rooms, ``--max_users`` owned names. A client that stops
+answering pings (a pong counts only if it echoes the latest ping, which
 waits behind everything the client is owed) is dropped after
 ``--ping_interval`` + ``--ping_timeout`` seconds.
 
@@ -157,11 +161,6 @@ define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most p
 
 MAX_FRAME = 64 * 1024  # bytes in one client frame; larger closes with 1009
 MAX_REF = 100  # characters in a string ref
-SETTINGS = [
-    "host", "port", "debug", "db", "default_room", "timestamp_format", "history",
-    "mailbox", "max_text", "rate", "burst", "origins", "max_tabs",
-    "max_conns_per_ip", "max_rooms", "max_users", "max_queue", "ping_interval", "ping_timeout",
-]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +186,9 @@ class Config:
     max_queue: int
     ping_interval: float
     ping_timeout: float
+
+
+SETTINGS = [field.name for field in dataclasses.fields(Config)]  # what make_app() may override
 
 
 ################ Names and validation
