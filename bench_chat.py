@@ -3,7 +3,7 @@
 
 This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a free
 127.0.0.1 port with a temporary database and every limit off (``--rate 0
---max_tabs 0 --max_conns_per_ip 0``), drives it with clients in this process, and
+--max_tabs 0 --max_conns_per_ip 0 --names_per_hour 0``), drives it with clients in this process, and
 prints ONE JSON line first on stdout, then a short human table with the targets of
 issue 5 beside the figures.
 
@@ -236,7 +236,7 @@ def chat_server(label: str, tmp: Path, db: str = "file", extra: tuple[str, ...] 
     port = free_port()
     dbarg = str(tmp / f"{label}.db") if db == "file" else ":memory:"
     argv = [sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db", dbarg,
-            "--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", *extra]
+            "--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", "--names_per_hour", "0", *extra]
     return Server(label, argv, port, tmp)
 
 

@@ -92,7 +92,8 @@ closes with 1013 and may resume with ``since``. Server shutdown closes with
 1001. ``--max_text`` code points per message, ``--rate``/``--burst`` frames
 per connection, ``--history`` messages per room, ``--mailbox`` buffered
 messages per user, ``--max_tabs`` and ``--max_conns_per_ip`` connections,
-``--max_rooms`` rooms, ``--max_users`` owned names. A client that stops
+``--max_rooms`` rooms, ``--max_users`` owned names, ``--names_per_hour``
+new names per address (``rate_limited``, close 4429). A client that stops
 answering pings (a pong counts only if it echoes the latest ping, which
 waits behind everything the client is owed) is dropped after
 ``--ping_interval`` + ``--ping_timeout`` seconds.
@@ -155,12 +156,14 @@ define("max_tabs", default=10, help="connections per user (0: no cap)")
 define("max_conns_per_ip", default=200, help="connections per address (0: no cap)")
 define("max_rooms", default=1000, help="rooms on the server (0: no cap)")
 define("max_users", default=10000, help="owned names on the server (0: no cap)")
+define("names_per_hour", default=30.0, help="new names one address may claim per hour, after 10 at once (0: no cap)")
 define("max_queue", default=1 << 20, help="bytes one connection may be owed before it is closed (1013)")
 define("ping_interval", default=20.0, help="seconds between pings")
 define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most ping_interval)")
 
 MAX_FRAME = 64 * 1024  # bytes in one client frame; larger closes with 1009
 MAX_REF = 100  # characters in a string ref
+NAMES_AT_ONCE = 10  # new names one address may claim before --names_per_hour applies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +186,7 @@ class Config:
     max_conns_per_ip: int
     max_rooms: int
     max_users: int
+    names_per_hour: float
     max_queue: int
     ping_interval: float
     ping_timeout: float
@@ -585,6 +589,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections; changed by _arrive, _depart
     mailboxes: ClassVar[dict[str, dict[int, dict]]] = {}  # user key -> undelivered DMs by id; changed by _direct, _deliver_mail
     per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by _arrive, _depart
+    claims: ClassVar[dict[str, tuple[float, float]]] = {}  # address -> (names it may claim, when); changed by _may_claim
     last_id: ClassVar[int] = 0  # the highest message id given out; changed by _next_id
     dirty: ClassVar[list[ChatSocket]] = []  # connections with frames to write this loop turn
     pinger: ClassVar[Optional[tornado.ioloop.PeriodicCallback]] = None  # runs _ping_all
@@ -622,6 +627,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return self._refuse(ChatError("too_many_connections", f"{user.name} has too many tabs open"), 4429)
         if user is None and conf.max_users and len(self.users) >= conf.max_users:
             return self._refuse(ChatError("server_full", "this server has all the users it allows"), 4503)
+        if user is None and not self._may_claim(ip):
+            return self._refuse(ChatError("rate_limited", "too many new names from your address; try later"), 4429)
         try:
             if user is None:
                 token = secrets.token_urlsafe(24)
@@ -757,6 +764,21 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         room = self._room(self.conf.default_room)
         self._set_member(room, key(name), True)
         return user
+
+    def _may_claim(self, ip: str) -> bool:
+        """Names are kept for good, so one address may claim only so many:
+        a token bucket of NAMES_AT_ONCE, refilled at --names_per_hour. The
+        dict holds only addresses that have claimed a name, so --max_users
+        bounds it too."""
+        per_hour = self.conf.names_per_hour
+        if per_hour <= 0:
+            return True
+        now = time.monotonic()
+        tokens, then = self.claims.get(ip, (float(NAMES_AT_ONCE), now))
+        tokens = min(float(NAMES_AT_ONCE), tokens + (now - then) * per_hour / 3600)
+        allowed = tokens >= 1
+        self.claims[ip] = (tokens - 1 if allowed else tokens, now)
+        return allowed
 
     def _arrive(self, user: str, ip: str) -> None:
         self.user = user
@@ -1174,7 +1196,7 @@ def make_app(**overrides: Any) -> tornado.web.Application:
     ChatSocket.mailboxes = {}
     for recipient, message in state["undelivered"]:
         ChatSocket.mailboxes.setdefault(recipient, {})[message["id"]] = message
-    ChatSocket.online, ChatSocket.per_ip, ChatSocket.dirty = {}, {}, []
+    ChatSocket.online, ChatSocket.per_ip, ChatSocket.claims, ChatSocket.dirty = {}, {}, {}, []
     if ChatSocket.pinger is not None:
         ChatSocket.pinger.stop()
         ChatSocket.pinger = None

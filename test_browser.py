@@ -1,7 +1,7 @@
 """Browser tests for the page (index.html), in a real Chromium driven by Playwright.
 
 Each test is one rule a user can see. The server runs as a subprocess
-(``python chat.py --port PORT --db TMP/chat.db --rate 0``) on a free port;
+(``python chat.py --port PORT --db TMP/chat.db --rate 0 --names_per_hour 0``) on a free port;
 every browser context is a separate user (its own localStorage, so its own
 token). Tests wait with Playwright's ``expect``/``wait_for``, never with sleeps.
 
@@ -64,7 +64,7 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(self.db), "--rate", "0"],
+            [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(self.db), "--rate", "0", "--names_per_hour", "0"],
             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ready = threading.Event()
 

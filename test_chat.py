@@ -61,7 +61,7 @@ class ChatTestCase(AsyncHTTPTestCase):
     app_options: dict = {}  # per-class make_app overrides (max_text=10, ...)
 
     def get_app(self):
-        settings_ = dict(db=":memory:", rate=0)
+        settings_ = dict(db=":memory:", rate=0, names_per_hour=0)  # limits get their own tests
         settings_.update(self.app_options)
         return chat.make_app(**settings_)
 
@@ -1176,6 +1176,22 @@ class SnapshotTest(unittest.TestCase):
         tabs.update(everyone)
         chat.ChatSocket.send_to(tabs, {"type": "left", "room": "python"})
         self.assertEqual([len(t.got) for t in everyone], [1] * 5)
+
+
+class NamesPerHourTest(ChatTestCase):
+    app_options = {"names_per_hour": 1}
+
+    @async_test
+    async def test_one_address_claims_ten_new_names_then_rate_limited_4429(self):
+        """Names are kept for good, so one address may claim 10 at once and
+        then --names_per_hour; owners still connect, and nobody else notices."""
+        first, welcome = await self.connect("User0")
+        for i in range(1, 10):
+            await self.connect("User%d" % i)
+        await self.sync(first)
+        await self.refused("rate_limited", 4429, username="User10")
+        again, _ = await self.connect("User0", welcome["token"])
+        await self.quiet(first, "User0 (no presence for the refused User10)")
 
 
 class MaxUsersTest(ChatTestCase):
