@@ -31,7 +31,8 @@ connection by exactly one ``ack`` or one ``error`` carrying that ``ref``.
 On connect the server sends, in order:
 
 1. ``{"type":"welcome","user":"UserA","token":"...","online":["UserA"],
-   "rooms":["general"],"default_room":"general","max_text":2000}``
+   "rooms":["general"],"default_room":"general","max_text":2000,
+   "epoch":"9f2c..."}`` (the epoch names the database that ids count in)
 2. for each of the user's rooms ``{"type":"joined","room":"general",
    "members":["UserA","UserB"],"history":[message, ...]}`` (oldest first);
 3. direct messages, oldest first: every buffered one (``"buffered": true``),
@@ -40,8 +41,10 @@ On connect the server sends, in order:
 With ``since=ID`` (the highest id the client has seen) each ``history``
 holds only messages with a larger id, plus ``"truncated": true`` when more
 were missed than the history keeps. A ``since`` that is not a number is
-ignored. The histories of one connect sequence share ``--max_queue`` bytes;
-a room cut short is ``"truncated"`` too, and a ``join`` of it returns all.
+ignored, and one sent with another database's ``epoch=`` counts as 0. The
+histories and replayed messages of one connect sequence share
+``--max_queue`` bytes; a room cut short is ``"truncated"`` too, and a
+``join`` of it returns all.
 The sequence is not in id order, so a client should move its resume point
 only after it has all of it: the answer to its first frame comes after it.
 
@@ -87,16 +90,18 @@ binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 Limits
 ------
 A frame over 64 KiB closes with 1009. A connection that owes more than
-``--max_queue`` bytes beyond its connect sequence (it stopped reading)
-closes with 1013 and may resume with ``since``. Server shutdown closes with
+``--max_queue`` bytes beyond the answers it asked for (its connect sequence,
+a join) has stopped reading: it is closed with 1013 and may resume with
+``since``. Server shutdown closes with
 1001. ``--max_text`` code points per message, ``--rate``/``--burst`` frames
 per connection, ``--history`` messages per room, ``--mailbox`` buffered
 messages per user, ``--max_tabs`` and ``--max_conns_per_ip`` connections,
 ``--max_rooms`` rooms, ``--max_users`` owned names, ``--names_per_hour``
 new names per address (``rate_limited``, close 4429). A client that stops
 answering pings (a pong counts only if it echoes the latest ping, which
-waits behind everything the client is owed) is dropped after
-``--ping_interval`` + ``--ping_timeout`` seconds.
+waits behind everything the client is owed; a write the kernel had to hold
+back and then took counts too) is dropped after ``--ping_interval`` +
+``--ping_timeout`` seconds.
 
 Storage
 -------
@@ -163,6 +168,7 @@ define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most p
 
 MAX_FRAME = 64 * 1024  # bytes in one client frame; larger closes with 1009
 MAX_REF = 100  # characters in a string ref
+WRITE_CHUNK = 256 * 1024  # frames handed to the kernel at once (a bigger frame goes whole): each done shows the reader is alive
 NAMES_AT_ONCE = 10  # new names one address may claim before --names_per_hour applies
 
 
@@ -302,9 +308,9 @@ def stamp(timestamp_format: str) -> tuple[str, str]:
     return f"{utc}.{millis:03d}Z", time.strftime(timestamp_format, time.localtime(seconds))
 
 
-def welcome_frame(user: str, token: str, online: list, rooms: list, conf: Config) -> dict:
+def welcome_frame(user: str, token: str, online: list, rooms: list, conf: Config, epoch: str) -> dict:
     return {"type": "welcome", "user": user, "token": token, "online": online, "rooms": rooms,
-            "default_room": conf.default_room, "max_text": conf.max_text}
+            "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch}
 
 
 def joined_frame(room: str, members: list, history: list, truncated: bool) -> dict:
@@ -431,6 +437,7 @@ class Store:
     CHECKPOINT_EVERY = 1.0  # seconds
 
     SCHEMA = """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS users (key TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, user TEXT NOT NULL, PRIMARY KEY (room, user));
@@ -460,7 +467,11 @@ class Store:
             self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
             self.db.executescript(self.SCHEMA)
             self.db.execute("BEGIN IMMEDIATE")  # proves we can write, now rather than mid-chat
+            # The epoch names this database: message ids count within it, so a
+            # client that saw ids from another (deleted, or :memory:) must start over.
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
             self.db.execute("COMMIT")
+            self.epoch: str = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use database {path!r}: {e}") from None
         self.stopping = threading.Event()
@@ -601,12 +612,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def open(self) -> None:
         """Check the name and limits, then send welcome, joined, and mail."""
-        self._out: list[bytes] = []  # wire frames waiting for this loop turn's write
+        self._out: collections.deque = collections.deque()  # whole wire frames waiting to be written
         self._owed = 0  # bytes queued or being written; over max_queue means too slow
         self._writing = False
         self._dead = False  # closing: nothing more is written
         self._departed = False
-        self._allowance = float("inf")  # bytes of the connect sequence not yet written: not counted as owed
+        self._allowance = 0  # bytes of answers it asked for (bulk) not yet written: not counted as owed
         self._tokens = float(self.conf.burst)
         self._refill = self._heard = time.monotonic()
         self._stream = raw_stream(self)
@@ -618,6 +629,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except ChatError as e:
             return self._refuse(e, 4400)
         token, since = self._query("token"), parse_since(self._query("since"))
+        if since is not None and self._query("epoch") not in (None, self.store.epoch):
+            since = 0  # its ids are from another database: everything is new to it
         conf, ip, user = self.conf, self.request.remote_ip, self.users.get(key(name))
         if conf.max_conns_per_ip and self.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
             return self._refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
@@ -655,28 +668,37 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._close(code, error.code)
 
     def _greet(self, user: User, token: str, since: Optional[int]) -> None:
-        """The connect sequence: welcome, one joined per room, then direct messages."""
+        """The connect sequence: welcome, one joined per room, then direct messages.
+
+        It is sent whole, at the reader's pace (bulk: not counted against
+        --max_queue), so room histories and replayed direct messages share a
+        budget of --max_queue bytes, newest first. Kept (buffered) messages
+        are always sent: they are bounded by --mailbox."""
         online = sorted((self.users[u].name for u in self.online), key=key)
         my_rooms = sorted((self.rooms[r].name for r in user.rooms), key=key)
-        self.send(welcome_frame(user.name, token, online, my_rooms, self.conf))
-        budget = self.conf.max_queue  # bytes of history all rooms share here
+        self.send(welcome_frame(user.name, token, online, my_rooms, self.conf, self.store.epoch), bulk=True)
+        budget = self.conf.max_queue
         for r in sorted(user.rooms):
             joined, budget = self._joined(self.rooms[r], since, budget)
-            self.send(joined)
+            self.send(joined, bulk=True)
         mail = self.mailboxes.get(self.user, {})
-        directs = {m["id"]: m for m in self.store.directs_since(self.user, since, self.conf.mailbox)} if since is not None else {}
+        directs = {}
+        if since is not None:
+            for message in reversed(self.store.directs_since(self.user, since, self.conf.mailbox)):
+                if message["id"] not in mail:
+                    budget -= len(encode(message))
+                    if budget < 0:
+                        break
+                directs[message["id"]] = message
         for id in sorted(directs.keys() | mail.keys()):
             if id in mail:
-                self.send({**mail[id], "buffered": True})
+                self.send({**mail[id], "buffered": True}, bulk=True)
             elif id in self.mailboxes.get(key(directs[id]["to"]), {}):
-                self.send({**directs[id], "queued": True})  # one I sent, still waiting
+                self.send({**directs[id], "queued": True}, bulk=True)  # one I sent, still waiting
             else:
-                self.send(directs[id])
+                self.send(directs[id], bulk=True)
         if mail and not self._dead:
             self._deliver_mail(self.user)
-        # The connect sequence is sent whole, at the reader's pace: only what
-        # comes after it counts against --max_queue.
-        self._allowance = self._owed
 
     def _joined(self, room: Room, since: Optional[int], budget: Optional[int] = None) -> tuple[dict, int]:
         """The joined frame for room, holding only messages after since and,
@@ -693,7 +715,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if budget is not None:
             fits = 0
             for message in reversed(history):
-                cost = len(message["text"].encode()) + 200  # its JSON, with room to spare
+                cost = len(encode(message))
                 if cost > budget:
                     break
                 budget -= cost
@@ -943,10 +965,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # {"type":"join","room":"python"}
         room = self._room(check_room(frame.get("room")))
         if self.user in room.members:
-            self.send(self._joined(room, None)[0])  # already in: a fresh copy for this tab
+            self.send(self._joined(room, None)[0], bulk=True)  # already in: a fresh copy for this tab
         else:
             self._set_member(room, self.user, True)
-            self.send_to(self.online[self.user], self._joined(room, None)[0])
+            self.send_to(self.online[self.user], self._joined(room, None)[0], bulk=True)
         self._ack(ref)
 
     def do_leave(self, frame: dict, ref: Any) -> None:
@@ -979,23 +1001,28 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     # ---- sending: every frame leaves through send_to
 
-    def send(self, frame: dict) -> None:
+    def send(self, frame: dict, bulk: bool = False) -> None:
         """One frame to this connection."""
-        self.send_to((self,), frame)
+        self.send_to((self,), frame, bulk=bulk)
 
     @classmethod
-    def send_to(cls, connections: Iterable[ChatSocket], frame: dict, payload: Optional[bytes] = None) -> None:
+    def send_to(cls, connections: Iterable[ChatSocket], frame: dict, payload: Optional[bytes] = None,
+                bulk: bool = False) -> None:
         """One frame to many connections: encoded and framed once, queued for
-        each, written by _flush_all at the end of this loop turn."""
+        each, written by _flush_all at the end of this loop turn. A bulk frame
+        answers the connection's own request (its connect sequence, a join):
+        it goes at the reader's pace and does not count against --max_queue."""
         payload = payload or encode(frame)
         wire = ws_frame(payload)
         # A snapshot: a connection closed on the way (1013) leaves the live sets.
         for connection in tuple(connections):
-            connection._push(wire, payload)
+            connection._push(wire, payload, bulk)
 
-    def _push(self, wire: bytes, payload: bytes) -> None:
+    def _push(self, wire: bytes, payload: bytes, bulk: bool = False) -> None:
         if self._dead:
             return
+        if bulk:
+            self._allowance += len(wire)
         if self._stream is None:  # fallback: Tornado frames and writes it
             try:
                 future = self.write_message(payload)
@@ -1027,15 +1054,35 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             connection._flush()
 
     def _flush(self) -> None:
-        if self._writing or self._dead or not self._out:
-            return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
-        sent = send_now(self._stream, data)
-        self._paid(sent)
-        if sent == len(data):
-            return  # the usual case: the kernel took it all
-        data = data[sent:]
+        """Write what is queued: straight to the kernel while it takes it, at
+        most WRITE_CHUNK bytes at a time, the rest through the stream."""
+        while not self._writing and not self._dead and self._out:
+            data = self._take(WRITE_CHUNK)
+            sent = send_now(self._stream, data)
+            self._paid(sent)
+            if sent < len(data):
+                self._write_rest(data[sent:])
+
+    def _take(self, limit: int) -> bytes:
+        """Whole frames from the front of _out, joined: all of them when they
+        fit in limit (the usual case), else as many as fit, at least one.
+        Never part of a frame: Tornado writes its own control frames (a pong,
+        a close) to the same stream, and they must fall between ours."""
+        out = self._out
+        if self._owed <= limit:  # not writing, so everything owed is in _out
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            return data
+        pieces, size = [out.popleft()], 0
+        size = len(pieces[0])
+        while out and size + len(out[0]) <= limit:
+            pieces.append(out.popleft())
+            size += len(pieces[-1])
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _write_rest(self, data: bytes) -> None:
+        """What the kernel did not take goes through the stream, which writes
+        it when the socket has room; _written then carries on."""
         try:
             future = self._stream.write(data)
         except tornado.iostream.StreamClosedError:
@@ -1057,6 +1104,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def _written(self, n: int) -> None:
         self._paid(n)
         self._writing = False
+        # A write that had to wait is done: the peer is reading, so it is
+        # alive even if its pong is still queued behind a big answer.
+        self._heard = time.monotonic()
         if self._out:
             self._flush()
 

@@ -325,6 +325,28 @@ def test_reconnects_after_restart_and_shows_missed_messages_once(browser, own_se
     pa.context.close(), pb.context.close()
 
 
+def test_a_server_with_a_new_database_is_not_ignored(browser, own_server):
+    """Restarted on an empty database (deleted, or :memory:), the server
+    counts ids from 1 again: an open page must start over, not take the new
+    messages for ones it already has."""
+    pa = open_chat(browser, own_server, "UserA")
+    pb = open_chat(browser, own_server, "UserB")
+    for text in ("old one", "old two", "old three"):
+        say(pb, text)
+        expect(shown(pa, text)).to_have_count(1)
+    own_server.stop()
+    for path in own_server.db.parent.glob(own_server.db.name + "*"):
+        path.unlink()                           # the database is gone
+    own_server.start()
+    expect(pa.locator("#conn-state")).to_have_attribute("data-state", "online", timeout=20_000)
+    expect(pb.locator("#conn-state")).to_have_attribute("data-state", "online", timeout=20_000)
+    say(pb, "new one")                          # id 1 again
+    expect(shown(pa, "new one")).to_have_count(1)
+    expect(shown(pa, "old one")).to_have_count(0)
+    assert not pa.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
 def test_phone_width_has_no_sideways_scroll_and_sends(browser, server):
     a, b = unique("A"), unique("B")
     pa = open_chat(browser, server, a, viewport={"width": 375, "height": 740})

@@ -1167,7 +1167,7 @@ class SnapshotTest(unittest.TestCase):
             def __init__(self, tabs):
                 self.tabs, self.got = tabs, []
 
-            def _push(self, wire, payload):
+            def _push(self, wire, payload, bulk=False):
                 self.got.append(payload)
                 self.tabs.discard(self)  # what _close -> _depart does
 
@@ -1298,6 +1298,19 @@ class PersistenceTest(ChatTestCase):
         self.http_server.request_callback = self._app
 
     @async_test
+    async def test_restart_keeps_the_epoch_and_a_new_database_has_another(self):
+        """The epoch names the database: the same after a restart, another for
+        a new file or :memory: (so clients know their ids are void)."""
+        _, before = await self.connect("UserA")
+        await self.restart()
+        _, after = await self.connect("UserA", self.tokens["UserA"])
+        self.assertEqual(after["epoch"], before["epoch"])
+        for path in (":memory:", os.path.join(self.tmp, "new.db")):
+            other = chat.Store(path)
+            self.assertNotEqual(other.epoch, before["epoch"])
+            other.close()
+
+    @async_test
     async def test_restart_keeps_rooms_names_history_and_buffered_directs(self):
         a, b = await self.pair()
         await self.ack(a, type="join", room="python")
@@ -1366,6 +1379,28 @@ class ResumeTest(ChatTestCase):
         missed = [(await self.say(a, "missed %d" % i))["id"] for i in (1, 2)]
         dm = await self.say(a, "@UserB missed dm")
         return a, seen, own["id"], missed, dm["id"]
+
+    @async_test
+    async def test_since_from_another_database_counts_from_zero(self):
+        """welcome carries the database's epoch. A client that resumes with
+        since=ID&epoch=E from another database (deleted, restored, :memory:)
+        gets everything, as if since=0: its ids mean nothing here."""
+        a, welcome = await self.connect("UserA")
+        ids = [(await self.say(a, "m%d" % i))["id"] for i in (1, 2)]
+        self.assertRegex(welcome["epoch"], r"^[0-9a-f]{16}$")
+        token = self.tokens["UserA"]
+        same, _ = await self.open_and_greet(token, since=ids[-1], epoch=welcome["epoch"])
+        self.assertEqual(same["history"], [])
+        other, _ = await self.open_and_greet(token, since=ids[-1], epoch="0123456789abcdef")
+        self.assertEqual([m["id"] for m in other["history"]], ids)
+
+    async def open_and_greet(self, token, **params):
+        """Connect UserA with these query parameters; (its joined general, welcome)."""
+        ws = await websocket_connect(self.url(username="UserA", token=token, **params))
+        self.sockets.append(ws)
+        welcome = await self.read(ws, "the welcome")
+        joined = await self.read(ws, "joined general")
+        return joined, welcome
 
     @async_test
     async def test_since_delivers_exactly_the_missed_messages(self):
@@ -1700,41 +1735,91 @@ class BigGreetingTest(ChatTestCase):
         await self.quiet(b, "UserB")
 
 
-class SlowGreetingTest(ChatTestCase):
-    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "mailbox": 120, "rate": 0}
+class SlowAnswerTest(ChatTestCase):
+    """Answers a client asked for (its connect sequence, a join) go at its
+    pace: a slow but steady reader is neither cut off by --max_queue while
+    the room talks, nor dropped because its pong waits behind them."""
+    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "mailbox": 120, "history": 120,
+                   "rate": 0, "ping_interval": 1.0, "ping_timeout": 1.0}
+
+    def setUp(self):
+        # Like a real link, not loopback: the kernel holds 64 KiB of what the
+        # server sends, not megabytes, so the server's own queue does the work.
+        original = chat.raw_stream
+
+        def small_send_buffer(handler):
+            stream = original(handler)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+            return stream
+
+        chat.raw_stream = small_send_buffer
+        self.addCleanup(setattr, chat, "raw_stream", original)
+        super().setUp()
+
+    async def read_slowly_until(self, sock, data, want_id):
+        """Read a raw client's bytes at 64 KiB per 30 ms until the frame with
+        want_id arrives; return (text frames, close frames)."""
+        loop, texts, closes = asyncio.get_running_loop(), [], []
+        for _ in range(2000):
+            frames, data = frames_in(data)
+            texts += [json.loads(p) for op, p in frames if op == 0x1]
+            closes += [p for op, p in frames if op == 0x8]
+            if closes or any(f.get("id") == want_id for f in texts):
+                return texts, closes
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), READ_TIMEOUT)
+            self.assertTrue(chunk, "the server closed the connection")
+            data += chunk
+            await asyncio.sleep(0.03)  # the reader's own pace: 2 MB/s, 3 s for 7 MB, longer than 2 pings
+        self.fail("never got frame %d" % want_id)
 
     @gen_test(timeout=60)
-    async def test_a_slow_reader_of_a_big_connect_sequence_is_not_cut_off(self):
-        """A connect sequence larger than the kernel holds (7 MB of kept DMs)
-        goes at the reader's pace; live frames meanwhile count against
-        --max_queue only beyond it: no 1013, and everything arrives once."""
+    async def test_a_connect_sequence_larger_than_the_kernel_holds(self):
         a, _ = await self.connect("UserA")
         b, _ = await self.connect("UserB")
         b.close()
         await self.expect(a, "presence", user="UserB", status="offline")
         sent = [(await self.ack(a, type="message", text="@UserB %d %s" % (i, "q" * 59000)))[0]["id"]
-                for i in range(120)]
-        slow, data = await raw_client(self.get_http_port(), "UserB", rcvbuf=4096,
+                for i in range(120)]  # 7 MB of kept DMs
+        slow, data = await raw_client(self.get_http_port(), "UserB", rcvbuf=1 << 16,
                                       query="&token=" + self.tokens["UserB"])
         try:
             await self.expect(a, "presence", user="UserB", status="online")
             (conn,) = chat.ChatSocket.online["userb"]
-            self.assertTrue(conn._writing, "the kernel took it all: this test needs a bigger sequence")
+            self.assertTrue(conn._writing, "the kernel took it all: this test needs a bigger answer")
             live = await self.say(a, "meanwhile in general")
-            loop, texts, closes = asyncio.get_running_loop(), [], []
-            for _ in range(100000):  # read it all, at our pace
-                frames, data = frames_in(data)
-                texts += [json.loads(p) for op, p in frames if op == 0x1]
-                closes += [p for op, p in frames if op == 0x8]
-                if closes or any(f.get("id") == live["id"] for f in texts):
-                    break
-                chunk = await asyncio.wait_for(loop.sock_recv(slow, 1 << 16), READ_TIMEOUT)
-                self.assertTrue(chunk, "the server closed the connection")
-                data += chunk
+            texts, closes = await self.read_slowly_until(slow, data, live["id"])
             self.assertEqual(closes, [], "closed while reading its connect sequence")
-            kept = [f["id"] for f in texts if f["type"] == "direct"]
-            self.assertEqual(kept, sent)
+            self.assertEqual([f["id"] for f in texts if f["type"] == "direct"], sent)
             self.assertEqual([f["id"] for f in texts if f["type"] == "message"], [live["id"]])
+        finally:
+            slow.close()
+
+
+
+class SlowJoinTest(SlowAnswerTest):
+    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "history": 120, "rate": 0}
+    test_a_connect_sequence_larger_than_the_kernel_holds = None  # SlowAnswerTest's own
+
+    @gen_test(timeout=60)
+    async def test_a_join_answer_larger_than_the_kernel_holds(self):
+        """One joined frame of 7 MB, asked for with a join: the room's talk
+        meanwhile does not count against --max_queue."""
+        a, _ = await self.connect("UserA")
+        await self.ack(a, type="join", room="big")
+        history = [(await self.say(a, "%d %s" % (i, "h" * 59000), "big"))["id"] for i in range(120)]
+        slow, data = await raw_client(self.get_http_port(), "Slow", rcvbuf=1 << 16)
+        try:
+            await self.expect(a, "presence", user="Slow", status="online")
+            join = b'{"type":"join","room":"big"}'
+            await asyncio.get_running_loop().sock_sendall(slow, b"\x81" + bytes([0x80 | len(join)]) + b"\x00" * 4 + join)
+            await self.expect(a, "member", room="big", user="Slow", action="join")
+            (conn,) = chat.ChatSocket.online["slow"]
+            self.assertTrue(conn._writing, "the kernel took it all: this test needs a bigger answer")
+            live = await self.say(a, "meanwhile in big", "big")
+            texts, closes = await self.read_slowly_until(slow, data, live["id"])
+            self.assertEqual(closes, [], "closed while reading its join answer")
+            (joined,) = [f for f in texts if f["type"] == "joined" and f["room"] == "big"]
+            self.assertEqual([m["id"] for m in joined["history"]], history)
         finally:
             slow.close()
 
