@@ -612,7 +612,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def open(self) -> None:
         """Check the name and limits, then send welcome, joined, and mail."""
-        self._out: collections.deque = collections.deque()  # whole wire frames waiting to be written
+        self._out: list[bytes] = []  # whole wire frames waiting to be written (a list: a deque costs 600 bytes more)
         self._owed = 0  # bytes queued or being written; over max_queue means too slow
         self._writing = False
         self._dead = False  # closing: nothing more is written
@@ -1073,12 +1073,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             return data
-        pieces, size = [out.popleft()], 0
-        size = len(pieces[0])
-        while out and size + len(out[0]) <= limit:
-            pieces.append(out.popleft())
-            size += len(pieces[-1])
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        count, size = 1, len(out[0])
+        while count < len(out) and size + len(out[count]) <= limit:
+            size += len(out[count])
+            count += 1
+        data = out[0] if count == 1 else b"".join(out[:count])
+        del out[:count]
+        return data
 
     def _write_rest(self, data: bytes) -> None:
         """What the kernel did not take goes through the stream, which writes
