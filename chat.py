@@ -41,10 +41,10 @@ On connect the server sends, in order:
 With ``since=ID`` (the highest id the client has seen) each ``history``
 holds only messages with a larger id, plus ``"truncated": true`` when more
 were missed than the history keeps. A ``since`` that is not a number is
-ignored, and one sent with another database's ``epoch=`` counts as 0. The
-histories and replayed messages of one connect sequence share
-``--max_queue`` bytes; a room cut short is ``"truncated"`` too, and a
-``join`` of it returns all.
+ignored, and one sent with another database's ``epoch=`` counts as 0.
+Private messages all go; the room histories of one connect sequence share
+what is left of ``--max_queue`` bytes, and a room cut short is
+``"truncated"`` too: a ``join`` of it returns up to ``--max_queue`` bytes.
 The sequence is not in id order, so a client should move its resume point
 only after it has all of it: the answer to its first frame comes after it.
 
@@ -91,9 +91,9 @@ Limits
 ------
 A frame over 64 KiB closes with 1009. A connection that owes more than
 ``--max_queue`` bytes beyond the answers it asked for (its connect sequence,
-a join) has stopped reading: it is closed with 1013 and may resume with
-``since``. Server shutdown closes with
-1001. ``--max_text`` code points per message, ``--rate``/``--burst`` frames
+then joins, up to ``--max_queue`` bytes of them at a time) has stopped
+reading: it is closed with 1013 and may resume with ``since``. Server
+shutdown closes with 1001. ``--max_text`` code points per message, ``--rate``/``--burst`` frames
 per connection, ``--history`` messages per room, ``--mailbox`` buffered
 messages per user, ``--max_tabs`` and ``--max_conns_per_ip`` connections,
 ``--max_rooms`` rooms, ``--max_users`` owned names, ``--names_per_hour``
@@ -613,11 +613,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         """Check the name and limits, then send welcome, joined, and mail."""
         self._out: list[bytes] = []  # whole wire frames waiting to be written (a list: a deque costs 600 bytes more)
-        self._owed = 0  # bytes queued or being written; over max_queue means too slow
+        self._owed = 0  # bytes queued or being written; beyond the bulk ones, over max_queue means too slow
         self._writing = False
         self._dead = False  # closing: nothing more is written
         self._departed = False
-        self._allowance = 0  # bytes of answers it asked for (bulk) not yet written: not counted as owed
+        self._pushed = 0  # bytes ever queued here; with _owed, where each byte stands in line
+        self._bulk: list[list[int]] = []  # [start, end) of answers it asked for, not yet all written
+        self._bulk_cap = float("inf")  # bulk bytes it may be owed at once: unbounded only while greeting
         self._tokens = float(self.conf.burst)
         self._refill = self._heard = time.monotonic()
         self._stream = raw_stream(self)
@@ -671,25 +673,22 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         """The connect sequence: welcome, one joined per room, then direct messages.
 
         It is sent whole, at the reader's pace (bulk: not counted against
-        --max_queue), so room histories and replayed direct messages share a
-        budget of --max_queue bytes, newest first. Kept (buffered) messages
-        are always sent: they are bounded by --mailbox."""
+        --max_queue). Private messages, kept or replayed, all go (--mailbox
+        bounds them); room histories share what is left of a budget of
+        --max_queue bytes, newest first."""
         online = sorted((self.users[u].name for u in self.online), key=key)
         my_rooms = sorted((self.rooms[r].name for r in user.rooms), key=key)
         self.send(welcome_frame(user.name, token, online, my_rooms, self.conf, self.store.epoch), bulk=True)
-        budget = self.conf.max_queue
-        for r in sorted(user.rooms):
-            joined, budget = self._joined(self.rooms[r], since, budget)
-            self.send(joined, bulk=True)
         mail = self.mailboxes.get(self.user, {})
         directs = {}
         if since is not None:
-            for message in reversed(self.store.directs_since(self.user, since, self.conf.mailbox)):
-                if message["id"] not in mail:
-                    budget -= len(encode(message))
-                    if budget < 0:
-                        break
-                directs[message["id"]] = message
+            directs = {m["id"]: m for m in self.store.directs_since(self.user, since, self.conf.mailbox)}
+        # Private messages cannot be asked for again, so they all go; room
+        # histories share what is left of the budget (a join gets the rest).
+        budget = max(0, self.conf.max_queue - sum(len(encode(m)) for m in directs.values()))
+        for r in sorted(user.rooms):
+            joined, budget = self._joined(self.rooms[r], since, budget)
+            self.send(joined, bulk=True)
         for id in sorted(directs.keys() | mail.keys()):
             if id in mail:
                 self.send({**mail[id], "buffered": True}, bulk=True)
@@ -699,6 +698,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 self.send(directs[id], bulk=True)
         if mail and not self._dead:
             self._deliver_mail(self.user)
+        # From now on answers it asks for (joins) may be owed up to this much
+        # beyond --max_queue; a client that asks and never reads is cut off.
+        self._bulk_cap = self.conf.max_queue
 
     def _joined(self, room: Room, since: Optional[int], budget: Optional[int] = None) -> tuple[dict, int]:
         """The joined frame for room, holding only messages after since and,
@@ -706,7 +708,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
         The budget keeps one connect sequence, which is sent whole, from
         growing with every room a user is in: a room cut short says
-        "truncated", and a join of it later gets the whole history."""
+        "truncated", and a join of it later gets up to --max_queue bytes of
+        its history (all of it, unless its messages are very long)."""
         history, truncated = list(room.history), False
         if since is not None:
             history = [m for m in history if m["id"] > since]
@@ -965,10 +968,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # {"type":"join","room":"python"}
         room = self._room(check_room(frame.get("room")))
         if self.user in room.members:
-            self.send(self._joined(room, None)[0], bulk=True)  # already in: a fresh copy for this tab
+            self.send(self._joined(room, None, self.conf.max_queue)[0], bulk=True)  # already in: a fresh copy
         else:
             self._set_member(room, self.user, True)
-            self.send_to(self.online[self.user], self._joined(room, None)[0], bulk=True)
+            self.send_to(self.online[self.user], self._joined(room, None, self.conf.max_queue)[0], bulk=True)
         self._ack(ref)
 
     def do_leave(self, frame: dict, ref: Any) -> None:
@@ -1021,23 +1024,27 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def _push(self, wire: bytes, payload: bytes, bulk: bool = False) -> None:
         if self._dead:
             return
-        if bulk:
-            self._allowance += len(wire)
+        start = self._pushed
+        self._pushed += len(wire)
+        self._owed += len(wire)
+        if bulk and self._bulk_owed() + len(wire) <= self._bulk_cap:
+            if self._bulk and self._bulk[-1][1] == start:
+                self._bulk[-1][1] = self._pushed  # one range for a whole connect sequence
+            else:
+                self._bulk.append([start, self._pushed])
         if self._stream is None:  # fallback: Tornado frames and writes it
             try:
                 future = self.write_message(payload)
             except tornado.websocket.WebSocketClosedError:
                 return
-            self._owed += len(payload)
-            future.add_done_callback(lambda f, n=len(payload): self._written(n))
+            future.add_done_callback(lambda f, n=len(wire): self._written(n))
         else:
             self._out.append(wire)
-            self._owed += len(wire)
             if not self._writing and len(self._out) == 1:
                 if not ChatSocket.dirty:
                     tornado.ioloop.IOLoop.current().add_callback(ChatSocket._flush_all)
                 ChatSocket.dirty.append(self)
-        if self._owed - self._allowance > self.conf.max_queue and (self._writing or self._stream is None):
+        if (self._writing or self._stream is None) and self._owed - self._bulk_owed() > self.conf.max_queue:
             # It stopped reading: the kernel holds all it will and still more
             # is owed. Drop it rather than hold it for ever; it can come back
             # with ?since= and miss nothing.
@@ -1100,7 +1107,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def _paid(self, n: int) -> None:
         """n more bytes reached the kernel (they were owed first in, first out)."""
         self._owed -= n
-        self._allowance = max(0, self._allowance - n)
+        done = self._pushed - self._owed  # bytes written so far
+        while self._bulk and self._bulk[0][1] <= done:
+            self._bulk.pop(0)
+
+    def _bulk_owed(self) -> int:
+        """Bytes of answers it asked for that are not written yet."""
+        done = self._pushed - self._owed
+        return sum(end - max(start, done) for start, end in self._bulk)
 
     def _written(self, n: int) -> None:
         self._paid(n)

@@ -661,19 +661,36 @@ class GreetingBudgetTest(ChatTestCase):
 
     @async_test
     async def test_connect_histories_share_a_budget_and_join_gets_the_rest(self):
-        """At connect, room histories share --max_queue bytes: a room cut short
-        says truncated and keeps its newest messages; a join of it gets all."""
+        """At connect, room histories share --max_queue bytes, room by room: a
+        room cut short says truncated and keeps its newest messages; a join of
+        it gets the rest (up to --max_queue bytes of it)."""
         a, _ = await self.connect("UserA")
-        ids = [(await self.say(a, "%d %s" % (i, "z" * 900)))["id"] for i in range(6)]
+        await self.ack(a, type="join", room="python")
+        general = [(await self.say(a, "%d %s" % (i, "g" * 900)))["id"] for i in range(3)]
+        python = [(await self.say(a, "%d %s" % (i, "p" * 900), "python"))["id"] for i in range(3)]
         again, _ = await self.connect("UserA", self.tokens["UserA"])
-        joined = again.joined["general"]
-        self.assertIs(joined.get("truncated"), True)
-        kept = [m["id"] for m in joined["history"]]
-        self.assertTrue(0 < len(kept) < 6, kept)
-        self.assertEqual(kept, ids[-len(kept):], "the newest messages are the ones kept")
-        full = await self.reply(again, "joined", type="join", room="general")
-        self.assertEqual([m["id"] for m in full["history"]], ids)
+        self.assertEqual([m["id"] for m in again.joined["general"]["history"]], general)
+        self.assertNotIn("truncated", again.joined["general"])
+        cut = again.joined["python"]
+        self.assertIs(cut.get("truncated"), True)
+        kept = [m["id"] for m in cut["history"]]
+        self.assertTrue(len(kept) < 3, kept)
+        self.assertEqual(kept, python[len(python) - len(kept):], "the newest messages are the ones kept")
+        full = await self.reply(again, "joined", type="join", room="python")
+        self.assertEqual([m["id"] for m in full["history"]], python)
         self.assertNotIn("truncated", full)
+
+
+    @async_test
+    async def test_replayed_private_messages_are_never_cut(self):
+        """Private messages cannot be asked for again, so a connect sequence
+        carries every one after since (up to --mailbox), whatever the budget."""
+        a, b = await self.pair()
+        sent = [(await self.say(a, "@UserB %d %s" % (i, "d" * 900)))["id"] for i in range(6)]
+        again, _ = await self.connect("UserB", self.tokens["UserB"], since=0)
+        got = [await self.read(again, "replayed DM %d" % i) for i in range(6)]
+        self.assertEqual([(f["type"], f["id"]) for f in got], [("direct", i) for i in sent])
+        await self.quiet(again)
 
 
 ################ Direct messages
@@ -1797,29 +1814,52 @@ class SlowAnswerTest(ChatTestCase):
 
 
 class SlowJoinTest(SlowAnswerTest):
-    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "history": 120, "rate": 0}
+    app_options = {"max_text": 60000, "max_queue": 2 << 20, "history": 120, "rate": 0}
     test_a_connect_sequence_larger_than_the_kernel_holds = None  # SlowAnswerTest's own
 
-    @gen_test(timeout=60)
-    async def test_a_join_answer_larger_than_the_kernel_holds(self):
-        """One joined frame of 7 MB, asked for with a join: the room's talk
-        meanwhile does not count against --max_queue."""
+    async def big_room_and_a_slow_client(self, messages):
+        """UserA in "big" with `messages` posts of 59 KB; a raw client "Slow"
+        that the server's kernel buffers little for. Returns (a, ids, socket, data)."""
         a, _ = await self.connect("UserA")
         await self.ack(a, type="join", room="big")
-        history = [(await self.say(a, "%d %s" % (i, "h" * 59000), "big"))["id"] for i in range(120)]
+        ids = [(await self.say(a, "%d %s" % (i, "h" * 59000), "big"))["id"] for i in range(messages)]
         slow, data = await raw_client(self.get_http_port(), "Slow", rcvbuf=1 << 16)
+        await self.expect(a, "presence", user="Slow", status="online")
+        return a, ids, slow, data
+
+    async def send_raw(self, sock, text):
+        await asyncio.get_running_loop().sock_sendall(
+            sock, b"\x81" + bytes([0x80 | len(text)]) + b"\x00" * 4 + text)
+
+    @gen_test(timeout=60)
+    async def test_a_join_answer_and_the_talk_after_it_pass_the_cap_together(self):
+        """A 2 MB joined frame (33 posts of 59 KB, just under --max_queue) is
+        asked for: the room's talk that follows it does not count it."""
+        a, history, slow, data = await self.big_room_and_a_slow_client(33)
         try:
-            await self.expect(a, "presence", user="Slow", status="online")
-            join = b'{"type":"join","room":"big"}'
-            await asyncio.get_running_loop().sock_sendall(slow, b"\x81" + bytes([0x80 | len(join)]) + b"\x00" * 4 + join)
+            await self.send_raw(slow, b'{"type":"join","room":"big"}')
             await self.expect(a, "member", room="big", user="Slow", action="join")
             (conn,) = chat.ChatSocket.online["slow"]
             self.assertTrue(conn._writing, "the kernel took it all: this test needs a bigger answer")
-            live = await self.say(a, "meanwhile in big", "big")
+            live = await self.say(a, "%s meanwhile in big" % ("m" * 59000), "big")
             texts, closes = await self.read_slowly_until(slow, data, live["id"])
             self.assertEqual(closes, [], "closed while reading its join answer")
             (joined,) = [f for f in texts if f["type"] == "joined" and f["room"] == "big"]
             self.assertEqual([m["id"] for m in joined["history"]], history)
+        finally:
+            slow.close()
+
+    @gen_test(timeout=60)
+    async def test_asking_again_and_again_without_reading_is_too_slow_1013(self):
+        """Only --max_queue bytes of answers may be owed at once: a client that
+        keeps asking for a big history and reads nothing is closed with 1013."""
+        a, _, slow, data = await self.big_room_and_a_slow_client(33)
+        try:
+            await self.send_raw(slow, b'{"type":"join","room":"big"}')
+            await self.expect(a, "member", room="big", user="Slow", action="join")
+            for _ in range(5):
+                await self.send_raw(slow, b'{"type":"join","room":"big"}')
+            await self.expect(a, "presence", user="Slow", status="offline")
         finally:
             slow.close()
 
