@@ -501,7 +501,7 @@ class Store:
             "rooms": rooms,
             "members": q("SELECT room, user FROM members").fetchall(),
             "history": {
-                k: [json.loads(f) for (f,) in reversed(q(
+                k: [(json.loads(f), len(f.encode())) for (f,) in reversed(q(
                     "SELECT frame FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?", (k, history)
                 ).fetchall())]
                 for k in rooms
@@ -529,14 +529,17 @@ class Store:
                         (id, room, sender, recipient, int(delivered), payload.decode()))
 
     def mark_delivered(self, ids: list) -> None:
+        self.db.execute("BEGIN")  # one commit for a whole mailbox, not one per message
         self.db.executemany("UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
+        self.db.execute("COMMIT")
 
     def directs_since(self, user: str, since: int, limit: int) -> list:
-        """The newest `limit` direct messages to or from user with id > since, oldest first."""
+        """The newest `limit` direct messages to or from user with id > since,
+        oldest first, as (frame, its size as JSON bytes)."""
         rows = self.db.execute(
             "SELECT frame FROM messages WHERE room IS NULL AND (sender = ? OR recipient = ?) AND id > ?"
             " ORDER BY id DESC LIMIT ?", (user, user, since, limit)).fetchall()
-        return [json.loads(f) for (f,) in reversed(rows)]
+        return [(json.loads(f), len(f.encode())) for (f,) in reversed(rows)]
 
     def count_since(self, room: str, since: int) -> int:
         return self.db.execute("SELECT count(*) FROM messages WHERE room = ? AND id > ?", (room, since)).fetchone()[0]
@@ -584,7 +587,9 @@ class Room:
     def __init__(self, name: str, history: int) -> None:
         self.name = name
         self.members: set[str] = set()  # user keys; changed only by ChatSocket._set_member
-        self.history: collections.deque = collections.deque(maxlen=history)  # message frames, oldest first
+        # (message frame, its size as JSON bytes), oldest first; the size is
+        # known when it is sent, and connect sequences budget by it
+        self.history: collections.deque = collections.deque(maxlen=history)
 
 
 ################ The socket
@@ -680,12 +685,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         my_rooms = sorted((self.rooms[r].name for r in user.rooms), key=key)
         self.send(welcome_frame(user.name, token, online, my_rooms, self.conf, self.store.epoch), bulk=True)
         mail = self.mailboxes.get(self.user, {})
-        directs = {}
-        if since is not None:
-            directs = {m["id"]: m for m in self.store.directs_since(self.user, since, self.conf.mailbox)}
+        replayed = self.store.directs_since(self.user, since, self.conf.mailbox) if since is not None else []
+        directs = {m["id"]: m for m, _ in replayed}
         # Private messages cannot be asked for again, so they all go; room
         # histories share what is left of the budget (a join gets the rest).
-        budget = max(0, self.conf.max_queue - sum(len(encode(m)) for m in directs.values()))
+        budget = max(0, self.conf.max_queue - sum(size for _, size in replayed))
         for r in sorted(user.rooms):
             joined, budget = self._joined(self.rooms[r], since, budget)
             self.send(joined, bulk=True)
@@ -702,9 +706,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # beyond --max_queue; a client that asks and never reads is cut off.
         self._bulk_cap = self.conf.max_queue
 
-    def _joined(self, room: Room, since: Optional[int], budget: Optional[int] = None) -> tuple[dict, int]:
-        """The joined frame for room, holding only messages after since and,
-        with a budget, only the newest that fit in it; and what is left of it.
+    def _joined(self, room: Room, since: Optional[int], budget: int) -> tuple[dict, int]:
+        """The joined frame for room, holding only messages after since and
+        only the newest that fit in budget bytes; and what is left of it.
 
         The budget keeps one connect sequence, which is sent whole, from
         growing with every room a user is in: a room cut short says
@@ -712,21 +716,19 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         its history (all of it, unless its messages are very long)."""
         history, truncated = list(room.history), False
         if since is not None:
-            history = [m for m in history if m["id"] > since]
+            history = [(m, size) for m, size in history if m["id"] > since]
             if len(history) == room.history.maxlen and len(history) > 0:
                 truncated = self.store.count_since(key(room.name), since) > len(history)
-        if budget is not None:
-            fits = 0
-            for message in reversed(history):
-                cost = len(encode(message))
-                if cost > budget:
-                    break
-                budget -= cost
-                fits += 1
-            truncated = truncated or fits < len(history)
-            history = history[len(history) - fits:]
+        fits = 0
+        for _, size in reversed(history):
+            if size > budget:
+                break
+            budget -= size
+            fits += 1
+        truncated = truncated or fits < len(history)
+        kept = [m for m, _ in history[len(history) - fits:]]
         members = sorted((self.users[u].name for u in room.members), key=key)
-        return joined_frame(room.name, members, history, truncated), budget or 0
+        return joined_frame(room.name, members, kept, truncated), budget
 
     def on_close(self) -> None:
         self._dead = True
@@ -859,7 +861,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         message = message_frame(self._next_id(), room.name, self.users[self.user].name, text, ts, local)
         payload = encode(message)
         self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)
-        room.history.append(message)
+        room.history.append((message, len(payload)))
         self.send_to([c for u in room.members for c in self.online.get(u, ())], message, payload)
         return message
 
