@@ -61,7 +61,8 @@ class ChatTestCase(AsyncHTTPTestCase):
     app_options: dict = {}  # per-class make_app overrides (max_text=10, ...)
 
     def get_app(self):
-        settings_ = dict(db=":memory:", rate=0, names_per_hour=0)  # limits get their own tests
+        # Limits get their own tests; presence is told at once.
+        settings_ = dict(db=":memory:", rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0)
         settings_.update(self.app_options)
         return chat.make_app(**settings_)
 
@@ -682,15 +683,51 @@ class GreetingBudgetTest(ChatTestCase):
 
 
     @async_test
-    async def test_replayed_private_messages_are_never_cut(self):
-        """Private messages cannot be asked for again, so a connect sequence
-        carries every one after since (up to --mailbox), whatever the budget."""
+    async def test_replayed_private_messages_are_bounded_and_the_rest_asked_for(self):
+        """A connect sequence carries the newest private messages that fit in
+        half of --max_queue, oldest first; welcome says directs_truncated, and
+        history with "directs" pages back through the rest, with no gap and
+        no repeat (issue 8: a reader that stalls cannot be owed them all)."""
         a, b = await self.pair()
         sent = [(await self.say(a, "@UserB %d %s" % (i, "d" * 900)))["id"] for i in range(6)]
-        again, _ = await self.connect("UserB", self.tokens["UserB"], since=0)
-        got = [await self.read(again, "replayed DM %d" % i) for i in range(6)]
-        self.assertEqual([(f["type"], f["id"]) for f in got], [("direct", i) for i in sent])
+        again, welcome = await self.connect("UserB", self.tokens["UserB"], since=0)
+        self.assertIs(welcome.get("directs_truncated"), True)
+        got = (await self.sync(again))
+        self.assertTrue(all(f["type"] == "direct" for f in got), got)
+        ids = [f["id"] for f in got]
+        self.assertTrue(0 < len(ids) < 6, ids)
+        self.assertEqual(ids, sent[len(sent) - len(ids):], "the newest, oldest first")
+        seen = list(ids)
+        while True:
+            page = await self.reply(again, "history", type="history", directs=True, before=seen[0], limit=2)
+            self.assertEqual(page["directs"], True)
+            seen = [m["id"] for m in page["messages"]] + seen
+            if not page["more"]:
+                break
+        self.assertEqual(seen, sent)
         await self.quiet(again)
+
+    @async_test
+    async def test_connect_sequence_of_a_stalled_reader_is_bounded(self):
+        """However much waits for a user, one connect sequence is at most
+        about --max_queue bytes on the wire."""
+        a, b = await self.pair()
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        for i in range(20):
+            await self.ack(a, type="message", text="@UserB %d %s" % (i, "m" * 990))
+        sock, data = await raw_client(self.get_http_port(), "UserB",
+                                      query="&token=%s&since=0" % self.tokens["UserB"])
+        loop = asyncio.get_running_loop()
+        frames, rest = frames_in(data)
+        while not any(json.loads(p).get("type") == "direct" and json.loads(p).get("text", "").startswith("19 ")
+                      for _, p in frames):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+            self.assertTrue(chunk, "the connection closed")
+            data += chunk
+            frames, rest = frames_in(data)
+        sock.close()
+        self.assertLessEqual(sum(len(p) for _, p in frames), 4000 + 200)
 
 
 ################ Direct messages
@@ -1732,9 +1769,10 @@ class BigGreetingTest(ChatTestCase):
     app_options = {"max_text": 30000, "max_queue": 64 * 1024, "rate": 0}
 
     @async_test
-    async def test_a_connect_sequence_larger_than_max_queue_arrives_whole(self):
-        """--max_queue is for readers that stopped, not for the connect
-        sequence: 150 KB of kept DMs all arrive, each once, with receipts."""
+    async def test_kept_messages_larger_than_max_queue_all_arrive_once_with_receipts(self):
+        """150 KB of kept DMs: the connect sequence carries the newest that fit
+        in half of --max_queue, history with "directs" the rest; each arrives
+        once, and every sender gets its receipt."""
         a, _ = await self.connect("UserA")
         b, _ = await self.connect("UserB")
         b.close()
@@ -1744,19 +1782,32 @@ class BigGreetingTest(ChatTestCase):
             ack, _ = await self.ack(a, type="message", text="@UserB %d %s" % (i, "y" * 29000))
             self.assertIs(ack.get("queued"), True)
             sent.append(ack["id"])
-        b, _ = await self.connect("UserB", self.tokens["UserB"])
-        kept = [await self.read(b, "kept DM %d" % i) for i in range(5)]
-        self.assertEqual([(f["type"], f["id"], f.get("buffered")) for f in kept], [("direct", i, True) for i in sent])
-        for id in sent:
-            await self.expect(a, "delivered", id=id, to="UserB")
+        b, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertIs(welcome.get("directs_truncated"), True)
+        kept = await self.sync(b)
+        self.assertEqual([(f["type"], f["id"], f.get("buffered")) for f in kept], [("direct", sent[-1], True)])
+        got = [f["id"] for f in kept]
+        while True:
+            page = await self.reply(b, "history", type="history", directs=True, before=got[0])
+            self.assertTrue(all(m.get("buffered") for m in page["messages"]), "they were still waiting")
+            got = [m["id"] for m in page["messages"]] + got
+            if not page["more"]:
+                break
+        self.assertEqual(got, sent)
+        receipts = [await self.expect(a, "delivered", to="UserB") for _ in sent]
+        self.assertEqual(sorted(r["id"] for r in receipts), sent)
+        await self.quiet(a, "UserA")
         await self.quiet(b, "UserB")
+        again, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertNotIn("directs_truncated", welcome)
+        await self.quiet(again, "UserB, once all were delivered")
 
 
 class SlowAnswerTest(ChatTestCase):
     """Answers a client asked for (its connect sequence, a join) go at its
     pace: a slow but steady reader is neither cut off by --max_queue while
     the room talks, nor dropped because its pong waits behind them."""
-    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "mailbox": 120, "history": 120,
+    app_options = {"max_text": 60000, "max_queue": 4 << 20, "mailbox": 120, "history": 120,
                    "rate": 0, "ping_interval": 1.0, "ping_timeout": 1.0}
 
     def setUp(self):
@@ -1806,7 +1857,10 @@ class SlowAnswerTest(ChatTestCase):
             live = await self.say(a, "meanwhile in general")
             texts, closes = await self.read_slowly_until(slow, data, live["id"])
             self.assertEqual(closes, [], "closed while reading its connect sequence")
-            self.assertEqual([f["id"] for f in texts if f["type"] == "direct"], sent)
+            self.assertIs(texts[0].get("directs_truncated"), True, "half of 4 MiB holds about 35 of them")
+            kept = [f["id"] for f in texts if f["type"] == "direct"]
+            self.assertGreater(len(kept), 30)
+            self.assertEqual(kept, sent[len(sent) - len(kept):], "the newest ones, oldest first")
             self.assertEqual([f["id"] for f in texts if f["type"] == "message"], [live["id"]])
         finally:
             slow.close()
