@@ -5,7 +5,7 @@ This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a fre
 127.0.0.1 port with a temporary database and every limit off (``--rate 0
 --max_tabs 0 --max_conns_per_ip 0 --names_per_hour 0``), drives it with clients in this process, and
 prints ONE JSON line first on stdout, then a short human table with the targets of
-issue 5 beside the figures.
+issues 5 and 8 beside the figures.
 
 Usage::
 
@@ -962,7 +962,11 @@ async def reconnect_loop(port: int, name: str, token: str, stop: asyncio.Event,
     (connects, seconds).  A refused connect (say rate_limited) raises."""
     done, started = 0, time.monotonic()
     while not stop.is_set() and done < limit:
-        client = await open_raw(port, name, Tally(), token=token, since=1)
+        try:
+            client = await open_raw(port, name, Tally(), token=token, since=1)
+        except BenchError as e:
+            raise BenchError(f"reconnect {done + 1} failed ({e}); a connect rate limit whose option "
+                             f"CONNECT_LIMIT_RE does not match?") from None
         drop([client])
         done += 1
     return done, time.monotonic() - started
