@@ -150,6 +150,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -214,6 +215,9 @@ define("max_users", default=10000, help="owned names on the server (0: no cap)")
 define("names_per_hour", default=30.0, help="new names one address may claim per hour, after 10 at once (0: no cap)")
 define("max_queue", default=1 << 20, help="bytes one connection may be owed before it is closed (1013)")
 define("offline_grace", default=1.0, help="seconds a user may be gone before others see them offline")
+define("presence_window", default=0.25, help="seconds presence and membership changes are gathered into one frame (0: each loop turn)")
+define("roster", default=1000, help="names of users online, or of a room's members, sent at once")
+define("metrics_from", type=str, multiple=True, default=[], help="addresses besides loopback that may read /metrics")
 define("ping_interval", default=20.0, help="seconds between pings")
 define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most ping_interval)")
 
@@ -261,6 +265,9 @@ class Config:
     names_per_hour: float
     max_queue: int
     offline_grace: float
+    presence_window: float
+    roster: int
+    metrics_from: list
     ping_interval: float
     ping_timeout: float
 
@@ -452,6 +459,80 @@ class Budgets:
                 del buckets[who]
 
 
+class Metrics:
+    """What GET /metrics reports, in Prometheus text format: counters kept
+    as the server works (cheap: one dict update per frame sent, not per
+    receiver), gauges read from the Hub when asked."""
+
+    WRITE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5)  # seconds
+
+    counts: ClassVar[collections.Counter] = collections.Counter()  # (family, label) -> count
+    writes: ClassVar[list[int]] = [0] * (len(WRITE_BUCKETS) + 1)  # database writes per bucket, then +Inf
+    write_seconds: ClassVar[float] = 0.0
+    lag: ClassVar[float] = 0.0  # the event loop's latest delay running a callback, in seconds
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.counts = collections.Counter()
+        cls.writes = [0] * (len(cls.WRITE_BUCKETS) + 1)
+        cls.write_seconds = cls.lag = 0.0
+
+    @classmethod
+    def count(cls, family: str, label: str, n: int = 1) -> None:
+        cls.counts[family, label] += n
+
+    @classmethod
+    def sent(cls, kind: str, receivers: int) -> None:
+        cls.counts["frames_out", kind] += receivers
+
+    @classmethod
+    def wrote(cls, seconds: float) -> None:
+        cls.writes[bisect.bisect_left(cls.WRITE_BUCKETS, seconds)] += 1
+        cls.write_seconds += seconds
+
+    @classmethod
+    def render(cls) -> str:
+        out = []
+
+        def family(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP chat_{name} {text}\n# TYPE chat_{name} {kind}")
+
+        for name, label, text in (("frames_in", "type", "client frames handled, by type"),
+                                  ("frames_out", "type", "frames sent, one per receiver, by type"),
+                                  ("refused", "code", "connections refused at connect, by error code"),
+                                  ("errors", "code", "error frames answered, by code"),
+                                  ("closes", "code", "connections closed by the server for being slow (1013)")):
+            family(f"{name}_total", "counter", text)
+            for (fam, value), n in sorted(cls.counts.items()):
+                if fam == name:
+                    out.append(f'chat_{name}_total{{{label}="{value}"}} {n}')
+        family("deliveries_total", "counter", "frames sent, counting each receiver")
+        out.append(f"chat_deliveries_total {sum(n for (fam, _), n in cls.counts.items() if fam == 'frames_out')}")
+        for name, value, text in (("connections", sum(len(t) for t in Hub.online.values()), "open WebSocket connections"),
+                                  ("users_online", len(Hub.online), "users with a connection"),
+                                  ("rooms", len(Hub.rooms), "rooms"),
+                                  ("event_loop_lag_seconds", cls.lag, "the event loop's delay in running a callback")):
+            family(name, "gauge", text)
+            out.append(f"chat_{name} {value}")
+        family("db_write_seconds", "histogram", "time of one database write")
+        total = 0
+        for bound, n in zip((*cls.WRITE_BUCKETS, "+Inf"), cls.writes):
+            total += n
+            out.append(f'chat_db_write_seconds_bucket{{le="{bound}"}} {total}')
+        out.append(f"chat_db_write_seconds_sum {cls.write_seconds:.6f}\nchat_db_write_seconds_count {total}")
+        return "\n".join(out) + "\n"
+
+    @classmethod
+    def measure_lag(cls) -> None:
+        """Every second: how late does a callback run?"""
+        asked = time.monotonic()
+
+        def ran() -> None:
+            cls.lag = time.monotonic() - asked
+
+        tornado.ioloop.IOLoop.current().add_callback(ran)
+
+
 ################ Outgoing frames: each shape is built here and nowhere else
 
 
@@ -463,21 +544,22 @@ def stamp(timestamp_format: str) -> tuple[str, str]:
     return f"{utc}.{millis:03d}Z", time.strftime(timestamp_format, time.localtime(seconds))
 
 
-def welcome_frame(user: str, token: str, online: list, rooms: list, conf: Config, epoch: str,
-                  directs_truncated: bool) -> dict:
-    frame = {"type": "welcome", "user": user, "token": token, "online": online, "rooms": rooms,
+def welcome_payload(user: str, token: str, roster: bytes, online_count: int, rooms: list, conf: Config,
+                    epoch: str, directs_truncated: bool) -> bytes:
+    """The welcome frame; `roster` is the online list, encoded once for every welcome."""
+    frame = {"type": "welcome", "user": user, "token": token, "rooms": rooms,
              "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch}
     if directs_truncated:
         frame["directs_truncated"] = True
-    return frame
+    return b"%s,\"online\":%s,\"online_count\":%d}" % (encode(frame)[:-1], roster, online_count)
 
 
-def joined_payload(room: str, members: bytes, history: list[bytes], truncated: bool) -> bytes:
+def joined_payload(room: str, members: bytes, member_count: int, history: list[bytes], truncated: bool) -> bytes:
     """A joined frame, put together from parts that are encoded once each:
     the room's member list, and each message as it was first sent."""
     tail = b'],"truncated":true}' if truncated else b"]}"
     return b"".join((b'{"type":"joined","room":', encode(room), b',"members":', members,
-                     b',"history":[', b",".join(history), tail))
+                     b',"member_count":%d,"history":[' % member_count, b",".join(history), tail))
 
 
 def history_payload(head: dict, messages: list[bytes], more: bool) -> bytes:
@@ -504,12 +586,20 @@ def delivered_frame(id: int, to: str) -> dict:
     return {"type": "delivered", "id": id, "to": to}
 
 
-def presence_frame(user: str, status: str) -> dict:
-    return {"type": "presence", "user": user, "status": status}
+def presence_frame(online: list, offline: list) -> dict:
+    return {"type": "presence", "online": online, "offline": offline}
 
 
-def member_frame(room: str, user: str, action: str) -> dict:
-    return {"type": "member", "room": room, "user": user, "action": action}
+def member_frame(room: str, joined: list, left: list) -> dict:
+    return {"type": "member", "room": room, "joined": joined, "left": left}
+
+
+def members_frame(room: Optional[str], names: list, more: bool) -> dict:
+    frame: dict = {"type": "members"}
+    if room is not None:
+        frame["room"] = room
+    frame.update(members=names, more=more)
+    return frame
 
 
 def left_frame(room: str) -> dict:
@@ -749,6 +839,7 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All the writes inside commit together, or none of them do."""
+        started = time.perf_counter()
         self.db.execute("BEGIN IMMEDIATE")  # takes the write lock now: fails fast, never half-way
         try:
             yield
@@ -757,6 +848,20 @@ class Store:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+        finally:
+            Metrics.wrote(time.perf_counter() - started)
+
+    def write(self, sql: str, args: tuple) -> None:
+        """One statement that changes something, committed by itself (or
+        with the rest of the transaction it is in)."""
+        if self.db.in_transaction:
+            self.db.execute(sql, args)
+            return
+        started = time.perf_counter()
+        try:
+            self.db.execute(sql, args)
+        finally:
+            Metrics.wrote(time.perf_counter() - started)
 
     def _checkpoints(self) -> None:
         """In its own thread and connection: fold the WAL into the database
@@ -784,10 +889,10 @@ class Store:
     # ---- writes
 
     def add_user(self, user: str, name: str, token_hash: str) -> None:
-        self.db.execute("INSERT INTO users VALUES (?, ?, ?)", (user, name, token_hash))
+        self.write("INSERT INTO users VALUES (?, ?, ?)", (user, name, token_hash))
 
     def add_room(self, room: str, name: str) -> None:
-        self.db.execute("INSERT INTO rooms VALUES (?, ?)", (room, name))
+        self.write("INSERT INTO rooms VALUES (?, ?)", (room, name))
 
     def drop_room(self, room: str) -> None:
         """Forget a room and its messages (it has no members)."""
@@ -798,15 +903,14 @@ class Store:
 
     def set_member(self, room: str, user: str, member: bool) -> None:
         if member:
-            self.db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (room, user))
+            self.write("INSERT OR IGNORE INTO members VALUES (?, ?)", (room, user))
         else:
-            self.db.execute("DELETE FROM members WHERE room = ? AND user = ?", (room, user))
+            self.write("DELETE FROM members WHERE room = ? AND user = ?", (room, user))
 
     def add_message(self, id: int, room: Optional[str], sender: str, recipient: Optional[str],
                     delivered: bool, payload: bytes, cid: Optional[str]) -> None:
-        self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (id, room, sender, recipient, int(delivered), payload.decode(), cid))
+        self.write("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?)", (id, room, sender, recipient, int(delivered), payload.decode(), cid))
 
     def mark_delivered(self, ids: list) -> None:
         with self.transaction():  # one commit for a whole mailbox, not one per message
@@ -935,7 +1039,7 @@ class User:
     def __init__(self, name: str, token_hash: str) -> None:
         self.name = name  # as first written
         self.token_hash = token_hash
-        self.rooms: set[str] = set()  # room keys; changed only by ChatSocket._apply_member
+        self.rooms: set[str] = set()  # room keys; changed only by Hub.apply_member
 
     def owns(self, token: Optional[str]) -> bool:
         return token is not None and hmac.compare_digest(token_hash(token), self.token_hash)
@@ -944,40 +1048,531 @@ class User:
 class Room:
     """A room: who belongs to it. Its recent messages are in History."""
 
-    __slots__ = ("name", "members", "members_json", "empty_since")
+    __slots__ = ("name", "members", "names", "roster", "empty_since")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: set[str] = set()  # user keys; changed only by ChatSocket._apply_member
-        self.members_json: Optional[bytes] = None  # the member list as sent in joined, encoded once
+        self.members: set[str] = set()  # user keys; changed only by Hub.apply_member
+        # The member list as clients see it, refreshed by Hub.flush with the
+        # member frames that tell the change: every name sorted, and the
+        # first --roster of them encoded once for every joined frame.
+        self.names: list[str] = []
+        self.roster = b"[]"
         self.empty_since: Optional[float] = time.monotonic()  # when the last member left; None while it has members
 
 
-################ The socket
+def sorted_names(names: Iterable[str]) -> list[str]:
+    """Names in the order clients are sent them: case-insensitively."""
+    return sorted(names, key=key)
 
 
-class ChatSocket(tornado.websocket.WebSocketHandler):
-    """One connection of one user. The class holds the server's live state."""
+def page_after(names: list[str], after: Any, size: int) -> tuple[list[str], bool]:
+    """The names of a sorted list that come after `after` (None: from the
+    start), at most size of them, and whether more follow."""
+    start = 0 if after is None else bisect.bisect_right(names, key(check_name(after, "bad_request")), key=key)
+    return names[start:start + size], start + size < len(names)
+
+
+def roster_with(names: list[str], roster: bytes, me: str, size: int) -> bytes:
+    """The encoded roster (the first `size` of the sorted `names`), with
+    `me` in its place if it is missing: a list refreshed before me arrived
+    or joined. Costs a copy of at most `size` names, only when needed."""
+    at = bisect.bisect_left(names, key(me), key=key)
+    if at >= size or (at < len(names) and names[at] == me):
+        return roster
+    return encode((names[:at] + [me] + names[at:])[:size])
+
+
+################ Outbox: one connection's write queue
+
+
+class Outbox:
+    """What one connection is owed, and how it gets written.
+
+    Frames are queued whole, already framed (a frame many receive is
+    encoded and framed once, and its bytes shared), and written once per
+    loop turn by flush_all: a burst of messages costs one system call per
+    connection, not one per message. Writing goes straight to the kernel
+    while it takes it (send_now); what it does not take goes through the
+    stream, one write in flight at a time, and what piles up meanwhile
+    waits here, counted.
+
+    The backpressure policy reads as one line where it is used:
+    ``if not outbox.push(wire, payload, bulk): close(1013)``. push() refuses
+    when the connection owes more than --max_queue bytes while a write is
+    in flight (the kernel holds all it will, and the reader is not taking
+    more), not counting the answers it asked for ("bulk": its connect
+    sequence, joins and histories, each bounded by --max_queue; after the
+    connect sequence only --max_queue bytes of them count as asked for at a
+    time, so a client that asks and never reads is cut off too).
+    """
+
+    dirty: ClassVar[list[Outbox]] = []  # outboxes with frames to write this loop turn
+
+    __slots__ = ("handler", "stream", "limit", "out", "owed", "pushed", "writing", "closed", "bulk",
+                 "bulk_cap", "written_at")
+
+    def __init__(self, handler: tornado.websocket.WebSocketHandler, limit: int) -> None:
+        self.handler = handler  # for the fallback, Tornado's write_message()
+        self.stream = raw_stream(handler)  # None: the fallback
+        self.limit = limit  # --max_queue
+        self.out: list[bytes] = []  # whole wire frames waiting (a list: a deque costs 600 bytes more)
+        self.owed = 0  # bytes queued or being written
+        self.pushed = 0  # bytes ever queued; with owed, where each byte stands in line
+        self.writing = False  # a stream write is in flight
+        self.closed = False  # nothing more is written
+        self.bulk: list[list[int]] = []  # [start, end) of answers it asked for, not yet all written
+        self.bulk_cap = float("inf")  # bulk bytes it may be owed at once: the connect sequence bounds itself
+        self.written_at = 0.0  # when a write the kernel held back was taken: the reader is alive
+
+    def push(self, wire: bytes, payload: bytes, bulk: bool = False) -> bool:
+        """Queue one frame; False when the reader has stopped reading."""
+        if self.closed:
+            return True
+        start = self.pushed
+        self.pushed += len(wire)
+        self.owed += len(wire)
+        if bulk and self._bulk_owed() + len(wire) <= self.bulk_cap:
+            if self.bulk and self.bulk[-1][1] == start:
+                self.bulk[-1][1] = self.pushed  # one range for a whole connect sequence
+            else:
+                self.bulk.append([start, self.pushed])
+        if self.stream is None:  # fallback: Tornado frames and writes it
+            try:
+                future = self.handler.write_message(payload)
+            except tornado.websocket.WebSocketClosedError:
+                return True
+            future.add_done_callback(lambda f, n=len(wire): self._written(n))
+        else:
+            self.out.append(wire)
+            if not self.writing and len(self.out) == 1:
+                if not Outbox.dirty:
+                    tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)
+                Outbox.dirty.append(self)
+        return not ((self.writing or self.stream is None) and self.owed - self._bulk_owed() > self.limit)
+
+    @classmethod
+    def flush_all(cls) -> None:
+        """Each outbox owed frames gets them in one write."""
+        dirty, cls.dirty = cls.dirty, []
+        for outbox in dirty:
+            outbox.flush()
+
+    def flush(self) -> None:
+        """Write what is queued: straight to the kernel while it takes it, at
+        most WRITE_CHUNK bytes at a time, the rest through the stream."""
+        while not self.writing and not self.closed and self.out:
+            data = self._take(WRITE_CHUNK)
+            sent = send_now(self.stream, data)
+            self._paid(sent)
+            if sent < len(data):
+                self._write_rest(data[sent:])
+
+    def _take(self, limit: int) -> bytes:
+        """Whole frames from the front of out, joined: all of them when they
+        fit in limit (the usual case), else as many as fit, at least one.
+        Never part of a frame: Tornado writes its own control frames (a pong,
+        a close) to the same stream, and they must fall between ours."""
+        out = self.out
+        if self.owed <= limit:  # not writing, so everything owed is in out
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            return data
+        count, size = 1, len(out[0])
+        while count < len(out) and size + len(out[count]) <= limit:
+            size += len(out[count])
+            count += 1
+        data = out[0] if count == 1 else b"".join(out[:count])
+        del out[:count]
+        return data
+
+    def _write_rest(self, data: bytes) -> None:
+        """What the kernel did not take goes through the stream, which writes
+        it when the socket has room; _written then carries on."""
+        try:
+            future = self.stream.write(data)
+        except tornado.iostream.StreamClosedError:
+            self.closed = True
+            return
+        if not self.stream.writing():
+            self._paid(len(data))
+            return
+        self.writing = True
+        future.add_done_callback(lambda f, n=len(data): self._written(n))
+
+    def _paid(self, n: int) -> None:
+        """n more bytes reached the kernel (they were owed first in, first out)."""
+        self.owed -= n
+        done = self.pushed - self.owed  # bytes written so far
+        while self.bulk and self.bulk[0][1] <= done:
+            self.bulk.pop(0)
+
+    def _bulk_owed(self) -> int:
+        """Bytes of answers it asked for that are not written yet."""
+        if not self.bulk:
+            return 0
+        done = self.pushed - self.owed
+        return sum(end - max(start, done) for start, end in self.bulk)
+
+    def _written(self, n: int) -> None:
+        self._paid(n)
+        self.writing = False
+        # A write that had to wait is done: the peer is reading, so it is
+        # alive even if its pong is still queued behind a big answer.
+        self.written_at = time.monotonic()
+        if self.out:
+            self.flush()
+
+    def close(self, drain: bool) -> None:
+        """Write nothing more; with drain, first hand what is queued (an error
+        frame saying why) to the stream, to go before the close frame."""
+        if drain and self.out and not self.closed and self.stream is not None:
+            with contextlib.suppress(tornado.iostream.StreamClosedError):
+                self.stream.write(b"".join(self.out))
+        self.out.clear()
+        self.closed = True
+
+
+def send_to(connections: Iterable[ChatSocket], frame: Optional[dict], payload: Optional[bytes] = None,
+            bulk: bool = False) -> None:
+    """One frame (or its payload, already encoded) to many connections:
+    encoded and framed once, the same bytes pushed into each one's Outbox.
+    A bulk frame answers the connection's own request (see Outbox)."""
+    payload = payload or encode(frame)
+    wire = ws_frame(payload)
+    count = 0
+    # A snapshot: a connection closed on the way (1013) leaves the live sets.
+    for connection in tuple(connections):
+        count += 1
+        if not connection.outbox.push(wire, payload, bulk):
+            connection.too_slow()
+    Metrics.sent(frame["type"] if frame else payload_type(payload), count)
+
+
+def payload_type(payload: bytes) -> str:
+    """The type of a frame built as bytes: every builder puts it first."""
+    return payload[9:payload.index(b'"', 9)].decode() if payload.startswith(b'{"type":"') else "?"
+
+
+################ Hub: the shared state, and the one place it changes
+
+
+class Hub:
+    """The server's live state, in class-level dicts, and the methods that
+    change it: each dict names the few that do. Connections (ChatSocket)
+    check a client's rights and call these; the Store is written first, then
+    the dicts, then the frames go out through send_to.
+
+    Presence and membership changes are gathered for --presence_window
+    seconds and go out as one frame each, encoded once for every receiver
+    (``presence`` to everyone, ``member`` per room): a reconnect storm of N
+    users costs N frames per receiver window, not N² in all. A change and
+    its undoing within the window cancel out. The online list and each
+    room's member list that welcome and joined carry are refreshed at the
+    same moment, so a client that got one and then every batch after it
+    has the whole picture.
+    """
 
     conf: ClassVar[Config]
     store: ClassVar[Store]
     history: ClassVar[History]  # each room's recent messages, encoded
     budgets: ClassVar[Budgets]  # names per address, rooms per user, connects; changed by Budgets.take, sweep
-    users: ClassVar[dict[str, User]] = {}  # user key -> owned name; changed by _claim
-    lookalikes: ClassVar[dict[str, str]] = {}  # skeleton(name) -> user key; changed by _claim
-    rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by _room, _claim, _apply_member, _sweep
-    online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections; changed by _arrive, _depart
-    leaving: ClassVar[dict[str, object]] = {}  # user key -> timer that tells others it left; changed by _arrive, _depart, _gone
-    mailboxes: ClassVar[dict[str, int]] = {}  # user key -> private messages waiting in the Store; changed by _direct, _deliver
-    per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by _arrive, _depart
+    users: ClassVar[dict[str, User]] = {}  # user key -> owned name; changed by claim
+    lookalikes: ClassVar[dict[str, str]] = {}  # skeleton(name) -> user key; changed by claim
+    rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by room, claim, sweep
+    online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections; changed by arrive, depart
+    leaving: ClassVar[dict[str, object]] = {}  # user key -> timer that tells others it left; changed by arrive, depart, gone
+    mailboxes: ClassVar[dict[str, int]] = {}  # user key -> private messages waiting in the Store; changed by direct, deliver
+    per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by arrive, depart
+    last_id: ClassVar[int] = 0  # the highest message id given out; changed by next_id
+    # Changes not yet told, and what welcome says: changed by announce, flush
+    presence: ClassVar[dict[str, str]] = {}  # user key -> "online" or "offline"
+    membership: ClassVar[dict[str, dict[str, str]]] = {}  # room key -> user key -> "join" or "leave"
+    flushing: ClassVar[Optional[object]] = None  # the timer of the next flush
+    names: ClassVar[list[str]] = []  # everyone online, sorted as clients see them
+    roster: ClassVar[bytes] = b"[]"  # the first --roster of names, encoded once for every welcome
+    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # ChatSocket.ping_all and sweep
+
+    @classmethod
+    def load(cls, conf: Config, store: Store) -> None:
+        """Start from what the Store holds (make_app: at start, and per test)."""
+        state = store.load()
+        cls.conf, cls.store = conf, store
+        cls.history = History(store, conf.history)
+        cls.budgets = Budgets(conf)
+        cls.users = {k: User(name, h) for k, name, h in state["users"]}
+        cls.lookalikes = {}
+        for k, user in cls.users.items():
+            cls.lookalikes.setdefault(skeleton(user.name), k)
+        cls.rooms = {k: Room(name) for k, name in state["rooms"].items()}
+        for room, user in state["members"]:
+            if room in cls.rooms and user in cls.users:
+                cls.rooms[room].members.add(user)
+                cls.rooms[room].empty_since = None
+                cls.users[user].rooms.add(room)
+        for room in cls.rooms.values():
+            cls._refresh_room(room)
+        cls.mailboxes = state["mail"]
+        loop = tornado.ioloop.IOLoop.current()
+        for handle in [*cls.leaving.values(), cls.flushing]:
+            if handle not in (None, True):
+                loop.remove_timeout(handle)
+        cls.online, cls.leaving, cls.per_ip, cls.presence, cls.membership = {}, {}, {}, {}, {}
+        cls.flushing, cls.names, cls.roster = None, [], b"[]"
+        for timer in cls.timers:
+            timer.stop()
+        cls.timers = []
+        cls.last_id = state["last_id"]
+
+    # ---- names and connections
+
+    @classmethod
+    def claim(cls, name: str, token: str) -> User:
+        """A free name becomes this person's; they start in the default room.
+        The name, the room (if new) and the membership commit together."""
+        user_key, room_key, hashed = key(name), key(cls.conf.default_room), token_hash(token)
+        with cls.store.transaction():
+            cls.store.add_user(user_key, name, hashed)
+            if room_key not in cls.rooms:
+                cls.store.add_room(room_key, cls.conf.default_room)
+            cls.store.set_member(room_key, user_key, True)
+        user = cls.users[user_key] = User(name, hashed)
+        cls.lookalikes.setdefault(skeleton(name), user_key)
+        room = cls.rooms.get(room_key) or cls.rooms.setdefault(room_key, Room(cls.conf.default_room))
+        cls.apply_member(room, user_key, True)
+        return user
+
+    @classmethod
+    def arrive(cls, connection: ChatSocket, user: str, ip: str) -> None:
+        """An accepted connection of user joins the live state."""
+        if not cls.timers:
+            cls.timers = [tornado.ioloop.PeriodicCallback(cls.sweep, 1000 * SWEEP_EVERY),
+                          tornado.ioloop.PeriodicCallback(Metrics.measure_lag, 1000)]
+            if cls.conf.ping_interval > 0:
+                cls.timers.append(tornado.ioloop.PeriodicCallback(ChatSocket.ping_all, 1000 * cls.conf.ping_interval))
+            for timer in cls.timers:
+                timer.start()
+        cls.per_ip[ip] = cls.per_ip.get(ip, 0) + 1
+        tabs = cls.online.setdefault(user, set())
+        tabs.add(connection)
+        if len(tabs) == 1:
+            back = cls.leaving.pop(user, None)
+            if back is not None:  # gone and back within --offline_grace: nobody was told it left
+                tornado.ioloop.IOLoop.current().remove_timeout(back)
+            else:
+                log.info("%s is online", cls.users[user].name)
+                cls.announce(user, "online")
+
+    @classmethod
+    def depart(cls, connection: ChatSocket, user: str, ip: str) -> None:
+        cls.per_ip[ip] -= 1
+        if not cls.per_ip[ip]:
+            del cls.per_ip[ip]
+        tabs = cls.online[user]
+        tabs.discard(connection)
+        if not tabs:
+            del cls.online[user]
+            if cls.conf.offline_grace > 0:
+                cls.leaving[user] = tornado.ioloop.IOLoop.current().call_later(cls.conf.offline_grace, cls.gone, user)
+            else:
+                cls.gone(user)
+
+    @classmethod
+    def gone(cls, user: str) -> None:
+        """The user's last connection closed and it has not come back."""
+        cls.leaving.pop(user, None)
+        log.info("%s is offline", cls.users[user].name)
+        cls.announce(user, "offline")
+
+    @classmethod
+    def everyone_but(cls, user: Optional[str] = None) -> list:
+        return [c for u, tabs in cls.online.items() if u != user for c in tabs]
+
+    @classmethod
+    def members_online(cls, room: Room, but: Optional[str] = None) -> list:
+        """The connections of the room's members (but one)."""
+        return [c for u in room.members if u != but for c in cls.online.get(u, ())]
+
+    # ---- presence and membership, told in batches
+
+    @classmethod
+    def announce(cls, user: str, status: str) -> None:
+        """Tell everyone at the next flush; undoing a change not yet told cancels it."""
+        if cls.presence.pop(user, None) is None:
+            cls.presence[user] = status
+        cls._changed()
+
+    @classmethod
+    def _changed(cls) -> None:
+        if cls.flushing is None:
+            loop = tornado.ioloop.IOLoop.current()
+            if cls.conf.presence_window > 0:
+                cls.flushing = loop.call_later(cls.conf.presence_window, cls.flush)
+            else:
+                loop.add_callback(cls.flush)
+                cls.flushing = True
+
+    @classmethod
+    def flush(cls) -> None:
+        """Send the gathered changes, one frame per kind and room, and refresh
+        the lists that welcome and joined carry."""
+        cls.flushing = None
+        presence, cls.presence = cls.presence, {}
+        membership, cls.membership = cls.membership, {}
+        if presence:
+            cls.names = sorted_names(cls.users[u].name for u in cls.online.keys() | cls.leaving.keys())
+            cls.roster = encode(cls.names[:cls.conf.roster])
+            came = sorted_names(cls.users[u].name for u, s in presence.items() if s == "online")
+            went = sorted_names(cls.users[u].name for u, s in presence.items() if s == "offline")
+            send_to(cls.everyone_but(cls._alone(presence)), presence_frame(came, went))
+        for room_key, changes in membership.items():
+            room = cls.rooms.get(room_key)
+            if room is None or not changes:
+                continue
+            cls._refresh_room(room)
+            joined = sorted_names(cls.users[u].name for u, a in changes.items() if a == "join")
+            left = sorted_names(cls.users[u].name for u, a in changes.items() if a == "leave")
+            send_to(cls.members_online(room, but=cls._alone(changes)), member_frame(room.name, joined, left))
+
+    @staticmethod
+    def _alone(changes: dict) -> Optional[str]:
+        """The user a batch is only about: it already knows, and is not sent it.
+        (A bigger batch goes to everyone; a receiver may find its own name.)"""
+        return next(iter(changes)) if len(changes) == 1 else None
+
+    @classmethod
+    def _refresh_room(cls, room: Room) -> None:
+        room.names = sorted_names(cls.users[u].name for u in room.members)
+        room.roster = encode(room.names[:cls.conf.roster])
+
+    # ---- rooms
+
+    @classmethod
+    def room(cls, name: str, creator: str) -> Room:
+        """The room called name, created (and stored) if new: within
+        --max_rooms and the creator's --rooms_per_hour."""
+        room = cls.rooms.get(key(name))
+        if room is None:
+            if cls.conf.max_rooms and len(cls.rooms) >= cls.conf.max_rooms:
+                raise ChatError("too_many_rooms", "the server has as many rooms as it allows")
+            if not cls.budgets.take("room", creator):
+                raise ChatError("rate_limited", "you have made many rooms lately; try again later")
+            cls.store.add_room(key(name), name)
+            room = cls.rooms[key(name)] = Room(name)
+        return room
+
+    @classmethod
+    def set_member(cls, room: Room, user: str, member: bool) -> None:
+        """Membership is the user's, not the connection's; stored, then applied."""
+        cls.store.set_member(key(room.name), user, member)
+        cls.apply_member(room, user, member)
+
+    @classmethod
+    def apply_member(cls, room: Room, user: str, member: bool) -> None:
+        """A stored membership change, in the live state; the room is told at the next flush."""
+        if member:
+            room.members.add(user)
+            cls.users[user].rooms.add(key(room.name))
+            room.empty_since = None
+        else:
+            room.members.discard(user)
+            cls.users[user].rooms.discard(key(room.name))
+            if not room.members:
+                room.empty_since = time.monotonic()
+        changes = cls.membership.setdefault(key(room.name), {})
+        if changes.pop(user, None) is None:
+            changes[user] = "join" if member else "leave"
+        cls._changed()
+
+    @classmethod
+    def sweep(cls, now: Optional[float] = None) -> None:
+        """Every SWEEP_EVERY: forget refilled budgets, and rooms that have
+        stood empty for ROOM_IDLE (so that --max_rooms is not used up for
+        good). The default room always stays."""
+        now = time.monotonic() if now is None else now
+        cls.budgets.sweep()
+        for k, room in list(cls.rooms.items()):
+            if (room.members or room.empty_since is None or now - room.empty_since < ROOM_IDLE
+                    or k == key(cls.conf.default_room)):
+                continue
+            try:
+                cls.store.drop_room(k)
+            except sqlite3.Error as e:
+                log.warning("could not forget the empty room %s: %s", room.name, e)
+                continue
+            del cls.rooms[k]
+            cls.history.drop(k)
+            log.info("forgot the room %s, empty for a day", room.name)
+
+    # ---- messages
+
+    @classmethod
+    def next_id(cls) -> int:
+        cls.last_id += 1
+        return cls.last_id
+
+    @classmethod
+    def post(cls, sender: str, room: Room, text: str, cid: Optional[str]) -> dict:
+        """A new room message: stored, kept in history, sent to every member."""
+        ts, local = stamp(cls.conf.timestamp_format)
+        message = message_frame(cls.next_id(), room.name, cls.users[sender].name, text, ts, local)
+        payload = encode(message)
+        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid)
+        cls.history.add(key(room.name), message["id"], payload)
+        send_to(cls.members_online(room), message, payload)
+        return message
+
+    @classmethod
+    def direct(cls, sender: str, to: User, text: str, cid: Optional[str]) -> tuple[dict, bool]:
+        """A new direct message: stored, then sent, or kept in the Store for
+        its reader (then the second value is True)."""
+        recipient = key(to.name)
+        waiting = recipient not in cls.online
+        kept = cls.mailboxes.get(recipient, 0)
+        if waiting and kept >= cls.conf.mailbox:
+            raise ChatError("mailbox_full", f"{to.name} has {kept} messages waiting; try later")
+        ts, local = stamp(cls.conf.timestamp_format)
+        message = direct_frame(cls.next_id(), cls.users[sender].name, to.name, text, ts, local)
+        payload = encode(message)
+        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid)
+        if waiting:
+            cls.mailboxes[recipient] = kept + 1
+        send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)
+        return message, waiting
+
+    @classmethod
+    def deliver(cls, user: str, rows: list[Row]) -> None:
+        """These waiting messages have just been sent to the user: mark them
+        so and tell the senders. If the mark cannot be stored they stay
+        waiting, and come again (same ids) on the next connect."""
+        try:
+            cls.store.mark_delivered([row[0] for row in rows])
+        except sqlite3.Error as e:
+            log.warning("could not mark %d messages to %s delivered: %s", len(rows), cls.users[user].name, e)
+            return
+        left = cls.mailboxes.get(user, 0) - len(rows)
+        if left > 0:
+            cls.mailboxes[user] = left
+        else:
+            cls.mailboxes.pop(user, None)
+        for id, _, sender, _, _ in rows:
+            send_to(cls.online.get(sender, ()), delivered_frame(id, cls.users[user].name))
+
+
+################ The socket: one connection, the protocol only
+
+
+class ChatSocket(tornado.websocket.WebSocketHandler):
+    """One connection of one user: the handshake and its checks, the connect
+    sequence, liveness, and the client's frames, each checked and handed to
+    the Hub. What it is owed waits in its Outbox."""
+
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
-    last_id: ClassVar[int] = 0  # the highest message id given out; changed by _next_id
-    dirty: ClassVar[list[ChatSocket]] = []  # connections with frames to write this loop turn
-    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # _ping_all and _sweep, started by the first arrival
 
     user: Optional[str] = None  # user key, set once the connection is accepted
     _counted = False  # counted in sockets
-    _dead = False  # closing: nothing more is written
+    _dead = False  # closing: nothing more is read or written
+    _departed = False
     _flood_start = _flood_last = -FLOOD_CLOSE_AFTER  # when the current run of refused frames began, and its latest
     _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts
 
@@ -987,19 +1582,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         """Check the name and limits, then send welcome, joined, and mail."""
         ChatSocket.sockets += 1
         self._counted = True
-        self._out: list[bytes] = []  # whole wire frames waiting to be written (a list: a deque costs 600 bytes more)
-        self._owed = 0  # bytes queued or being written; beyond the bulk ones, over max_queue means too slow
-        self._writing = False
-        self._departed = False
-        self._pushed = 0  # bytes ever queued here; with _owed, where each byte stands in line
-        self._bulk: list[list[int]] = []  # [start, end) of answers it asked for, not yet all written
-        self._bulk_cap = float("inf")  # bulk bytes it may be owed at once: the connect sequence bounds itself
-        conf = self.conf
+        conf = Hub.conf
+        self.outbox = Outbox(self, conf.max_queue)
         self._messages = Bucket(conf.burst)  # frames it may send: --rate, --burst
         self._frames = Bucket(WIRE_FACTOR * conf.burst)  # wire frames of any kind
         self._typing = Bucket(TYPING[0])
         self._heard = time.monotonic()
-        self._stream = raw_stream(self)
         # Frames are already gathered into one write per loop turn; Nagle's
         # algorithm would only hold that write back for the peer's delayed ACK.
         self.set_nodelay(True)
@@ -1008,34 +1596,35 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except ChatError as e:
             return self._refuse(e, 4400)
         token, since = self._query("token"), parse_since(self._query("since"))
-        if since is not None and self._query("epoch") not in (None, self.store.epoch):
+        if since is not None and self._query("epoch") not in (None, Hub.store.epoch):
             since = 0  # its ids are from another database: everything is new to it
-        ip, user = self.request.remote_ip, self.users.get(key(name))
-        twin = self.lookalikes.get(skeleton(name)) if user is None else None
-        if conf.max_conns_per_ip and self.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
+        ip, user = self.request.remote_ip, Hub.users.get(key(name))
+        twin = Hub.lookalikes.get(skeleton(name)) if user is None else None
+        if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
             return self._refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
-        if not self.budgets.take("connect_ip", ip):
+        if not Hub.budgets.take("connect_ip", ip):
             return self._refuse(ChatError("rate_limited", "too many connections from your address lately; wait a minute"), 4429)
         if user is not None and not user.owns(token):
             return self._refuse(ChatError("name_taken", f"{user.name} is taken; pick another name"), 4409)
         if twin is not None:
-            return self._refuse(ChatError("bad_username", f"{name} is too close to the name {self.users[twin].name}; pick another"), 4400)
-        if user is not None and conf.max_tabs and len(self.online.get(key(name), ())) >= conf.max_tabs:
+            return self._refuse(ChatError("bad_username", f"{name} is too close to the name {Hub.users[twin].name}; pick another"), 4400)
+        if user is not None and conf.max_tabs and len(Hub.online.get(key(name), ())) >= conf.max_tabs:
             return self._refuse(ChatError("too_many_connections", f"{user.name} has too many tabs open"), 4429)
-        if user is not None and not self.budgets.take("connect", key(name)):
+        if user is not None and not Hub.budgets.take("connect", key(name)):
             return self._refuse(ChatError("rate_limited", f"{user.name} connected too often lately; wait a minute"), 4429)
-        if user is None and conf.max_users and len(self.users) >= conf.max_users:
+        if user is None and conf.max_users and len(Hub.users) >= conf.max_users:
             return self._refuse(ChatError("server_full", "this server has all the users it allows"), 4503)
-        if user is None and not self.budgets.take("name", ip):
+        if user is None and not Hub.budgets.take("name", ip):
             return self._refuse(ChatError("rate_limited", "too many new names from your address; try later"), 4429)
         try:
             if user is None:
                 token = secrets.token_urlsafe(24)
-                user = self._claim(name, token)
+                user = Hub.claim(name, token)
         except sqlite3.Error as e:
             log.error("could not store the new user %s: %s", name, e)
             return self._refuse(ChatError("server_error", "the server could not save your name; try again"), 1011)
-        self._arrive(key(name), ip)
+        self.user = key(name)
+        Hub.arrive(self, self.user, ip)
         try:
             self._greet(user, token, since)
         except Exception:  # a bug, not the client's doing: never leave a ghost online
@@ -1057,6 +1646,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return None
 
     def _refuse(self, error: ChatError, code: int) -> None:
+        Metrics.count("refused", error.code)
         self.send(error_frame(error.code, error.message))
         self._close(code, error.code)
 
@@ -1065,34 +1655,37 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         messages; at most about --max_queue bytes in all (see the manual).
         Private messages take the newest that fit in half; room histories
         share what is left, in the order of the rooms' names."""
-        directs, cut = self._owed_directs(since, self.conf.max_queue // 2)
-        online = sorted((self.users[u].name for u in self.online.keys() | self.leaving.keys()), key=key)
-        my_rooms = sorted((self.rooms[r].name for r in user.rooms), key=key)
-        welcome = encode(welcome_frame(user.name, token, online, my_rooms, self.conf, self.store.epoch, cut))
-        self.send_to((self,), None, welcome, bulk=True)
-        budget = max(0, self.conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))
+        conf = Hub.conf
+        directs, cut = self._owed_directs(since, conf.max_queue // 2)
+        my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
+        online_count = len(Hub.online) + len(Hub.leaving)
+        roster = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
+        welcome = welcome_payload(user.name, token, roster, online_count, my_rooms, conf, Hub.store.epoch, cut)
+        self.send_payload(welcome)
+        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))
         for r in sorted(user.rooms):
-            joined, budget = self._joined(self.rooms[r], since, budget)
-            self.send_to((self,), None, joined, bulk=True)
+            joined, budget = self._joined(Hub.rooms[r], since, budget)
+            self.send_payload(joined)
         for _, payload in directs:
-            self.send_to((self,), None, payload, bulk=True)
+            self.send_payload(payload)
         mail = [row for row, _ in directs if row[3] == self.user and not row[4]]
         if mail and not self._dead:
-            self._deliver(self.user, mail)
+            Hub.deliver(self.user, mail)
         # From now on answers it asks for (joins, histories) may be owed up to
         # this much beyond --max_queue; a client that asks and never reads is cut off.
-        self._bulk_cap = self.conf.max_queue
+        self.outbox.bulk_cap = conf.max_queue
 
     def _owed_directs(self, since: Optional[int], budget: int) -> tuple[list[tuple[Row, bytes]], bool]:
         """The private messages a connect sequence carries, oldest first, as
         (row, payload): those waiting for the user, and with since those
         after it; only the newest that fit in budget bytes. The second value
         says whether any were left out."""
-        rows = {row[0]: row for row in self.store.mail(self.user, self.conf.mailbox)}
+        mailbox = Hub.conf.mailbox
+        rows = {row[0]: row for row in Hub.store.mail(self.user, mailbox)}
         cut = False
         if since is not None:
-            replay = self.store.direct_page(self.user, None, None, since, self.conf.mailbox)
-            cut = len(replay) == self.conf.mailbox  # there may be more beyond the limit
+            replay = Hub.store.direct_page(self.user, None, None, since, mailbox)
+            cut = len(replay) == mailbox  # there may be more beyond the limit
             rows.update((row[0], row) for row in replay)
         chosen = []
         for id in sorted(rows, reverse=True):
@@ -1118,13 +1711,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         only the newest that fit in budget bytes; and what is left of it.
         It says "truncated" when messages after since were left out: cut
         for the budget, or older than the history keeps."""
-        held = self.history.get(key(room.name))
+        held = Hub.history.get(key(room.name))
         newer = held if since is None else [m for m in held if m[0] > since]
         truncated = False
         if since is not None and newer and len(newer) == len(held):
             # Every kept message is new to it: were there more before them? An
             # indexed look-up, so a resume costs the same however big the room.
-            truncated = self.store.room_has(key(room.name), since, held[0][0])
+            truncated = Hub.store.room_has(key(room.name), since, held[0][0])
         fits = 0
         for _, payload in reversed(newer):
             if len(payload) > budget:
@@ -1133,17 +1726,20 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             fits += 1
         truncated = truncated or fits < len(newer)
         kept = [payload for _, payload in newer[len(newer) - fits:]]
-        if room.members_json is None:
-            room.members_json = encode(sorted((self.users[u].name for u in room.members), key=key))
-        return joined_payload(room.name, room.members_json, kept, truncated), budget
+        roster = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
+        return joined_payload(room.name, roster, len(room.members), kept, truncated), budget
 
     def on_close(self) -> None:
         self._dead = True
         if self._counted:
             self._counted = False
             ChatSocket.sockets -= 1
+        self._depart()
+
+    def _depart(self) -> None:
         if self.user is not None and not self._departed:
-            self._depart()
+            self._departed = True
+            Hub.depart(self, self.user, self.request.remote_ip)
 
     def on_pong(self, data: bytes) -> None:
         # Each connection's ping carries its own random payload, and it waits
@@ -1155,7 +1751,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- liveness: a client that vanished sends no close frame, so we ask
 
     @classmethod
-    def _ping_all(cls) -> None:
+    def ping_all(cls) -> None:
         """Every --ping_interval: ping each connection, and --ping_timeout later
         drop those that answered neither this ping nor anything else.
 
@@ -1167,195 +1763,26 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         five more seconds for a close handshake a vanished client never sends.
         """
         sent = time.monotonic()
-        pinged = [c for tabs in cls.online.values() for c in tabs if not c._dead]
+        pinged = [c for c in Hub.everyone_but() if not c._dead]
         for connection in pinged:
             connection._ping_payload = secrets.token_bytes(8)
             try:
                 connection.ping(connection._ping_payload)
             except tornado.websocket.WebSocketClosedError:
                 pass
-        tornado.ioloop.IOLoop.current().call_later(cls.conf.ping_timeout, cls._drop_silent, pinged, sent)
+        tornado.ioloop.IOLoop.current().call_later(Hub.conf.ping_timeout, cls._drop_silent, pinged, sent)
 
     @classmethod
     def _drop_silent(cls, pinged: list, sent: float) -> None:
         for connection in pinged:
-            if connection._heard < sent and not connection._dead:
+            if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:
                 log.info("%s stopped answering pings", connection.user)
                 connection._dead = True
-                if connection._stream is not None:
-                    connection._stream.close()  # no close handshake with a peer that is gone
+                connection.outbox.close(drain=False)
+                if connection.outbox.stream is not None:
+                    connection.outbox.stream.close()  # no close handshake with a peer that is gone
                 else:
                     connection.close(1001, "ping timed out")
-
-    @classmethod
-    def _sweep(cls, now: Optional[float] = None) -> None:
-        """Every SWEEP_EVERY: forget refilled budgets, and rooms that have
-        stood empty for ROOM_IDLE (so that --max_rooms is not used up for
-        good). The default room always stays."""
-        now = time.monotonic() if now is None else now
-        cls.budgets.sweep()
-        for k, room in list(cls.rooms.items()):
-            if (room.members or room.empty_since is None or now - room.empty_since < ROOM_IDLE
-                    or k == key(cls.conf.default_room)):
-                continue
-            try:
-                cls.store.drop_room(k)
-            except sqlite3.Error as e:
-                log.warning("could not forget the empty room %s: %s", room.name, e)
-                continue
-            del cls.rooms[k]
-            cls.history.drop(k)
-            log.info("forgot the room %s, empty for a day", room.name)
-
-    # ---- shared state: each dict is changed in these few methods only
-
-    @classmethod
-    def _next_id(cls) -> int:
-        cls.last_id += 1
-        return cls.last_id
-
-    def _claim(self, name: str, token: str) -> User:
-        """A free name becomes this person's; they start in the default room.
-        The name, the room (if new) and the membership commit together."""
-        user_key, room_key, hashed = key(name), key(self.conf.default_room), token_hash(token)
-        with self.store.transaction():
-            self.store.add_user(user_key, name, hashed)
-            if room_key not in self.rooms:
-                self.store.add_room(room_key, self.conf.default_room)
-            self.store.set_member(room_key, user_key, True)
-        user = self.users[user_key] = User(name, hashed)
-        self.lookalikes.setdefault(skeleton(name), user_key)
-        room = self.rooms.get(room_key) or self.rooms.setdefault(room_key, Room(self.conf.default_room))
-        self._apply_member(room, user_key, True)
-        return user
-
-    def _arrive(self, user: str, ip: str) -> None:
-        self.user = user
-        if not ChatSocket.timers:
-            ChatSocket.timers = [tornado.ioloop.PeriodicCallback(ChatSocket._sweep, 1000 * SWEEP_EVERY)]
-            if self.conf.ping_interval > 0:
-                ChatSocket.timers.append(
-                    tornado.ioloop.PeriodicCallback(ChatSocket._ping_all, 1000 * self.conf.ping_interval))
-            for timer in ChatSocket.timers:
-                timer.start()
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        tabs = self.online.setdefault(user, set())
-        tabs.add(self)
-        if len(tabs) == 1:
-            back = self.leaving.pop(user, None)
-            if back is not None:  # gone and back within --offline_grace: nobody was told it left
-                tornado.ioloop.IOLoop.current().remove_timeout(back)
-            else:
-                log.info("%s is online", self.users[user].name)
-                self.send_to(self._everyone_but(user), presence_frame(self.users[user].name, "online"))
-
-    def _depart(self) -> None:
-        self._departed = True
-        ip, user = self.request.remote_ip, self.user
-        self.per_ip[ip] -= 1
-        if not self.per_ip[ip]:
-            del self.per_ip[ip]
-        tabs = self.online[user]
-        tabs.discard(self)
-        if not tabs:
-            del self.online[user]
-            if self.conf.offline_grace > 0:
-                self.leaving[user] = tornado.ioloop.IOLoop.current().call_later(
-                    self.conf.offline_grace, ChatSocket._gone, user)
-            else:
-                ChatSocket._gone(user)
-
-    @classmethod
-    def _gone(cls, user: str) -> None:
-        """The user's last connection closed and it has not come back."""
-        cls.leaving.pop(user, None)
-        log.info("%s is offline", cls.users[user].name)
-        cls.send_to(cls._everyone_but(user), presence_frame(cls.users[user].name, "offline"))
-
-    def _room(self, name: str) -> Room:
-        """The room called name, created (and stored) if new: within
-        --max_rooms and the user's --rooms_per_hour."""
-        room = self.rooms.get(key(name))
-        if room is None:
-            if self.conf.max_rooms and len(self.rooms) >= self.conf.max_rooms:
-                raise ChatError("too_many_rooms", "the server has as many rooms as it allows")
-            if not self.budgets.take("room", self.user):
-                raise ChatError("rate_limited", "you have made many rooms lately; try again later")
-            self.store.add_room(key(name), name)
-            room = self.rooms[key(name)] = Room(name)
-        return room
-
-    def _set_member(self, room: Room, user: str, member: bool) -> None:
-        """Membership is the user's, not the connection's; stored, then applied."""
-        self.store.set_member(key(room.name), user, member)
-        self._apply_member(room, user, member)
-
-    def _apply_member(self, room: Room, user: str, member: bool) -> None:
-        """A stored membership change, in the live state and told to the room."""
-        if member:
-            room.members.add(user)
-            self.users[user].rooms.add(key(room.name))
-            room.empty_since = None
-        else:
-            room.members.discard(user)
-            self.users[user].rooms.discard(key(room.name))
-            if not room.members:
-                room.empty_since = time.monotonic()
-        room.members_json = None
-        action = "join" if member else "leave"
-        self.send_to(self._members_online(room, but=user), member_frame(room.name, self.users[user].name, action))
-
-    def _post(self, room: Room, text: str, cid: Optional[str]) -> dict:
-        """A new room message: stored, kept in history, sent to every member."""
-        ts, local = stamp(self.conf.timestamp_format)
-        message = message_frame(self._next_id(), room.name, self.users[self.user].name, text, ts, local)
-        payload = encode(message)
-        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload, cid)
-        self.history.add(key(room.name), message["id"], payload)
-        self.send_to(self._members_online(room), message, payload)
-        return message
-
-    def _direct(self, to: User, text: str, cid: Optional[str]) -> tuple[dict, bool]:
-        """A new direct message: stored, then sent, or kept in the Store for
-        its reader (then the second value is True)."""
-        recipient = key(to.name)
-        waiting = recipient not in self.online
-        kept = self.mailboxes.get(recipient, 0)
-        if waiting and kept >= self.conf.mailbox:
-            raise ChatError("mailbox_full", f"{to.name} has {kept} messages waiting; try later")
-        ts, local = stamp(self.conf.timestamp_format)
-        message = direct_frame(self._next_id(), self.users[self.user].name, to.name, text, ts, local)
-        payload = encode(message)
-        self.store.add_message(message["id"], None, self.user, recipient, not waiting, payload, cid)
-        if waiting:
-            self.mailboxes[recipient] = kept + 1
-        self.send_to(self.online.get(self.user, set()) | self.online.get(recipient, set()), message, payload)
-        return message, waiting
-
-    def _deliver(self, user: str, rows: list[Row]) -> None:
-        """These waiting messages have just been sent to the user: mark them
-        so and tell the senders. If the mark cannot be stored they stay
-        waiting, and come again (same ids) on the next connect."""
-        try:
-            self.store.mark_delivered([row[0] for row in rows])
-        except sqlite3.Error as e:
-            log.warning("could not mark %d messages to %s delivered: %s", len(rows), self.users[user].name, e)
-            return
-        left = self.mailboxes.get(user, 0) - len(rows)
-        if left > 0:
-            self.mailboxes[user] = left
-        else:
-            self.mailboxes.pop(user, None)
-        for id, _, sender, _, _ in rows:
-            self.send_to(self.online.get(sender, ()), delivered_frame(id, self.users[user].name))
-
-    @classmethod
-    def _everyone_but(cls, user: str) -> list:
-        return [c for u, tabs in cls.online.items() if u != user for c in tabs]
-
-    def _members_online(self, room: Room, but: Optional[str] = None) -> list:
-        """The connections of the room's members (but one)."""
-        return [c for u in room.members if u != but for c in self.online.get(u, ())]
 
     # ---- client frames: on_message dispatches to do_<type>
 
@@ -1371,7 +1798,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 ref = check_ref(frame["ref"])
             kind = frame.get("type")
             if kind == "typing":
-                if self.conf.rate > 0 and not self._typing.take(*TYPING):
+                if Hub.conf.rate > 0 and not self._typing.take(*TYPING):
                     self._flooding()
                     return self._ack(ref)  # a signal, not a message: extra ones are dropped
             elif not self._spend():
@@ -1381,27 +1808,32 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             handler = getattr(self, "do_" + kind, None)
             if handler is None:
                 raise ChatError("bad_request", f"unknown frame type {kind[:40]!r}")
+            Metrics.count("frames_in", kind)
             handler(frame, ref)
         except ChatError as e:
+            Metrics.count("errors", e.code)
             self.send(error_frame(e.code, e.message, ref))
         except sqlite3.Error as e:  # nothing was stored, relayed or acked: the client may try again
+            Metrics.count("errors", "server_error")
             log.error("storage failed, a frame from %s was refused: %s", self.user, e)
             self.send(error_frame("server_error", "the server could not save that; try again", ref))
         except Exception:  # a bug: log it (without the URL and its token), keep the connection
+            Metrics.count("errors", "server_error")
             log.exception("error handling a frame from %s", self.user)
             self.send(error_frame("server_error", "the server failed on that frame", ref))
 
     def _spend(self) -> bool:
         """One frame from the --rate/--burst budget, if there is one."""
-        if self.conf.rate <= 0 or self._messages.take(self.conf.burst, self.conf.rate):
+        conf = Hub.conf
+        if conf.rate <= 0 or self._messages.take(conf.burst, conf.rate):
             return True
         self._flooding()
         return False
 
     def frame_arrived(self) -> None:
         """Protocol: a wire frame of any kind arrived (a ping, a fragment)."""
-        rate = self.conf.rate
-        if rate > 0 and not self._frames.take(WIRE_FACTOR * self.conf.burst, WIRE_FACTOR * rate):
+        conf = Hub.conf
+        if conf.rate > 0 and not self._frames.take(WIRE_FACTOR * conf.burst, WIRE_FACTOR * conf.rate):
             self._flooding()
 
     def refused_frame(self, code: int, reason: str) -> None:
@@ -1426,7 +1858,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def _my_room(self, name: Any) -> Room:
         """The room a frame names, which the user must be in."""
-        room = self.rooms.get(key(check_room(name)))
+        room = Hub.rooms.get(key(check_room(name)))
         if room is None or self.user not in room.members:
             raise ChatError("not_in_room", f"you are not in {name}; join it first")
         return room
@@ -1434,17 +1866,17 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def _known_user(self, name: Any) -> User:
         if not isinstance(name, str):
             raise ChatError("bad_request", "'to' must be a user name")
-        user = self.users.get(key(name)) if NAME.fullmatch(name) else None
+        user = Hub.users.get(key(name)) if NAME.fullmatch(name) else None
         if user is None:
             raise ChatError("unknown_user", f"nobody called {name[:40]!r} has ever been here")
         return user
 
     def do_message(self, frame: dict, ref: Any) -> None:
         # {"type":"message","room":"general","text":"hello","cid":"c7"}  or  text "@UserB hello"
-        text = check_text(frame.get("text"), self.conf.max_text)
+        text = check_text(frame.get("text"), Hub.conf.max_text)
         cid = check_cid(frame.get("cid"))
         if cid is not None:
-            row = self.store.by_cid(self.user, cid)
+            row = Hub.store.by_cid(self.user, cid)
             if row is not None:  # stored before; its ack was lost on the way
                 id, _, _, recipient, delivered = row
                 return self._ack(ref, id=id, queued=recipient is not None and not delivered)
@@ -1453,38 +1885,49 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             to = self._known_user(direct[1])
             if BLANK.fullmatch(direct[2]):
                 raise ChatError("bad_request", "the message is empty")
-            message, queued = self._direct(to, direct[2], cid)
+            message, queued = Hub.direct(self.user, to, direct[2], cid)
             self._ack(ref, id=message["id"], queued=queued)
         else:
             room = frame.get("room")
-            message = self._post(self._my_room(self.conf.default_room if room is None else room), text, cid)
+            message = Hub.post(self.user, self._my_room(Hub.conf.default_room if room is None else room), text, cid)
             self._ack(ref, id=message["id"])
 
     def do_join(self, frame: dict, ref: Any) -> None:
         # {"type":"join","room":"python"}
         name = check_room(frame.get("room"))
-        room = self.rooms.get(key(name))
+        room = Hub.rooms.get(key(name))
         if room is not None and self.user in room.members:
-            self.send_to((self,), None, self._joined(room, None, self.conf.max_queue)[0], bulk=True)  # a fresh copy
+            self.send_payload(self._joined(room, None, Hub.conf.max_queue)[0])  # a fresh copy
         else:
-            if len(self.users[self.user].rooms) >= ROOMS_PER_USER:
+            if len(Hub.users[self.user].rooms) >= ROOMS_PER_USER:
                 raise ChatError("too_many_rooms", f"you are in {ROOMS_PER_USER} rooms; leave one first")
-            room = self._room(name)
-            self._set_member(room, self.user, True)
-            self.send_to(self.online[self.user], None, self._joined(room, None, self.conf.max_queue)[0], bulk=True)
+            room = Hub.room(name, self.user)
+            Hub.set_member(room, self.user, True)
+            send_to(Hub.online[self.user], None, self._joined(room, None, Hub.conf.max_queue)[0], bulk=True)
         self._ack(ref)
 
     def do_leave(self, frame: dict, ref: Any) -> None:
         # {"type":"leave","room":"python"}
         room = self._my_room(frame.get("room"))
-        self._set_member(room, self.user, False)
-        self.send_to(self.online[self.user], left_frame(room.name))
+        Hub.set_member(room, self.user, False)
+        send_to(Hub.online[self.user], left_frame(room.name))
         self._ack(ref)
 
     def do_rooms(self, frame: dict, ref: Any) -> None:
         # {"type":"rooms"}
-        listing = [{"name": r.name, "members": len(r.members)} for _, r in sorted(self.rooms.items())]
+        listing = [{"name": r.name, "members": len(r.members)} for _, r in sorted(Hub.rooms.items())]
         self.send(rooms_frame(listing))
+        self._ack(ref)
+
+    def do_members(self, frame: dict, ref: Any) -> None:
+        # {"type":"members","room":"general","after":"Name"}  or, for everyone online, without "room"
+        if frame.get("room") is not None:
+            room = self._my_room(frame["room"])
+            names, more = page_after(room.names, frame.get("after"), Hub.conf.roster)
+            self.send(members_frame(room.name, names, more), bulk=True)
+        else:
+            names, more = page_after(Hub.names, frame.get("after"), Hub.conf.roster)
+            self.send(members_frame(None, names, more), bulk=True)
         self._ack(ref)
 
     def do_history(self, frame: dict, ref: Any) -> None:
@@ -1494,17 +1937,17 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if frame.get("room") is not None:
             room = self._my_room(frame["room"])
             head: dict = {"room": room.name}
-            rows = self.store.room_page(key(room.name), before, limit + 1)
+            rows = Hub.store.room_page(key(room.name), before, limit + 1)
         elif frame.get("with") is not None:
             other = self._known_user(frame["with"])
             head = {"with": other.name}
-            rows = self.store.direct_page(self.user, key(other.name), before, 0, limit + 1)
+            rows = Hub.store.direct_page(self.user, key(other.name), before, 0, limit + 1)
         elif frame.get("directs") is True:
             head = {"directs": True}
-            rows = self.store.direct_page(self.user, None, before, 0, limit + 1)
+            rows = Hub.store.direct_page(self.user, None, before, 0, limit + 1)
         else:
             raise ChatError("bad_request", "history needs a 'room', a 'with', or \"directs\": true")
-        more, budget, kept = len(rows) > limit, self.conf.max_queue, []
+        more, budget, kept = len(rows) > limit, Hub.conf.max_queue, []
         for row in rows[:limit]:  # newest first: keep the newest that fit
             payload = self._dressed(row)
             if len(payload) > budget and kept:
@@ -1513,171 +1956,60 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             budget -= len(payload)
             kept.append((row, payload))
         kept.reverse()
-        self.send_to((self,), None, history_payload(head, [p for _, p in kept], more), bulk=True)
+        self.send_payload(history_payload(head, [p for _, p in kept], more))
         mail = [row for row, _ in kept if row[3] == self.user and not row[4]]
         if mail:
-            self._deliver(self.user, mail)
+            Hub.deliver(self.user, mail)
         self._ack(ref)
 
     def do_typing(self, frame: dict, ref: Any) -> None:
         # {"type":"typing","room":"general"}  or  {"type":"typing","to":"UserB"}
-        me = self.users[self.user].name
+        me = Hub.users[self.user].name
         if frame.get("room") is not None:
             room = self._my_room(frame["room"])
-            self.send_to(self._members_online(room, but=self.user), typing_frame(me, room.name, None))
+            send_to(Hub.members_online(room, but=self.user), typing_frame(me, room.name, None))
         elif frame.get("to") is not None:
             to = self._known_user(frame["to"])
             if key(to.name) != self.user:  # your other tabs need not see you typing
-                self.send_to(self.online.get(key(to.name), ()), typing_frame(me, None, to.name))
+                send_to(Hub.online.get(key(to.name), ()), typing_frame(me, None, to.name))
         else:
             raise ChatError("bad_request", "typing needs a 'room' or a 'to'")
         self._ack(ref)
 
-    # ---- sending: every frame leaves through send_to
+    # ---- sending and closing
 
     def send(self, frame: dict, bulk: bool = False) -> None:
         """One frame to this connection."""
-        self.send_to((self,), frame, bulk=bulk)
+        send_to((self,), frame, bulk=bulk)
 
-    @classmethod
-    def send_to(cls, connections: Iterable[ChatSocket], frame: Optional[dict], payload: Optional[bytes] = None,
-                bulk: bool = False) -> None:
-        """One frame (or its payload, already encoded) to many connections:
-        encoded and framed once, queued for each, written by _flush_all at
-        the end of this loop turn. A bulk frame answers the connection's own
-        request (its connect sequence, a join, a history): it goes at the
-        reader's pace and does not count against --max_queue."""
-        payload = payload or encode(frame)
-        wire = ws_frame(payload)
-        # A snapshot: a connection closed on the way (1013) leaves the live sets.
-        for connection in tuple(connections):
-            connection._push(wire, payload, bulk)
+    def send_payload(self, payload: bytes) -> None:
+        """An answer this connection asked for, already encoded."""
+        send_to((self,), None, payload, bulk=True)
 
-    def _push(self, wire: bytes, payload: bytes, bulk: bool = False) -> None:
-        if self._dead:
-            return
-        start = self._pushed
-        self._pushed += len(wire)
-        self._owed += len(wire)
-        if bulk and self._bulk_owed() + len(wire) <= self._bulk_cap:
-            if self._bulk and self._bulk[-1][1] == start:
-                self._bulk[-1][1] = self._pushed  # one range for a whole connect sequence
-            else:
-                self._bulk.append([start, self._pushed])
-        if self._stream is None:  # fallback: Tornado frames and writes it
-            try:
-                future = self.write_message(payload)
-            except tornado.websocket.WebSocketClosedError:
-                return
-            future.add_done_callback(lambda f, n=len(wire): self._written(n))
-        else:
-            self._out.append(wire)
-            if not self._writing and len(self._out) == 1:
-                if not ChatSocket.dirty:
-                    tornado.ioloop.IOLoop.current().add_callback(ChatSocket._flush_all)
-                ChatSocket.dirty.append(self)
-        if (self._writing or self._stream is None) and self._owed - self._bulk_owed() > self.conf.max_queue:
-            # It stopped reading: the kernel holds all it will and still more
-            # is owed. Drop it rather than hold it for ever; it can come back
-            # with ?since= and miss nothing.
-            log.info("closing a connection of %s: %d bytes unread", self.user, self._owed)
-            self._out.clear()
-            self._close(1013, "too slow; reconnect with since")
-
-    @classmethod
-    def _flush_all(cls) -> None:
-        """Each connection owed frames gets them in one write: a burst of
-        messages costs one system call per connection, not one per message."""
-        dirty, cls.dirty = cls.dirty, []
-        for connection in dirty:
-            connection._flush()
-
-    def _flush(self) -> None:
-        """Write what is queued: straight to the kernel while it takes it, at
-        most WRITE_CHUNK bytes at a time, the rest through the stream."""
-        while not self._writing and not self._dead and self._out:
-            data = self._take(WRITE_CHUNK)
-            sent = send_now(self._stream, data)
-            self._paid(sent)
-            if sent < len(data):
-                self._write_rest(data[sent:])
-
-    def _take(self, limit: int) -> bytes:
-        """Whole frames from the front of _out, joined: all of them when they
-        fit in limit (the usual case), else as many as fit, at least one.
-        Never part of a frame: Tornado writes its own control frames (a pong,
-        a close) to the same stream, and they must fall between ours."""
-        out = self._out
-        if self._owed <= limit:  # not writing, so everything owed is in _out
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            return data
-        count, size = 1, len(out[0])
-        while count < len(out) and size + len(out[count]) <= limit:
-            size += len(out[count])
-            count += 1
-        data = out[0] if count == 1 else b"".join(out[:count])
-        del out[:count]
-        return data
-
-    def _write_rest(self, data: bytes) -> None:
-        """What the kernel did not take goes through the stream, which writes
-        it when the socket has room; _written then carries on."""
-        try:
-            future = self._stream.write(data)
-        except tornado.iostream.StreamClosedError:
-            self._dead = True
-            return
-        if not self._stream.writing():
-            self._paid(len(data))
-            return
-        # One write in flight at a time: what piles up meanwhile waits in _out,
-        # where it is counted and can be dropped if the reader never catches up.
-        self._writing = True
-        future.add_done_callback(lambda f, n=len(data): self._written(n))
-
-    def _paid(self, n: int) -> None:
-        """n more bytes reached the kernel (they were owed first in, first out)."""
-        self._owed -= n
-        done = self._pushed - self._owed  # bytes written so far
-        while self._bulk and self._bulk[0][1] <= done:
-            self._bulk.pop(0)
-
-    def _bulk_owed(self) -> int:
-        """Bytes of answers it asked for that are not written yet."""
-        done = self._pushed - self._owed
-        return sum(end - max(start, done) for start, end in self._bulk)
-
-    def _written(self, n: int) -> None:
-        self._paid(n)
-        self._writing = False
-        # A write that had to wait is done: the peer is reading, so it is
-        # alive even if its pong is still queued behind a big answer.
-        self._heard = time.monotonic()
-        if self._out:
-            self._flush()
+    def too_slow(self) -> None:
+        """It stopped reading: the kernel holds all it will and still more is
+        owed. Drop it rather than hold it for ever; it can come back with
+        ?since= and miss nothing."""
+        log.info("closing a connection of %s: %d bytes unread", self.user, self.outbox.owed)
+        Metrics.count("closes", "1013")
+        self.outbox.close(drain=False)
+        self._close(1013, "too slow; reconnect with since")
 
     def _close(self, code: int, reason: str) -> None:
         """Close after whatever is queued (an error frame explaining why)."""
-        if self._out and not self._dead and self._stream is not None:
-            try:
-                self._stream.write(b"".join(self._out))
-            except tornado.iostream.StreamClosedError:
-                pass
-        self._out.clear()
+        self.outbox.close(drain=not self._dead)
         self._dead = True
         self.close(code, reason)
-        if self.user is not None and not self._departed:
-            self._depart()  # gone now for everybody else, not after the close handshake
+        self._depart()  # gone now for everybody else, not after the close handshake
 
     @classmethod
     def close_all(cls, code: int, reason: str) -> None:
         """Close every connection (shutdown). Nobody is told about the others
         leaving: they are all leaving, and will be back."""
-        everyone = [c for tabs in cls.online.values() for c in tabs]
+        everyone = Hub.everyone_but()
         for connection in everyone:
             connection._dead = True
-            connection._out.clear()
+            connection.outbox.close(drain=False)
         for connection in everyone:
             connection.close(code, reason)
 
@@ -1695,9 +2027,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         """Same origin (Tornado's check), or one listed with --origins."""
-        return super().check_origin(origin) or origin.rstrip("/").lower() in self.conf.origins
-
-
+        return super().check_origin(origin) or origin.rstrip("/").lower() in Hub.conf.origins
 ################ The page, health, and who may ask
 
 
@@ -1736,8 +2066,8 @@ def check_host(handler: tornado.web.RequestHandler) -> None:
     try:
         port = handler.request.connection.stream.socket.getsockname()[1]  # type: ignore[union-attr]
     except (AttributeError, OSError):
-        port = ChatSocket.conf.port
-    if not host_allowed(handler.request.host, port, ChatSocket.conf):
+        port = Hub.conf.port
+    if not host_allowed(handler.request.host, port, Hub.conf):
         raise tornado.web.HTTPError(403, "Host %r is not this server's (see --hosts)", handler.request.host[:100])
 
 
@@ -1781,10 +2111,23 @@ class HealthHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.write({
             "status": "ok",
-            "connections": sum(len(tabs) for tabs in ChatSocket.online.values()),
-            "users_online": len(ChatSocket.online),
-            "rooms": len(ChatSocket.rooms),
+            "connections": sum(len(tabs) for tabs in Hub.online.values()),
+            "users_online": len(Hub.online),
+            "rooms": len(Hub.rooms),
         })
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    """GET /metrics: Prometheus text format, for loopback and --metrics_from only."""
+
+    def get(self) -> None:
+        ip = self.request.remote_ip or ""
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(ip).is_loopback and ip not in Hub.conf.metrics_from:
+                raise tornado.web.HTTPError(403, "metrics are not open to %s (see --metrics_from)", ip)
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.write(Metrics.render())
 
 
 def redact(uri: str) -> str:
@@ -1916,37 +2259,16 @@ def make_app(**overrides: Any) -> tornado.web.Application:
     conf = Config(**values)
     check_name(conf.default_room, "bad_room")
 
-    if getattr(ChatSocket, "store", None) is not None:
-        ChatSocket.store.close()  # a new app on the same file is a restart
-        ChatSocket.store = None  # type: ignore[assignment]
-    store = Store(conf.db)
-    state = store.load()
-    ChatSocket.conf, ChatSocket.store = conf, store
-    ChatSocket.history = History(store, conf.history)
-    ChatSocket.budgets = Budgets(conf)
-    ChatSocket.users = {k: User(name, h) for k, name, h in state["users"]}
-    ChatSocket.lookalikes = {}
-    for k, user in ChatSocket.users.items():
-        ChatSocket.lookalikes.setdefault(skeleton(user.name), k)
-    ChatSocket.rooms = {k: Room(name) for k, name in state["rooms"].items()}
-    for room, user in state["members"]:
-        if room in ChatSocket.rooms and user in ChatSocket.users:
-            ChatSocket.rooms[room].members.add(user)
-            ChatSocket.rooms[room].empty_since = None
-            ChatSocket.users[user].rooms.add(room)
-    ChatSocket.mailboxes = state["mail"]
-    for handle in ChatSocket.leaving.values():
-        tornado.ioloop.IOLoop.current().remove_timeout(handle)
-    ChatSocket.online, ChatSocket.leaving, ChatSocket.per_ip, ChatSocket.dirty = {}, {}, {}, []
-    ChatSocket.sockets = 0
-    for timer in ChatSocket.timers:
-        timer.stop()
-    ChatSocket.timers = []
-    ChatSocket.last_id = state["last_id"]
+    if getattr(Hub, "store", None) is not None:
+        Hub.store.close()  # a new app on the same file is a restart
+        Hub.store = None  # type: ignore[assignment]
+    Hub.load(conf, Store(conf.db))
+    ChatSocket.sockets, Outbox.dirty = 0, []
+    Metrics.reset()
 
     PageHandler.load(os.path.join(HERE, "index.html"))
     return tornado.web.Application(
-        [(r"/", PageHandler), (r"/ws", ChatSocket), (r"/healthz", HealthHandler)],
+        [(r"/", PageHandler), (r"/ws", ChatSocket), (r"/healthz", HealthHandler), (r"/metrics", MetricsHandler)],
         websocket_max_message_size=MAX_FRAME,
         log_function=log_request,
         autoreload=conf.debug,
@@ -2035,9 +2357,9 @@ async def main() -> int:
     server.stop()  # no new connections
     ChatSocket.close_all(1001, "server shutting down")
     deadline = time.monotonic() + 3
-    while ChatSocket.online and time.monotonic() < deadline:
+    while Hub.online and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # let close handshakes finish
-    ChatSocket.store.close()
+    Hub.store.close()
     return 0
 
 
