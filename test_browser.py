@@ -4,6 +4,13 @@ Each test is one rule a user can see. The server runs as a subprocess
 (``python chat.py --port PORT --db TMP/chat.db --rate 0 --names_per_hour 0``) on a free port;
 every browser context is a separate user (its own localStorage, so its own
 token). Tests wait with Playwright's ``expect``/``wait_for``, never with sleeps.
+A test that needs the server's real send budget uses ``limited_server``; one
+that needs a server answer chat.py does not give stands in for it with
+``page.route_web_socket``. The page is never told it is under test: where a
+test needs a hidden tab or a browser API, it sets what the page reads.
+
+The accessibility audit injects axe-core when ``AXE_CORE_JS`` names its
+``axe.min.js`` (``npm install --prefix DIR axe-core``); it is skipped otherwise.
 
 Screenshots for the README (docs/desktop.png, docs/phone.png)::
 
@@ -1107,15 +1114,15 @@ def test_a_busy_server_makes_the_page_wait_longer(browser, server):
 
 @pytest.mark.skipif(not os.environ.get("SCREENSHOTS"), reason="set SCREENSHOTS=1 to save docs/*.png")
 def test_screenshots(browser, own_server):
+    """docs/desktop.png: the New divider and the Private chip; docs/phone.png:
+    "N new ↓" and the ☰ badge; docs/dark.png: dark mode, a failed send."""
     docs = HERE / "docs"
     docs.mkdir(exist_ok=True)
     alice = open_chat(browser, own_server, "Alice")
     bob = open_chat(browser, own_server, "Bob")
     carol = open_chat(browser, own_server, "Carol")
     for page in (alice, bob, carol):
-        page.locator("#join-input").fill("python")
-        page.locator("#join-input").press("Enter")
-        expect(page.locator("#conv-title")).to_have_text("# python")
+        join(page, "python")
     for page, text in [
         (bob, "Has anyone tried the new asyncio TaskGroup API?"),
         (carol, "Yes! It makes cancellation much easier to reason about."),
@@ -1124,35 +1131,63 @@ def test_screenshots(browser, own_server):
     ]:
         say(page, text)
         expect(shown(alice, text)).to_have_count(1)
-    for page in (alice, bob, carol):
-        page.locator('#room-list li[data-key="r:general"] .side-item').click()
+    for page in (bob, carol):
+        room_row(page, "general").locator(".side-item").click()
     for page, text in [
         (carol, "Morning all, standup in 10 minutes"),
-        (bob, "On my way. @Alice can you share the release notes?"),
-        (alice, "Sure, posting them now.\nShort version: faster start-up, fewer bugs."),
-        (alice, "Full notes: https://example.org/releases/2.4"),
+        (bob, "On my way."),
+        (bob, "Running two minutes late, start without me"),
+        (carol, "No rush. Agenda: the 2.4 release, the phone app, and lunch plans."),
+        (bob, "Back. I read the notes from yesterday, looks good."),
+        (carol, "Dana from the Tel Aviv office joins us today; she says:"),
+        (carol, "שלום לכולם, נתראה בפגישה!"),
+        (bob, "Can someone share the release notes?"),
         (carol, "Thanks! The reconnect fix is a big one for the phone app."),
-        (bob, "Agreed, no more lost messages on flaky Wi-Fi."),
+        (bob, "Agreed, no more lost messages on flaky Wi-Fi. @Alice is it in 2.4?"),
     ]:
         say(page, text)
-        expect(shown(alice, text.split("\n")[0])).to_have_count(1)
+        expect(shown(bob, text.split("\n")[0])).to_have_count(1)
+    expect(room_row(alice, "general").locator(".mention-badge")).to_have_text("@1")
+    room_row(alice, "general").locator(".side-item").click()     # opens at the New divider
+    expect(alice.locator("#new-divider")).to_be_visible()
     say(carol, "@Alice lunch at 12:30?")
-    say(bob, "@Alice thanks for the review!")
-    expect(dm_row(alice, "Bob").locator(".badge")).to_have_text("1")
-    bob.locator('#room-list li[data-key="r:general"] .side-item').click()
+    expect(dm_row(alice, "Carol").locator(".badge")).to_have_text("1")
+    expect(carol.locator("#conv-title")).to_have_text("Alice")   # the private message opened it
+    room_row(carol, "general").locator(".side-item").click()
+    bob.evaluate("S.typingSent.clear()")     # Bob's last hint went seconds ago; the picture wants one now
     bob.locator("#input").fill("typing")
     bob.locator("#input").press("Space")
     expect(alice.locator("#typing")).to_contain_text("Bob is typing")
-    alice.locator("#input").fill("Looks great, ")
+    alice.locator("#input").fill("@Bob yes, it is in 2.4: I will send you the notes")
+    expect(alice.locator("#private-chip")).to_be_visible()
     alice.screenshot(path=str(docs / "desktop.png"))
 
-    # Bob again, on a phone: a new context with Bob's stored token.
+    # Bob on a phone, reading back while the room goes on.
     phone_ctx = browser.new_context(viewport={"width": 375, "height": 740},
                                     storage_state=bob.context.storage_state())
     phone = open_chat(browser, own_server, "Bob", context=phone_ctx)
-    expect(shown(phone, "Sure, posting them now")).to_have_count(1)
+    expect(shown(phone, "Morning all")).to_have_count(1)
+    scroll_top(phone, 0)
+    for text in ("Release notes are up: https://example.org/releases/2.4",
+                 "Nice work everyone", "Demo after lunch?"):
+        say(carol, text)
+    expect(phone.locator("#jump-new")).to_have_text("3 new ↓")
+    say(alice, "@Bob sent!")
+    expect(phone.locator("#menu-badge")).to_be_visible()
+    expect(alice.locator("#conv-title")).to_have_text("Bob")
+    room_row(alice, "general").locator(".side-item").click()
     phone.screenshot(path=str(docs / "phone.png"))
-    for page in (alice, bob, carol, phone):
+
+    # Carol in dark mode, with a message that could not go.
+    dark_ctx = browser.new_context(viewport={"width": 1100, "height": 700}, color_scheme="dark",
+                                   storage_state=carol.context.storage_state())
+    dark = open_chat(browser, own_server, "Carol", context=dark_ctx)
+    expect(shown(dark, "Demo after lunch?")).to_have_count(1)
+    say(dark, "@Nobody99 are you coming to the demo?")     # nobody of that name: it cannot go
+    expect(dark.locator("#pending-list .status")).to_contain_text("Not sent")
+    dark.locator("#input").fill("Demo at 2 works for me")
+    dark.screenshot(path=str(docs / "dark.png"))
+    for page in (alice, bob, carol, phone, dark):
         page.context.close()
 
 
