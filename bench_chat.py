@@ -5,12 +5,13 @@ This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a fre
 127.0.0.1 port with a temporary database and every limit off (``--rate 0
 --max_tabs 0 --max_conns_per_ip 0 --names_per_hour 0``), drives it with clients in this process, and
 prints ONE JSON line first on stdout, then a short human table with the targets of
-issue 5 beside the figures.
+issues 5 and 8 beside the figures.
 
 Usage::
 
     python bench_chat.py            # full run, a few minutes
-    python bench_chat.py --quick    # small version of everything, < 30 s (CI)
+    python bench_chat.py --quick    # small version of everything, < 60 s (CI)
+    python bench_chat.py --only reconnect_scan   # one part alone (see --help)
     python bench_chat.py --baseline-server PORT   # the plain Tornado baseline alone
 
 What is measured (one function per measurement, section "Measurements"):
@@ -39,6 +40,15 @@ What is measured (one function per measurement, section "Measurements"):
                      p99 at the same paced load; then filled past --max_queue: the
                      server must close every stalled client with 1013, its RSS
                      bounded.
+* reconnect scan  -- (issue 8 item 6) a database of 2,000,000 messages in
+                     "general", built directly with chat.py's own Store schema
+                     and frame encoder.  p50/p99 of A -> B message times on the
+                     idle server, then while a third user reconnects in a loop
+                     with ``since=1`` (so the server must decide ``truncated``)
+                     as fast as one client can.  Target: p50 ratio <= 2.
+* mailbox RSS     -- (issue 8 item 8) server RSS before vs after 50 offline users'
+                     mailboxes are filled to --mailbox (500) messages of
+                     --max_text (2,000) characters; MiB, and KiB per waiting message.
 
 The server CPU and memory figures come from /proc, never from wall time, so a
 busy client cannot flatter or spoil them.  The receivers are deliberately light:
@@ -65,6 +75,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -87,6 +98,11 @@ TARGET_RSS_KIB = 20.0        # RSS per idle connection
 TARGET_CONNS = 10_000        # concurrent connections held with no errors
 TARGET_SLOW_P99_RATIO = 1.10  # healthy p99 with 10 stalled clients, vs without
 MAX_QUEUE = 1 << 20          # chat.py's --max_queue default: bytes a connection may be owed
+# Targets from issue 8.
+TARGET_SCAN_P50_RATIO = 2.0  # others' p50 while one client loops reconnects, vs idle (item 6)
+TARGET_MAILBOX_KIB: float | None = 0.5   # RSS per waiting DM (item 8): they live in SQLite, RAM holds a count
+MAILBOX = 500                # chat.py's --mailbox default: DMs kept per offline user
+MAX_TEXT = 2000              # chat.py's --max_text default: code points per message
 
 
 def log(msg: str) -> None:
@@ -103,7 +119,7 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes of every measurement; ``QUICK`` must finish in under 30 s on 2 cores."""
+    """Sizes of every measurement; ``QUICK`` must finish in under 60 s on 2 cores."""
     name: str
     burst: tuple[tuple[int, int], ...]   # (N receivers, M messages)
     latency_n: int                       # receivers for the paced latency runs
@@ -116,14 +132,21 @@ class Profile:
     dm_offline: int                      # <= --mailbox (500 by default)
     stalled: int
     concurrency: int                     # simultaneous connection handshakes
+    scan_messages: int                   # stored messages in "general" for the reconnect scan
+    scan_seconds: float                  # per round, idle and reconnecting alike
+    scan_rounds: int                     # rounds, idle and reconnecting in turn
+    scan_max_reconnects: int             # per round: the loop's bound besides time
+    mail_users: int                      # offline users whose mailboxes are filled
 
 
 FULL = Profile("full", burst=((200, 1000), (1000, 200)), latency_n=200, latency_rate=20.0,
                latency_seconds=10.0, latency_rounds=3, idle=(1000, 10_000), tabs=10, dm_online=2000,
-               dm_offline=400, stalled=10, concurrency=100)
+               dm_offline=400, stalled=10, concurrency=100, scan_messages=2_000_000,
+               scan_seconds=10.0, scan_rounds=2, scan_max_reconnects=100_000, mail_users=50)
 QUICK = Profile("quick", burst=((50, 200),), latency_n=50, latency_rate=20.0,
                 latency_seconds=2.0, latency_rounds=1, idle=(500,), tabs=10, dm_online=300,
-                dm_offline=100, stalled=10, concurrency=50)
+                dm_offline=100, stalled=10, concurrency=50, scan_messages=50_000,
+                scan_seconds=3.0, scan_rounds=1, scan_max_reconnects=20_000, mail_users=20)
 
 
 ################ The server under test: subprocess, /healthz, /proc figures
@@ -351,7 +374,9 @@ class RawClient(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+        # Host with the port, as a browser sends it: the server may check it.
+        port = transport.get_extra_info("peername")[1]
+        transport.write(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\n"
                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                         f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
 
@@ -444,12 +469,15 @@ class RawClient(asyncio.Protocol):
 
 
 async def open_raw(port: int, name: str, tally: Tally, stall: bool = False,
-                   token: str | None = None, timeout: float = 15.0) -> RawClient:
+                   token: str | None = None, timeout: float = 15.0,
+                   since: int | None = None) -> RawClient:
     """Connect one RawClient as ``name`` and wait for its welcome frame."""
     loop = asyncio.get_running_loop()
     path = f"/ws?username={name}"
     if token:
         path += f"&token={urllib.parse.quote(token)}"
+    if since is not None:
+        path += f"&since={since}"
     if stall:   # a tiny receive buffer, so the server (not the kernel) must hold what it owes
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -496,7 +524,7 @@ class Sender:
         self.ws = ws
         self.acks: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
-        self.acked = asyncio.Event()
+        self.acked = asyncio.Event()    # set when acks + errors reach ack_target
         self.ack_target = 0
         self.echo_count = 0             # "message" frames received (its own, in flood())
         self.echo_target = 0
@@ -521,12 +549,10 @@ class Sender:
                 Tally.frames_total += 1
                 match = TYPE_RE.search(raw[:40].encode())
                 kind = match.group(1) if match else b""
-                if kind == b"ack":
-                    self.acks.append(json.loads(raw))
-                    if len(self.acks) >= self.ack_target:
+                if kind in (b"ack", b"error"):   # each ref'd frame gets one or the other
+                    (self.acks if kind == b"ack" else self.errors).append(json.loads(raw))
+                    if len(self.acks) + len(self.errors) >= self.ack_target:
                         self.acked.set()
-                elif kind == b"error":
-                    self.errors.append(json.loads(raw))
                 elif kind == b"message":
                     self.echo_count += 1
                     if self.echo_count >= self.echo_target:
@@ -573,6 +599,8 @@ class Results:
     idle: list[dict[str, Any]] = field(default_factory=list)
     dm: dict[str, Any] = field(default_factory=dict)
     slow: dict[str, Any] = field(default_factory=dict)
+    reconnect: dict[str, Any] = field(default_factory=dict)
+    mailbox: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -616,6 +644,19 @@ async def measure_burst(server: Server, tally: Tally, n: int, m: int) -> dict[st
             "server_cpu_s": round(cpu1 - cpu0, 3)}
 
 
+async def send_paced(sender: Sender, rate: float, count: int) -> None:
+    """Send ``count`` messages into "general" at ``rate`` per second, each text
+    stamped with its send time ("lat SEQ SEND_NS") for the receivers' tallies."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(count):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)   # pacing the load, not waiting for an event
+        await sender.send({"type": "message", "room": "general",
+                           "text": f"lat {i} {time.monotonic_ns()}"})
+
+
 @dataclass
 class LatencyRuns:
     """Latency samples (ns) and server CPU pooled over the rounds of one server."""
@@ -647,14 +688,7 @@ async def measure_latency(server: Server, receivers: list[RawClient], rate: floa
     count = max(1, int(rate * seconds))
     tally.arm(count * len(receivers))
     cpu0 = server.cpu_seconds()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for i in range(count):
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)   # pacing the load, not waiting for an event
-        await sender.send({"type": "message", "room": "general",
-                           "text": f"lat {i} {time.monotonic_ns()}"})
+    await send_paced(sender, rate, count)
     await tally.wait(10, f"{runs.label} latency")
     runs.cpu_s += server.cpu_seconds() - cpu0
     runs.deliveries += count * len(receivers)
@@ -851,6 +885,241 @@ async def measure_slow(server: Server, receivers: list[RawClient], stalled_n: in
     return result
 
 
+################ Issue 8: a reconnect that scans the room, mailboxes in RAM
+
+SEEDER = "seeder"                      # author of the generated room history
+ASTRAL = "\U0001F600"                  # 4 bytes in a Python str and in UTF-8: the worst case for RAM
+CONNECT_LIMIT_RE = re.compile(r"connects?_per|connect_rate")   # option names of connect rate limits
+
+
+def chat_options() -> set[str]:
+    """The option names chat.py accepts (from its --help), spelt with underscores,
+    so that a scenario passes only options that exist in the version under test."""
+    out = subprocess.run([sys.executable, str(HERE / "chat.py"), "--help"], capture_output=True,
+                         text=True, timeout=30, cwd=HERE, stdin=subprocess.DEVNULL)
+    return {m.replace("-", "_") for m in re.findall(r"^\s+--([a-z0-9_-]+)", out.stdout + out.stderr, re.M)}
+
+
+def connect_limits_off() -> list[str]:
+    """``--NAME 0`` for every connect rate limit chat.py has: the reconnect scan
+    measures what one connect costs, so the loop must not be refused."""
+    return [arg for name in sorted(chat_options()) if CONNECT_LIMIT_RE.search(name)
+            for arg in (f"--{name}", "0")]
+
+
+def build_scan_db(path: Path, count: int) -> float:
+    """A database as chat.py leaves it after ``count`` messages in "general": the
+    schema from chat.Store itself, each frame from chat.message_frame and
+    chat.encode, all rows in one transaction.  Returns the seconds it took."""
+    sys.path.insert(0, str(HERE))
+    import chat   # the module under test: its schema and frame shapes, not a copy of them
+    started = time.monotonic()
+    store = chat.Store(str(path))
+    try:
+        seeder, room = chat.key(SEEDER), chat.key("general")
+        store.add_user(seeder, SEEDER, chat.token_hash(secrets.token_urlsafe(24)))
+        store.add_room(room, "general")
+        store.set_member(room, seeder, True)
+        ts, local = chat.stamp("%H:%M:%S")
+        rows = ((i, room, seeder, None, 1,
+                 chat.encode(chat.message_frame(i, "general", SEEDER, f"stored {i}", ts, local)).decode())
+                for i in range(1, count + 1))
+        store.db.execute("BEGIN")
+        store.db.executemany("INSERT INTO messages (id, room, sender, recipient, delivered, frame) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        store.db.execute("COMMIT")
+    finally:
+        store.close()   # folds the WAL into the file, as a stopped server would
+    return time.monotonic() - started
+
+
+async def check_truncated(port: int, name: str, token: str) -> int:
+    """Connect once as the looping user with since=1, as the loop will, and make
+    sure the server answers "general" truncated (else the scenario measures
+    nothing).  Returns the bytes of that connect sequence."""
+    from websockets.asyncio.client import connect
+    url = f"ws://{HOST}:{port}/ws?username={name}&token={urllib.parse.quote(token)}&since=1"
+    size = 0
+    async with connect(url, compression=None, ping_interval=None, max_size=2**24, open_timeout=15) as ws:
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), 15)
+            size += len(raw.encode())
+            frame = json.loads(raw)
+            if frame.get("type") == "joined" and frame.get("room") == "general":
+                break
+            if frame.get("type") not in ("welcome", "joined"):
+                raise BenchError(f"reconnect scan: unexpected frame at connect: {raw[:200]}")
+    if not frame.get("truncated") or not frame.get("history"):
+        raise BenchError(f"reconnect scan: since=1 did not get a truncated history: "
+                         f"{len(frame.get('history', []))} messages, truncated={frame.get('truncated')}")
+    return size
+
+
+async def reconnect_loop(port: int, name: str, token: str, stop: asyncio.Event,
+                         limit: int) -> tuple[int, float]:
+    """One client reconnecting with since=1 as fast as it can, until ``stop`` is
+    set or ``limit`` connects are done: each waits for its welcome (sent once the
+    server has built the whole connect sequence), then aborts.  Returns
+    (connects, seconds).  A refused connect (say rate_limited) raises."""
+    done, started = 0, time.monotonic()
+    while not stop.is_set() and done < limit:
+        try:
+            client = await open_raw(port, name, Tally(), token=token, since=1)
+        except BenchError as e:
+            raise BenchError(f"reconnect {done + 1} failed ({e}); a connect rate limit whose option "
+                             f"CONNECT_LIMIT_RE does not match?") from None
+        drop([client])
+        done += 1
+    return done, time.monotonic() - started
+
+
+async def rtt_round(server: Server, sender: Sender, tally: Tally, rate: float,
+                    seconds: float, runs: LatencyRuns) -> None:
+    """One paced round of A -> B messages; B's arrival times go into ``runs``.
+    (No settle() here: during the loop, frames never stop arriving.)"""
+    count = max(1, int(rate * seconds))
+    tally.latencies = []
+    tally.arm(count)
+    cpu0 = server.cpu_seconds()
+    await send_paced(sender, rate, count)
+    await tally.wait(10 + seconds, f"{runs.label} round trip")
+    runs.cpu_s += server.cpu_seconds() - cpu0
+    runs.deliveries += count
+    runs.samples += tally.latencies
+    runs.round_p99_ms.append(round(percentile(sorted(tally.latencies), 0.99), 3))
+    server.check_alive()
+
+
+async def measure_reconnect_scan(tmp: Path, prof: Profile, rate: float) -> dict[str, Any]:
+    """Issue 8 item 6: others' round trip while one client loops reconnects with
+    an old ``since`` on a database of prof.scan_messages room messages.
+
+    A (sender) and B (receiver) are two users in "general".  The looping user
+    keeps one other tab open all along, so its reconnects do not flap its
+    presence: what is measured is the connect itself (item 9 is presence).
+    Rounds alternate idle and reconnecting, so both meet the same machine."""
+    label = "scan"
+    built = await asyncio.to_thread(build_scan_db, tmp / f"{label}.db", prof.scan_messages)
+    log(f"reconnect scan: built {prof.scan_messages} messages in {built:.1f} s")
+    server = chat_server(label, tmp, extra=tuple(connect_limits_off()))
+    clients: list[RawClient] = []
+    sender: Sender | None = None
+    try:
+        server.start(timeout=60)
+        tally = Tally(latency=True)
+        clients.append(await open_raw(server.port, "scanB", tally))
+        clients.append(await open_raw(server.port, "scanLoop", Tally()))   # the tab that stays
+        token = json.loads(clients[-1].welcome.result())["token"]
+        sequence_bytes = await check_truncated(server.port, "scanLoop", token)
+        sender = await Sender.open(server.port, "scanA")
+        await settle()
+        idle, busy = LatencyRuns("idle"), LatencyRuns("reconnecting")
+        connects, loop_seconds = 0, 0.0
+        for _ in range(prof.scan_rounds):
+            await rtt_round(server, sender, tally, rate, prof.scan_seconds, idle)
+            stop = asyncio.Event()
+            loop = asyncio.create_task(reconnect_loop(server.port, "scanLoop", token, stop,
+                                                      prof.scan_max_reconnects))
+            try:
+                await rtt_round(server, sender, tally, rate, prof.scan_seconds, busy)
+            finally:
+                stop.set()
+                done, seconds = await asyncio.wait_for(loop, 30)   # raises what the loop raised
+            connects += done
+            loop_seconds += seconds
+        if sender.errors:
+            raise BenchError(f"reconnect scan: error frames to A, e.g. {sender.errors[0]}")
+        a, b = idle.summary(rate, 1), busy.summary(rate, 1)
+        return {"messages": prof.scan_messages, "build_s": round(built, 1), "msg_per_s": rate,
+                "seconds_per_round": prof.scan_seconds, "rounds": prof.scan_rounds,
+                "idle_p50_ms": a["p50_ms"], "idle_p99_ms": a["p99_ms"],
+                "loop_p50_ms": b["p50_ms"], "loop_p99_ms": b["p99_ms"],
+                "p50_ratio": round(b["p50_ms"] / a["p50_ms"], 2) if a["p50_ms"] else None,
+                "reconnects": connects, "reconnects_per_s": round(connects / max(loop_seconds, 1e-9), 1),
+                "connect_sequence_bytes": sequence_bytes,
+                "server_cpu_idle_s": round(idle.cpu_s, 2), "server_cpu_loop_s": round(busy.cpu_s, 2),
+                "limits_lifted": connect_limits_off()[::2]}
+    finally:
+        if sender is not None:
+            await sender.close()
+        drop(clients)
+        server.stop()
+
+
+async def send_dms(sender: Sender, to: str, count: int, max_text: int, window: int = 50) -> int:
+    """``count`` DMs of exactly ``max_text`` code points (all astral but a serial
+    number) to ``to``, ``window`` unanswered at a time: the sender is sent a copy
+    of each, and must not be owed more than --max_queue.  Returns how many the
+    acks say are queued (waiting in the mailbox)."""
+    prefix = f"@{to} "
+    body = ASTRAL * (max_text - len(prefix) - 8)
+    queued = 0
+    for start in range(0, count, window):
+        batch = range(start, min(count, start + window))
+        sender.acks.clear()
+        sender.ack_target, sender.acked = len(batch), asyncio.Event()
+        for i in batch:
+            await sender.send({"type": "message", "text": f"{prefix}{i:07d} {body}", "ref": i})
+        try:
+            await asyncio.wait_for(sender.acked.wait(), 30)
+        except asyncio.TimeoutError:
+            raise BenchError(f"DMs to {to}: {len(sender.acks)} of {len(batch)} answered in 30 s") from None
+        if sender.errors:
+            raise BenchError(f"DMs to {to}: error frames, e.g. {sender.errors[0]}")
+        queued += sum(1 for ack in sender.acks if ack.get("queued"))
+    return queued
+
+
+async def measure_mailbox_rss(tmp: Path, users: int, mailbox: int, max_text: int) -> dict[str, Any]:
+    """Issue 8 item 8: server RSS before vs after ``users`` offline mailboxes are
+    filled to ``mailbox`` DMs of ``max_text`` code points each."""
+    server = chat_server("mailbox", tmp, extra=("--mailbox", str(mailbox), "--max_text", str(max_text)))
+    sender: Sender | None = None
+    try:
+        server.start()
+        names = [f"mb{i}" for i in range(users)]
+        # Each name is claimed once, then goes offline: DMs to it wait in its mailbox.
+        made, _, errors = await connect_many(server.port, ["mbwarm", *names], Tally(), 20)
+        if errors:
+            raise BenchError(f"mailbox: {len(errors)} users failed to connect, e.g. {errors[0]}")
+        drop(made)
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in made)), 10)
+        sender = await Sender.open(server.port, "mbA")
+        # Warm-up: a few DMs to one more mailbox, so first-use allocations are not counted.
+        await send_dms(sender, "mbwarm", 10, max_text)
+        await settle()
+        await server.quiet_cpu()
+        rss0 = server.rss_kib()
+        started = time.monotonic()
+        queued = 0
+        for name in names:
+            queued += await send_dms(sender, name, mailbox, max_text)
+        seconds = time.monotonic() - started
+        await settle()
+        await server.quiet_cpu()
+        rss1 = server.rss_kib()
+        if queued != users * mailbox:
+            raise BenchError(f"mailbox: {queued} of {users * mailbox} DMs were queued (were the users online?)")
+        # One more must be refused: the mailboxes really are full, not merely sent to.
+        sender.acks.clear()
+        sender.ack_target, sender.acked = 1, asyncio.Event()
+        await sender.send({"type": "message", "text": f"@{names[0]} one too many", "ref": "full"})
+        await asyncio.wait_for(sender.acked.wait(), 10)
+        full = [e for e in sender.errors if e.get("code") == "mailbox_full"]
+        if not full:
+            raise BenchError(f"mailbox: a DM past --mailbox was not refused: {sender.acks[:1]}")
+        server.check_alive()
+        waiting = users * mailbox
+        return {"users": users, "mailbox": mailbox, "max_text": max_text, "waiting": waiting,
+                "text": "astral (4-byte) characters", "fill_s": round(seconds, 1),
+                "rss_before_mib": round(rss0 / 1024, 1), "rss_after_mib": round(rss1 / 1024, 1),
+                "rss_growth_mib": round((rss1 - rss0) / 1024, 1),
+                "rss_kib_per_msg": round((rss1 - rss0) / waiting, 2)}
+    finally:
+        if sender is not None:
+            await sender.close()
+        server.stop()
+
+
 ################ The run
 
 
@@ -906,9 +1175,21 @@ async def run_latency_suite(res: Results, prof: Profile, tmp: Path) -> None:
             drop(clients)
 
 
-async def run_all(prof: Profile, tmp: Path) -> Results:
-    """Every measurement of the profile; an error ends that part and is recorded."""
+PARTS = ("burst", "latency", "idle", "reconnect_scan", "mailbox_rss")   # what --only may name
+
+
+async def run_all(prof: Profile, tmp: Path, only: str | None = None) -> Results:
+    """Every measurement of the profile (or only one part of it); an error ends
+    that part and is recorded."""
     res = Results(prof.name)
+    for part in PARTS:
+        if only in (None, part):
+            await globals()[f"run_{part}"](res, prof, tmp)
+    return res
+
+
+async def run_burst(res: Results, prof: Profile, tmp: Path) -> None:
+    """Connect rate and burst fan-out, for each size, database kind and the baseline."""
     for n, m in prof.burst:
         for kind in ("file", "memory", "baseline"):
             try:
@@ -916,11 +1197,19 @@ async def run_all(prof: Profile, tmp: Path) -> Results:
             except Exception as exc:   # any failure ends this part; the others still run
                 res.errors.append(f"{kind} N={n}: {type(exc).__name__}: {exc}")
                 log(f"ERROR {kind} N={n}: {type(exc).__name__}: {exc}")
+
+
+async def run_latency(res: Results, prof: Profile, tmp: Path) -> None:
+    """Latency beside the baseline, then DM cost and slow consumers."""
     try:
         await run_latency_suite(res, prof, tmp)
     except Exception as exc:   # any failure ends this part; the others still run
         res.errors.append(f"latency/DM/slow: {type(exc).__name__}: {exc}")
         log(f"ERROR latency/DM/slow: {type(exc).__name__}: {exc}")
+
+
+async def run_idle(res: Results, prof: Profile, tmp: Path) -> None:
+    """RSS per idle connection, for each count."""
     for count in prof.idle:
         try:
             idle = await measure_idle(tmp, count, prof.tabs, prof.concurrency)
@@ -932,7 +1221,26 @@ async def run_all(prof: Profile, tmp: Path) -> Results:
         except Exception as exc:   # any failure ends this part; the others still run
             res.errors.append(f"idle {count}: {type(exc).__name__}: {exc}")
             log(f"ERROR idle {count}: {type(exc).__name__}: {exc}")
-    return res
+
+
+async def run_reconnect_scan(res: Results, prof: Profile, tmp: Path) -> None:
+    """Others' round trip while one client loops reconnects on a big database."""
+    try:
+        res.reconnect = await measure_reconnect_scan(tmp, prof, prof.latency_rate)
+        log(f"reconnect scan: {res.reconnect}")
+    except Exception as exc:   # any failure ends this part; the others still run
+        res.errors.append(f"reconnect scan: {type(exc).__name__}: {exc}")
+        log(f"ERROR reconnect scan: {type(exc).__name__}: {exc}")
+
+
+async def run_mailbox_rss(res: Results, prof: Profile, tmp: Path) -> None:
+    """Server RSS with full offline mailboxes."""
+    try:
+        res.mailbox = await measure_mailbox_rss(tmp, prof.mail_users, MAILBOX, MAX_TEXT)
+        log(f"mailbox RSS: {res.mailbox}")
+    except Exception as exc:   # any failure ends this part; the others still run
+        res.errors.append(f"mailbox RSS: {type(exc).__name__}: {exc}")
+        log(f"ERROR mailbox RSS: {type(exc).__name__}: {exc}")
 
 
 ################ Report: one JSON line, then a table with the targets
@@ -965,6 +1273,13 @@ def targets(res: Results) -> dict[str, Any]:
     if res.slow.get("p99_ratio") is not None:
         out["slow_p99_ratio"] = {"value": res.slow["p99_ratio"], "target": TARGET_SLOW_P99_RATIO,
                                  "met": res.slow["p99_ratio"] <= TARGET_SLOW_P99_RATIO}
+    if res.reconnect.get("p50_ratio") is not None:
+        out["reconnect_scan_p50_ratio"] = {"value": res.reconnect["p50_ratio"], "target": TARGET_SCAN_P50_RATIO,
+                                           "met": res.reconnect["p50_ratio"] <= TARGET_SCAN_P50_RATIO}
+    if res.mailbox:   # "met" stays null until the target is set
+        value = res.mailbox["rss_kib_per_msg"]
+        out["mailbox_rss_kib_per_msg"] = {"value": value, "target": TARGET_MAILBOX_KIB,
+                                          "met": None if TARGET_MAILBOX_KIB is None else value <= TARGET_MAILBOX_KIB}
     return out
 
 
@@ -974,12 +1289,15 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
            "loadavg_1m": os.getloadavg()[0],
            "python": sys.version.split()[0], "connect": res.connect, "burst": res.burst,
            "latency": res.latency, "idle": res.idle, "dm": res.dm, "slow": res.slow,
+           "reconnect_scan": res.reconnect, "mailbox_rss": res.mailbox,
            "targets": goals, "errors": res.errors, "ok": not res.errors}
     print(json.dumps(doc, separators=(",", ":")), flush=True)
 
     def mark(key: str) -> str:
         goal = goals.get(key)
-        return "" if goal is None else ("  [met]" if goal["met"] else "  [MISSED]")
+        if goal is None or goal["met"] is None:
+            return ""
+        return "  [met]" if goal["met"] else "  [MISSED]"
 
     lines = [f"\nchat.py benchmark ({res.profile}, {seconds:.0f} s, {os.cpu_count()} cpus, "
              f"load average {os.getloadavg()[0]:.2f} at the end)"]
@@ -1014,6 +1332,18 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
                      f"{mark('slow_p99_ratio')}")
         lines.append(f"           closed {s['closed']}/{s['stalled']} (1013: {s['closed_1013']}), "
                      f"server RSS peak +{s['rss_growth_peak_mib']} MiB")
+    if res.reconnect:
+        r = res.reconnect
+        lines.append(f"  rescan   {r['messages']} stored: others' p50 {r['loop_p50_ms']} ms (p99 {r['loop_p99_ms']}) "
+                     f"while one client reconnects since=1 at {r['reconnects_per_s']}/s, vs {r['idle_p50_ms']} ms "
+                     f"(p99 {r['idle_p99_ms']}) idle (x{r['p50_ratio']}, target <= x{TARGET_SCAN_P50_RATIO:g})"
+                     f"{mark('reconnect_scan_p50_ratio')}")
+    if res.mailbox:
+        mb = res.mailbox
+        tgt = "not set" if TARGET_MAILBOX_KIB is None else f"<= {TARGET_MAILBOX_KIB:g} KiB"
+        lines.append(f"  mailbox  {mb['users']} x {mb['mailbox']} DMs of {mb['max_text']} chars waiting: "
+                     f"RSS +{mb['rss_growth_mib']} MiB, {mb['rss_kib_per_msg']} KiB/message "
+                     f"(target {tgt}){mark('mailbox_rss_kib_per_msg')}")
     for e in res.errors:
         lines.append(f"  ERROR    {e}")
     lines.append("  result   " + ("ok" if not res.errors else f"FAILED ({len(res.errors)} errors)"))
@@ -1029,7 +1359,8 @@ def raise_file_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small version of everything (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="small version of everything (< 60 s)")
+    parser.add_argument("--only", choices=PARTS, help="run only this part of the profile")
     parser.add_argument("--baseline-server", type=int, metavar="PORT",
                         help="run only the plain Tornado baseline server on PORT")
     args = parser.parse_args(argv)
@@ -1046,7 +1377,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench_chat_") as tmpdir:
         try:
-            res = asyncio.run(run_all(prof, Path(tmpdir)))
+            res = asyncio.run(run_all(prof, Path(tmpdir), args.only))
         finally:   # whatever happened, no server outlives the benchmark
             for server in list(Server.running):
                 server.stop()

@@ -8,13 +8,21 @@ Endpoints
 ---------
 ``GET /``         the page (index.html: HTML, CSS and JS in one file).
 ``GET /healthz``  ``{"status":"ok","connections":3,"users_online":2,"rooms":4}``.
-``GET /ws?username=NAME[&token=TOKEN][&since=ID]``  the WebSocket.
+``GET /ws?username=NAME[&token=TOKEN][&since=ID][&epoch=E]``  the WebSocket.
+
+``/`` and ``/ws`` answer only requests whose ``Host`` is this server's: a
+loopback name on its port, the ``--host`` address, or one listed with
+``--hosts`` or ``--origins`` (anything else is 403, which stops DNS
+rebinding); ``/healthz`` answers any. A WebSocket from a foreign ``Origin``
+is 403 too.
 
 Names
 -----
 User and room names are 1-32 characters from ``A-Z a-z 0-9 _ - .``. They are
 matched case-insensitively (``@userb`` reaches ``UserB``, ``General`` is
-``general``) and shown as first written.
+``general``) and shown as first written. A new name that differs from an
+owned one only by ``.``, ``-``, ``_`` or the lookalikes I/l/1 and O/0 is
+refused (``bad_username``), so nobody can pass as somebody else.
 
 The first connection to a free name owns it and receives a ``token`` in its
 ``welcome``. Every later connection to that name must present ``token=``;
@@ -32,32 +40,41 @@ On connect the server sends, in order:
 
 1. ``{"type":"welcome","user":"UserA","token":"...","online":["UserA"],
    "rooms":["general"],"default_room":"general","max_text":2000,
-   "epoch":"9f2c..."}`` (the epoch names the database that ids count in)
+   "epoch":"9f2c..."}`` (the epoch names the database that ids count in);
 2. for each of the user's rooms ``{"type":"joined","room":"general",
    "members":["UserA","UserB"],"history":[message, ...]}`` (oldest first);
-3. direct messages, oldest first: every buffered one (``"buffered": true``),
-   and with ``since=ID`` also every one to or from the user with a larger id.
+3. private messages, oldest first: those kept while the user was offline
+   (``"buffered": true``), and with ``since=ID`` also those to or from the
+   user with a larger id (one the user sent that still waits says
+   ``"queued": true``).
 
-With ``since=ID`` (the highest id the client has seen) each ``history``
-holds only messages with a larger id, plus ``"truncated": true`` when more
-were missed than the history keeps. A ``since`` that is not a number is
-ignored, and one sent with another database's ``epoch=`` counts as 0.
-Private messages all go; the room histories of one connect sequence share
-what is left of ``--max_queue`` bytes, and a room cut short is
-``"truncated"`` too: a ``join`` of it returns up to ``--max_queue`` bytes.
-The sequence is not in id order, so a client should move its resume point
-only after it has all of it: the answer to its first frame comes after it.
+What one connect sequence carries is bounded by ``--max_queue`` bytes, so
+that a client that never reads costs little. Private messages take the
+newest that fit in half of it; when some were left out, ``welcome`` says
+``"directs_truncated": true`` and the client asks for the rest with
+``history`` (below). Room histories share what is left; a room cut short, or
+one where more were missed than the history keeps, says ``"truncated":
+true``. With ``since=ID`` (the highest id the client has seen) each
+``history`` holds only messages with a larger id. A ``since`` that is not a
+number is ignored, and one sent with another database's ``epoch=`` counts
+as 0. The sequence is not in id order, so a client should move its resume
+point only after it has all of it: the answer to its first frame comes after.
 
 Presence goes to everybody else when a user's first connection opens and
-when the last one closes:
-``{"type":"presence","user":"UserB","status":"online"}`` (or ``"offline"``).
+when the last one closes: ``{"type":"presence","user":"UserB",
+"status":"online"}`` (or ``"offline"``). A user whose last connection comes
+back within ``--offline_grace`` seconds was never away: nobody is told.
 
 Client to server, and what comes back::
 
-    {"type":"message","room":"general","text":"hello","ref":1}
+    {"type":"message","room":"general","text":"hello","ref":1,"cid":"c7"}
         -> to every member: {"type":"message","id":101,"room":"general",
            "from":"UserA","text":"hello","ts":"2026-11-24T15:04:05.123Z",
            "time":"15:04:05"}; to the sender also {"type":"ack","ref":1,"id":101}
+           "cid" (optional, 1-64 printable ASCII characters) is the client's
+           own id for the message: a repeat with a cid already stored for
+           this user is not posted again but acked with the first id, so a
+           page may re-send safely after a reconnect.
     {"type":"message","text":"@UserB hi"}   a direct message ("@name" + ASCII
                                             white space starts one)
         -> to both users: {"type":"direct","id":102,"from":"UserA",
@@ -71,12 +88,21 @@ Client to server, and what comes back::
                                            others get "action":"leave"
     {"type":"rooms"}                    -> {"type":"rooms","rooms":
                                             [{"name":"general","members":12}]}
+    {"type":"history","room":"general","before":101,"limit":50}
+    {"type":"history","with":"UserB","before":101}
+    {"type":"history","directs":true,"before":101}
+        -> {"type":"history","room":"general","more":true,"messages":[...]}
+           (or "with", or "directs"): the newest messages with an id below
+           "before" (all, without it), oldest first, at most "limit" (1-200,
+           default 50) and --max_queue bytes; "more" says older ones exist.
+           "with" is one private conversation, "directs" all of the user's.
     {"type":"typing","room":"general"}  -> others get {"type":"typing",
     {"type":"typing","to":"UserB"}         "user":"UserA","room":...} or "to"
 
-``id`` is an integer that increases over every message of the server; ``ts``
-is UTC with milliseconds; ``time`` is local, in ``--timestamp_format``. Text
-is stored and relayed exactly as sent: escaping it is the page's job.
+``id`` is an integer that increases over every message of the server (it
+may skip numbers); ``ts`` is UTC with milliseconds; ``time`` is local, in
+``--timestamp_format``. Text is stored and relayed exactly as sent: escaping
+it is the page's job.
 
 Errors
 ------
@@ -84,29 +110,40 @@ Errors
 connection stays open and nothing else changes. Codes: ``bad_json`` (also for
 binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 ``unknown_user``, ``mailbox_full``, ``rate_limited``, ``too_many_rooms``,
-``server_error``; at connect ``bad_username`` (close 4400), ``name_taken``
-(4409), ``too_many_connections`` (4429), ``server_full`` (4503).
+``server_error`` (nothing was stored: try again); at connect
+``bad_username`` (close 4400), ``name_taken`` (4409), ``too_many_connections``
+and ``rate_limited`` (4429), ``server_full`` (4503), ``server_error`` (1011).
 
 Limits
 ------
-A frame over 64 KiB closes with 1009. A connection that owes more than
+A frame over 64 KiB closes with 1009, an unmasked one with 1002, a text
+frame that is not UTF-8 with 1007. A connection that owes more than
 ``--max_queue`` bytes beyond the answers it asked for (its connect sequence,
-then joins, up to ``--max_queue`` bytes of them at a time) has stopped
+joins and histories, each at most ``--max_queue`` bytes) has stopped
 reading: it is closed with 1013 and may resume with ``since``. Server
-shutdown closes with 1001. ``--max_text`` code points per message, ``--rate``/``--burst`` frames
-per connection, ``--history`` messages per room, ``--mailbox`` buffered
-messages per user, ``--max_tabs`` and ``--max_conns_per_ip`` connections,
-``--max_rooms`` rooms, ``--max_users`` owned names, ``--names_per_hour``
-new names per address (``rate_limited``, close 4429). A client that stops
-answering pings (a pong counts only if it echoes the latest ping, which
-waits behind everything the client is owed; a write the kernel had to hold
-back and then took counts too) is dropped after ``--ping_interval`` +
-``--ping_timeout`` seconds.
+shutdown closes with 1001. ``--max_text`` code points per message;
+``--rate``/``--burst`` frames per connection (``typing`` has a small budget
+of its own, and extra ones are dropped), with every wire frame (pings and
+fragments too) counted against four times that; a connection that keeps
+sending past its limits for 10 s is closed with 4429. ``--history``
+messages per room; ``--mailbox`` kept messages per user; ``--max_tabs`` and
+``--max_conns_per_ip`` connections; ``--max_conns`` connections in all,
+HTTP ones included, and headers must arrive within ``--header_timeout``;
+``--connects_per_minute`` per user (ten times that per address);
+``--max_rooms`` rooms, 100 per user, and ``--rooms_per_hour`` new rooms per
+user; ``--max_users`` owned names, ``--names_per_hour`` new names per
+address (``rate_limited``, close 4429). A client that stops answering pings
+(each connection's ping carries its own random payload, and a pong counts
+only if it echoes it; a write the kernel had to hold back and then took
+counts too) is dropped after ``--ping_interval`` + ``--ping_timeout``
+seconds. A room with no members for a day is forgotten, with its messages.
 
 Storage
 -------
 SQLite (``--db``, WAL mode) is written before anything is acked or relayed;
-the class-level dicts on ChatSocket are the live state, loaded at start.
+a write that fails is rolled back whole and answered ``server_error``. The
+class-level dicts on ChatSocket are the live state, loaded at start; private
+messages that wait for their reader stay in SQLite.
 """
 
 from __future__ import annotations
@@ -114,25 +151,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
+import resource
 import secrets
 import signal
+import socket
 import sqlite3
 import struct
 import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 
+import tornado.httpserver
+import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
+import tornado.options
 import tornado.web
 import tornado.websocket
 from tornado.log import access_log
@@ -157,19 +202,35 @@ define("max_text", default=2000, help="characters per message")
 define("rate", default=5.0, help="frames per second per connection (0 turns limiting off)")
 define("burst", default=20, help="frames a connection may send at once")
 define("origins", type=str, multiple=True, default=[], help="extra allowed Origin values")
+define("hosts", type=str, multiple=True, default=[], help="extra allowed Host names, NAME or NAME:PORT")
+define("max_conns", default=20000, help="open connections in all, HTTP ones included (0: no cap)")
+define("header_timeout", default=10.0, help="seconds a client has to send a request's headers")
 define("max_tabs", default=10, help="connections per user (0: no cap)")
 define("max_conns_per_ip", default=200, help="connections per address (0: no cap)")
+define("connects_per_minute", default=30.0, help="new connections per user after 10 at once; ten times that per address (0: no cap)")
 define("max_rooms", default=1000, help="rooms on the server (0: no cap)")
+define("rooms_per_hour", default=20.0, help="new rooms one user may create per hour, after 10 at once (0: no cap)")
 define("max_users", default=10000, help="owned names on the server (0: no cap)")
 define("names_per_hour", default=30.0, help="new names one address may claim per hour, after 10 at once (0: no cap)")
 define("max_queue", default=1 << 20, help="bytes one connection may be owed before it is closed (1013)")
+define("offline_grace", default=1.0, help="seconds a user may be gone before others see them offline")
 define("ping_interval", default=20.0, help="seconds between pings")
 define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most ping_interval)")
 
 MAX_FRAME = 64 * 1024  # bytes in one client frame; larger closes with 1009
 MAX_REF = 100  # characters in a string ref
+MAX_CID = 64  # characters in a client's message id
 WRITE_CHUNK = 256 * 1024  # frames handed to the kernel at once (a bigger frame goes whole): each done shows the reader is alive
-NAMES_AT_ONCE = 10  # new names one address may claim before --names_per_hour applies
+AT_ONCE = 10  # names per address, rooms per user and connects per user allowed before their hourly/minutely rates apply
+ROOMS_PER_USER = 100  # rooms one user may be in
+HISTORY_PAGE = (50, 200)  # messages a history answer holds: by default, at most
+TYPING = (3, 0.5)  # typing frames a connection may send at once, and per second after that
+WIRE_FACTOR = 4  # every wire frame (pings, fragments too) counts against this times --rate/--burst
+FLOOD_CLOSE_AFTER = 10.0  # seconds of sending past the limits before a connection is closed with 4429
+FLOOD_GAP = 1.0  # a pause this long ends a flood
+ROOM_IDLE = 24 * 3600.0  # seconds a room may stand empty before it is forgotten
+SWEEP_EVERY = 600.0  # seconds between sweeps of empty rooms and full token buckets
+HISTORY_CACHE = 64 << 20  # bytes of encoded room histories kept in RAM (the least recently used are dropped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +249,18 @@ class Config:
     rate: float
     burst: int
     origins: list
+    hosts: list
+    max_conns: int
+    header_timeout: float
     max_tabs: int
     max_conns_per_ip: int
+    connects_per_minute: float
     max_rooms: int
+    rooms_per_hour: float
     max_users: int
     names_per_hour: float
     max_queue: int
+    offline_grace: float
     ping_interval: float
     ping_timeout: float
 
@@ -210,6 +277,9 @@ NAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 DIRECT = re.compile(r"@([A-Za-z0-9_.\-]{1,32})[ \t\n\r\f\v]+(.*)", re.DOTALL)
 # Text made only of these shows nothing: white space and zero-width characters.
 BLANK = re.compile(r"[\s\u180e\u200b-\u200f\u2060-\u2064\ufeff]*")
+CID = re.compile(r"[!-~]{1,%d}" % MAX_CID)  # printable ASCII, no space
+# What two names look like to a reader: separators dropped, I/l/1 and O/0 alike.
+LOOKALIKE = str.maketrans({".": None, "-": None, "_": None, "i": "l", "1": "l", "0": "o"})
 
 
 class ChatError(Exception):
@@ -224,6 +294,11 @@ class ChatError(Exception):
 def key(name: str) -> str:
     """The case-insensitive identity of a user or room name."""
     return name.lower()
+
+
+def skeleton(name: str) -> str:
+    """What a name looks like: two names with one skeleton pass for each other."""
+    return name.lower().translate(LOOKALIKE)
 
 
 def check_name(value: Any, code: str) -> str:
@@ -266,9 +341,32 @@ def check_ref(value: Any) -> Any:
     """A client's ref, which must survive a round trip through JSON unchanged."""
     if isinstance(value, str) and len(value) <= MAX_REF and is_unicode(value):
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+    if is_int(value) and abs(value) < 2**53:
         return value
     raise ChatError("bad_request", f"'ref' must be an integer or a string of at most {MAX_REF} characters")
+
+
+def check_cid(value: Any) -> Optional[str]:
+    """A message's client id, or None when the frame has none."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CID.fullmatch(value):
+        raise ChatError("bad_request", f"'cid' must be 1-{MAX_CID} printable ASCII characters")
+    return value
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_page(frame: dict) -> tuple[Optional[int], int]:
+    """A history request's (before, limit)."""
+    before, limit = frame.get("before"), frame.get("limit", HISTORY_PAGE[0])
+    if before is not None and not (is_int(before) and 0 < before < 2**63):
+        raise ChatError("bad_request", "'before' must be a message id")
+    if not (is_int(limit) and 1 <= limit <= HISTORY_PAGE[1]):
+        raise ChatError("bad_request", f"'limit' must be 1-{HISTORY_PAGE[1]}")
+    return before, limit
 
 
 def reject_constant(name: str) -> None:
@@ -297,6 +395,63 @@ def parse_since(value: Optional[str]) -> Optional[int]:
     return int(value)
 
 
+class Bucket:
+    """A token bucket: `size` at once, then `rate` a second. Every budget
+    the server keeps (frames, typing, names, rooms, connects) is one."""
+
+    __slots__ = ("tokens", "when")
+
+    def __init__(self, size: float) -> None:
+        self.tokens = float(size)
+        self.when = time.monotonic()
+
+    def take(self, size: float, rate: float) -> bool:
+        """Spend one token if there is one."""
+        now = time.monotonic()
+        self.tokens = min(float(size), self.tokens + (now - self.when) * rate)
+        self.when = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def full(self, size: float, rate: float) -> bool:
+        """Whether it has refilled, so forgetting it changes nothing."""
+        return self.tokens + (time.monotonic() - self.when) * rate >= size
+
+
+class Budgets:
+    """The server-wide budgets, one Bucket per key of each kind: new names
+    per address, new rooms per user, connects per user and per address.
+    Buckets that have refilled are forgotten by sweep(), so the dicts hold
+    only keys that were busy lately."""
+
+    def __init__(self, conf: Config) -> None:
+        per_minute = conf.connects_per_minute / 60
+        self.kinds: dict[str, tuple[float, float]] = {  # kind -> (size, tokens per second); rate 0: no limit
+            "name": (AT_ONCE, conf.names_per_hour / 3600),
+            "room": (AT_ONCE, conf.rooms_per_hour / 3600),
+            "connect": (AT_ONCE, per_minute),
+            "connect_ip": (10 * AT_ONCE, 10 * per_minute),
+        }
+        self.buckets: dict[str, dict[str, Bucket]] = {kind: {} for kind in self.kinds}
+
+    def take(self, kind: str, who: str) -> bool:
+        size, rate = self.kinds[kind]
+        if rate <= 0:
+            return True
+        bucket = self.buckets[kind].get(who)
+        if bucket is None:
+            bucket = self.buckets[kind][who] = Bucket(size)
+        return bucket.take(size, rate)
+
+    def sweep(self) -> None:
+        for kind, (size, rate) in self.kinds.items():
+            buckets = self.buckets[kind]
+            for who in [w for w, b in buckets.items() if b.full(size, rate)]:
+                del buckets[who]
+
+
 ################ Outgoing frames: each shape is built here and nowhere else
 
 
@@ -308,16 +463,33 @@ def stamp(timestamp_format: str) -> tuple[str, str]:
     return f"{utc}.{millis:03d}Z", time.strftime(timestamp_format, time.localtime(seconds))
 
 
-def welcome_frame(user: str, token: str, online: list, rooms: list, conf: Config, epoch: str) -> dict:
-    return {"type": "welcome", "user": user, "token": token, "online": online, "rooms": rooms,
-            "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch}
-
-
-def joined_frame(room: str, members: list, history: list, truncated: bool) -> dict:
-    frame = {"type": "joined", "room": room, "members": members, "history": history}
-    if truncated:
-        frame["truncated"] = True
+def welcome_frame(user: str, token: str, online: list, rooms: list, conf: Config, epoch: str,
+                  directs_truncated: bool) -> dict:
+    frame = {"type": "welcome", "user": user, "token": token, "online": online, "rooms": rooms,
+             "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch}
+    if directs_truncated:
+        frame["directs_truncated"] = True
     return frame
+
+
+def joined_payload(room: str, members: bytes, history: list[bytes], truncated: bool) -> bytes:
+    """A joined frame, put together from parts that are encoded once each:
+    the room's member list, and each message as it was first sent."""
+    tail = b'],"truncated":true}' if truncated else b"]}"
+    return b"".join((b'{"type":"joined","room":', encode(room), b',"members":', members,
+                     b',"history":[', b",".join(history), tail))
+
+
+def history_payload(head: dict, messages: list[bytes], more: bool) -> bytes:
+    """A history answer: {"type":"history", head..., "more":..., "messages":[...]}."""
+    start = encode({"type": "history", **head, "more": more})
+    return b"".join((start[:-1], b',"messages":[', b",".join(messages), b"]}"))
+
+
+def flagged(payload: bytes, flag: str) -> bytes:
+    """A stored message with one more key set to true ("buffered", "queued"),
+    without decoding it: a message payload is a JSON object."""
+    return b'%s,"%s":true}' % (payload[:-1], flag.encode())
 
 
 def message_frame(id: int, room: str, sender: str, text: str, ts: str, local: str) -> dict:
@@ -371,7 +543,7 @@ def error_frame(code: str, message: str, ref: Any = None) -> dict:
 ################ The wire: encode once, frame once, write coalesced
 
 
-def encode(frame: dict) -> bytes:
+def encode(frame: Any) -> bytes:
     """A frame's JSON payload; done once per frame however many receive it."""
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -389,10 +561,10 @@ def ws_frame(payload: bytes) -> bytes:
 def raw_stream(handler: tornado.websocket.WebSocketHandler) -> Optional[tornado.iostream.IOStream]:
     """The socket's stream when pre-built frames may be written to it, else None.
 
-    This is the one place that touches Tornado internals: the protocol object
-    keeps its stream as ``.stream``, and a frame we build ourselves is only
-    right when no compression was negotiated (we never offer it). When this
-    returns None the connection falls back to the public write_message().
+    The protocol object keeps its stream as ``.stream``, and a frame we build
+    ourselves is only right when no compression was negotiated (we never
+    offer it). When this returns None the connection falls back to the
+    public write_message().
     """
     protocol = handler.ws_connection
     stream = getattr(protocol, "stream", None)
@@ -417,6 +589,67 @@ def send_now(stream: tornado.iostream.IOStream, data: bytes) -> int:
         return 0
 
 
+def may_send_close(code: int) -> bool:
+    """Whether a close code may appear on the wire (RFC 6455 7.4): 1004-1006
+    and 1015 never may, 1016-2999 are not assigned."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class Protocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, stricter where a client may misbehave.
+
+    Tornado reads frames in ``_receive_frame``, which reads the two header
+    bytes first through ``_read_bytes``; these overrides hook in there. The
+    rest of Tornado's handling is kept as it is.
+
+    - Every wire frame, control frames and fragments included, is counted by
+      the handler's ``frame_arrived``: a flood of pings or empty fragments
+      costs its sender, not the server.
+    - A frame from the client that is not masked is refused with 1002.
+    - A text frame that is not UTF-8 is closed with 1007 (Tornado drops the
+      TCP connection without a close frame).
+    - A close code that may not be sent (1005 echoed back, say) becomes 1002.
+    """
+
+    _header_next = False  # the next _read_bytes is a frame's first two bytes
+    _refused = False  # closed for a protocol error: only the client's close frame is read now
+
+    async def _receive_frame(self) -> None:
+        self._header_next = True
+        await super()._receive_frame()
+
+    async def _read_bytes(self, n: int) -> bytes:
+        data = await super()._read_bytes(n)
+        if self._header_next:
+            self._header_next = False
+            self.handler.frame_arrived()
+            if not data[1] & 0x80 and not self._refused:  # RFC 6455 5.1: a server must refuse these
+                self._refuse(1002, "client frames must be masked")
+        return data
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if self._refused and opcode != 0x8:
+            return None
+        if opcode == 0x1 and not self.client_terminated:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self._refuse(1007, "text frames must be UTF-8")
+                return None
+            self._message_bytes_in += len(data)
+            return self._run_callback(self.handler.on_message, text)
+        return super()._handle_message(opcode, data)
+
+    def _refuse(self, code: int, reason: str) -> None:
+        self._refused = True
+        self.handler.refused_frame(code, reason)
+
+    def close(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
+        if code is not None and not may_send_close(code):
+            code, reason = 1002, "invalid close code"
+        super().close(code, reason)
+
+
 ################ Storage: SQLite, written through before anything is acked
 
 
@@ -424,35 +657,62 @@ class StoreError(Exception):
     """The database cannot be used; raised at start, with a sentence for people."""
 
 
+Row = tuple  # (id, frame JSON as bytes, sender key, recipient key or None, delivered)
+
+
 class Store:
     """The durable copy of the state: users, rooms, memberships and messages.
 
-    Each change is its own committed transaction (autocommit) before the
-    server acks or relays it. WAL with synchronous=NORMAL survives the process
-    being killed at any moment; only a power cut may lose the last commits.
-    Checkpoints (copying the WAL into the database file) run in a thread of
-    their own, so the event loop never waits for one.
+    Each change is committed before the server acks or relays it: a single
+    statement commits by itself (autocommit), and a change of several
+    statements runs in ``transaction()``, which commits all of it or rolls
+    all of it back. A failed write never leaves the connection inside an
+    open transaction, where every later "committed" write would silently
+    join it and be lost with it.
+
+    Another process may hold the write lock (an admin's sqlite3 shell, a
+    VACUUM). A write then waits at most BUSY_MS and raises
+    sqlite3.OperationalError, which the client sees as ``server_error``: the
+    event loop never stalls for long, and the server recovers by itself
+    when the lock goes away.
+
+    WAL with synchronous=NORMAL survives the process being killed at any
+    moment; only a power cut may lose the last commits. Checkpoints (copying
+    the WAL into the database file) run in a thread of their own.
+
+    Private messages waiting for an offline reader stay here (``delivered``
+    is 0) and nowhere else: the live state keeps only how many each user
+    has. Every read the server makes per connect or request is an indexed
+    search: its cost does not grow with the number of stored messages.
     """
 
     CHECKPOINT_EVERY = 1.0  # seconds
+    BUSY_MS = 100  # the longest a write waits for another process's lock
 
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE IF NOT EXISTS users (key TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL);
-    CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL);
-    CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, user TEXT NOT NULL, PRIMARY KEY (room, user));
-    CREATE TABLE IF NOT EXISTS messages (
-        id INTEGER PRIMARY KEY,      -- the message id clients see
-        room TEXT,                   -- room key, NULL for a direct message
-        sender TEXT NOT NULL,        -- user key
-        recipient TEXT,              -- user key of a direct message
-        delivered INTEGER NOT NULL,  -- 0 while a direct message waits in a mailbox
-        frame TEXT NOT NULL          -- the message frame as JSON, exactly as relayed
-    );
-    CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id) WHERE room IS NOT NULL;
-    CREATE INDEX IF NOT EXISTS directs_by_sender ON messages (sender, id) WHERE room IS NULL;
-    CREATE INDEX IF NOT EXISTS directs_by_recipient ON messages (recipient, id) WHERE room IS NULL;
-    """
+    SCHEMA = [
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS users (key TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, user TEXT NOT NULL, PRIMARY KEY (room, user))",
+        """CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY,      -- the message id clients see
+            room TEXT,                   -- room key, NULL for a direct message
+            sender TEXT NOT NULL,        -- user key
+            recipient TEXT,              -- user key of a direct message
+            delivered INTEGER NOT NULL,  -- 0 while a direct message waits in a mailbox
+            frame TEXT NOT NULL,         -- the message frame as JSON, exactly as relayed
+            cid TEXT                     -- the sender's client id for it, if it gave one
+        )""",
+        # Added after the first release: a database from before gets it here.
+        "ALTER TABLE messages ADD COLUMN cid TEXT",
+        "CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id) WHERE room IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS directs_by_sender ON messages (sender, id) WHERE room IS NULL",
+        "CREATE INDEX IF NOT EXISTS directs_by_recipient ON messages (recipient, id) WHERE room IS NULL",
+        "CREATE INDEX IF NOT EXISTS directs_by_pair ON messages (sender, recipient, id) WHERE room IS NULL",
+        "CREATE INDEX IF NOT EXISTS mail ON messages (recipient, id) WHERE delivered = 0",
+        "CREATE INDEX IF NOT EXISTS messages_by_cid ON messages (sender, cid) WHERE cid IS NOT NULL",
+    ]
+    COLUMNS = "id, frame, sender, recipient, delivered"  # a Row
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -461,16 +721,19 @@ class Store:
                 # Create the file ourselves so that it is private from the first byte;
                 # SQLite gives its -wal and -shm files the same mode.
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                      timeout=self.BUSY_MS / 1000)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
-            self.db.executescript(self.SCHEMA)
-            self.db.execute("BEGIN IMMEDIATE")  # proves we can write, now rather than mid-chat
-            # The epoch names this database: message ids count within it, so a
-            # client that saw ids from another (deleted, or :memory:) must start over.
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
-            self.db.execute("COMMIT")
+            with self.transaction():  # proves we can write, now rather than mid-chat
+                for statement in self.SCHEMA:
+                    if statement.startswith("ALTER") and self._has_column("messages", "cid"):
+                        continue
+                    self.db.execute(statement)
+                # The epoch names this database: message ids count within it, so a
+                # client that saw ids from another (deleted, or :memory:) must start over.
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
             self.epoch: str = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use database {path!r}: {e}") from None
@@ -479,6 +742,21 @@ class Store:
         if path != ":memory:":
             self.checkpointer = threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True)
             self.checkpointer.start()
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(row[1] == column for row in self.db.execute(f"PRAGMA table_info({table})"))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All the writes inside commit together, or none of them do."""
+        self.db.execute("BEGIN IMMEDIATE")  # takes the write lock now: fails fast, never half-way
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def _checkpoints(self) -> None:
         """In its own thread and connection: fold the WAL into the database
@@ -492,30 +770,31 @@ class Store:
         finally:
             db.close()
 
-    def load(self, history: int) -> dict:
-        """Everything the live state starts from."""
+    def load(self) -> dict:
+        """Everything the live state starts from (room histories are read when needed)."""
         q = self.db.execute
-        rooms = {k: n for k, n in q("SELECT key, name FROM rooms")}
         return {
             "users": q("SELECT key, name, token_hash FROM users").fetchall(),
-            "rooms": rooms,
+            "rooms": dict(q("SELECT key, name FROM rooms").fetchall()),
             "members": q("SELECT room, user FROM members").fetchall(),
-            "history": {
-                k: [(json.loads(f), len(f.encode())) for (f,) in reversed(q(
-                    "SELECT frame FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?", (k, history)
-                ).fetchall())]
-                for k in rooms
-            },
-            "undelivered": [(r, json.loads(f)) for r, f in q(
-                "SELECT recipient, frame FROM messages WHERE room IS NULL AND delivered = 0 ORDER BY id")],
+            "mail": dict(q("SELECT recipient, count(*) FROM messages WHERE delivered = 0 GROUP BY recipient")),
             "last_id": q("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0],
         }
+
+    # ---- writes
 
     def add_user(self, user: str, name: str, token_hash: str) -> None:
         self.db.execute("INSERT INTO users VALUES (?, ?, ?)", (user, name, token_hash))
 
     def add_room(self, room: str, name: str) -> None:
         self.db.execute("INSERT INTO rooms VALUES (?, ?)", (room, name))
+
+    def drop_room(self, room: str) -> None:
+        """Forget a room and its messages (it has no members)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM messages WHERE room = ?", (room,))
+            self.db.execute("DELETE FROM members WHERE room = ?", (room,))
+            self.db.execute("DELETE FROM rooms WHERE key = ?", (room,))
 
     def set_member(self, room: str, user: str, member: bool) -> None:
         if member:
@@ -524,25 +803,59 @@ class Store:
             self.db.execute("DELETE FROM members WHERE room = ? AND user = ?", (room, user))
 
     def add_message(self, id: int, room: Optional[str], sender: str, recipient: Optional[str],
-                    delivered: bool, payload: bytes) -> None:
-        self.db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                        (id, room, sender, recipient, int(delivered), payload.decode()))
+                    delivered: bool, payload: bytes, cid: Optional[str]) -> None:
+        self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (id, room, sender, recipient, int(delivered), payload.decode(), cid))
 
     def mark_delivered(self, ids: list) -> None:
-        self.db.execute("BEGIN")  # one commit for a whole mailbox, not one per message
-        self.db.executemany("UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
-        self.db.execute("COMMIT")
+        with self.transaction():  # one commit for a whole mailbox, not one per message
+            self.db.executemany("UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
 
-    def directs_since(self, user: str, since: int, limit: int) -> list:
-        """The newest `limit` direct messages to or from user with id > since,
-        oldest first, as (frame, its size as JSON bytes)."""
-        rows = self.db.execute(
-            "SELECT frame FROM messages WHERE room IS NULL AND (sender = ? OR recipient = ?) AND id > ?"
-            " ORDER BY id DESC LIMIT ?", (user, user, since, limit)).fetchall()
-        return [(json.loads(f), len(f.encode())) for (f,) in reversed(rows)]
+    # ---- reads, each an indexed search
 
-    def count_since(self, room: str, since: int) -> int:
-        return self.db.execute("SELECT count(*) FROM messages WHERE room = ? AND id > ?", (room, since)).fetchone()[0]
+    def _rows(self, sql: str, args: tuple) -> list[Row]:
+        return [(i, f.encode(), s, r, d) for i, f, s, r, d in self.db.execute(sql, args)]
+
+    def by_cid(self, sender: str, cid: str) -> Optional[Row]:
+        rows = self._rows(f"SELECT {self.COLUMNS} FROM messages WHERE sender = ? AND cid = ?", (sender, cid))
+        return rows[0] if rows else None
+
+    def room_page(self, room: str, before: Optional[int], limit: int) -> list[Row]:
+        """The newest `limit` messages of a room below `before`, newest first."""
+        return self._rows(f"SELECT {self.COLUMNS} FROM messages WHERE room = ? AND id < ?"
+                          " ORDER BY id DESC LIMIT ?", (room, before or 2**63 - 1, limit))
+
+    def room_has(self, room: str, after: int, before: int) -> bool:
+        """Whether the room has a message with after < id < before."""
+        return self.db.execute("SELECT 1 FROM messages WHERE room = ? AND id > ? AND id < ? LIMIT 1",
+                               (room, after, before)).fetchone() is not None
+
+    def direct_page(self, user: str, other: Optional[str], before: Optional[int], after: int,
+                    limit: int) -> list[Row]:
+        """The newest `limit` private messages of user with after < id < before,
+        newest first: those with `other`, or all of them when other is None."""
+        sent = "sender = ?" + (" AND recipient = ?" if other else "")
+        got = "recipient = ?" + (" AND sender = ?" if other else "")
+        args = (user, other) if other else (user,)
+        window = (after, before or 2**63 - 1)
+        # Two indexed searches rather than one OR, which SQLite may answer by scanning.
+        rows = self._rows(
+            f"SELECT * FROM (SELECT {self.COLUMNS} FROM messages WHERE room IS NULL AND {sent}"
+            " AND id > ? AND id < ? ORDER BY id DESC LIMIT ?)"
+            f" UNION SELECT * FROM (SELECT {self.COLUMNS} FROM messages WHERE room IS NULL AND {got}"
+            " AND id > ? AND id < ? ORDER BY id DESC LIMIT ?) ORDER BY id DESC LIMIT ?",
+            (*args, *window, limit, *args, *window, limit, limit))
+        return rows
+
+    def mail(self, user: str, limit: int) -> list[Row]:
+        """The newest `limit` private messages still waiting for user, newest first."""
+        return self._rows(f"SELECT {self.COLUMNS} FROM messages WHERE recipient = ? AND delivered = 0"
+                          " ORDER BY id DESC LIMIT ?", (user, limit))
+
+    def mail_count(self, user: str) -> int:
+        return self.db.execute("SELECT count(*) FROM messages WHERE recipient = ? AND delivered = 0",
+                               (user,)).fetchone()[0]
 
     def close(self) -> None:
         """Fold the WAL back into the database file and close it."""
@@ -562,6 +875,55 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class History:
+    """Each room's newest --history messages, as the JSON they were sent as,
+    for joins and connects: encoded once, never again.
+
+    Only recently used rooms are held, up to HISTORY_CACHE bytes in all; a
+    room that is not held is read from the Store (an indexed search) when it
+    is next needed. So RAM does not grow with the number of rooms, and a
+    join costs a list join, not an encoding of the whole history.
+    """
+
+    def __init__(self, store: Store, size: int, cap: int = HISTORY_CACHE) -> None:
+        self.store, self.size, self.cap = store, size, cap
+        self.rooms: collections.OrderedDict[str, list[tuple[int, bytes]]] = collections.OrderedDict()
+        self.bytes = 0  # payload bytes held in all
+
+    def get(self, room: str) -> list[tuple[int, bytes]]:
+        """The room's newest messages as (id, payload), oldest first."""
+        held = self.rooms.get(room)
+        if held is None:
+            rows = self.store.room_page(room, None, self.size) if self.size > 0 else []
+            held = self.rooms[room] = [(id, payload) for id, payload, *_ in reversed(rows)]
+            self.bytes += sum(len(p) for _, p in held)
+            self._evict()
+        self.rooms.move_to_end(room)
+        return held
+
+    def add(self, room: str, id: int, payload: bytes) -> None:
+        """A message was stored in the room (if the room is not held, the
+        next get() reads it from the Store with the rest)."""
+        held = self.rooms.get(room)
+        if held is None:
+            return
+        held.append((id, payload))
+        self.bytes += len(payload)
+        while len(held) > self.size:
+            self.bytes -= len(held.pop(0)[1])
+        self._evict()
+
+    def drop(self, room: str) -> None:
+        held = self.rooms.pop(room, None)
+        if held is not None:
+            self.bytes -= sum(len(p) for _, p in held)
+
+    def _evict(self) -> None:
+        while self.bytes > self.cap and len(self.rooms) > 1:
+            _, held = self.rooms.popitem(last=False)
+            self.bytes -= sum(len(p) for _, p in held)
+
+
 ################ Live state
 
 
@@ -573,23 +935,22 @@ class User:
     def __init__(self, name: str, token_hash: str) -> None:
         self.name = name  # as first written
         self.token_hash = token_hash
-        self.rooms: set[str] = set()  # room keys; changed only by ChatSocket._set_member
+        self.rooms: set[str] = set()  # room keys; changed only by ChatSocket._apply_member
 
     def owns(self, token: Optional[str]) -> bool:
         return token is not None and hmac.compare_digest(token_hash(token), self.token_hash)
 
 
 class Room:
-    """A room: who belongs to it and its recent messages."""
+    """A room: who belongs to it. Its recent messages are in History."""
 
-    __slots__ = ("name", "members", "history")
+    __slots__ = ("name", "members", "members_json", "empty_since")
 
-    def __init__(self, name: str, history: int) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.members: set[str] = set()  # user keys; changed only by ChatSocket._set_member
-        # (message frame, its size as JSON bytes), oldest first; the size is
-        # known when it is sent, and connect sequences budget by it
-        self.history: collections.deque = collections.deque(maxlen=history)
+        self.members: set[str] = set()  # user keys; changed only by ChatSocket._apply_member
+        self.members_json: Optional[bytes] = None  # the member list as sent in joined, encoded once
+        self.empty_since: Optional[float] = time.monotonic()  # when the last member left; None while it has members
 
 
 ################ The socket
@@ -600,33 +961,44 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     conf: ClassVar[Config]
     store: ClassVar[Store]
+    history: ClassVar[History]  # each room's recent messages, encoded
+    budgets: ClassVar[Budgets]  # names per address, rooms per user, connects; changed by Budgets.take, sweep
     users: ClassVar[dict[str, User]] = {}  # user key -> owned name; changed by _claim
-    rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by _room, _set_member, _post
+    lookalikes: ClassVar[dict[str, str]] = {}  # skeleton(name) -> user key; changed by _claim
+    rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by _room, _claim, _apply_member, _sweep
     online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections; changed by _arrive, _depart
-    mailboxes: ClassVar[dict[str, dict[int, dict]]] = {}  # user key -> undelivered DMs by id; changed by _direct, _deliver_mail
+    leaving: ClassVar[dict[str, object]] = {}  # user key -> timer that tells others it left; changed by _arrive, _depart, _gone
+    mailboxes: ClassVar[dict[str, int]] = {}  # user key -> private messages waiting in the Store; changed by _direct, _deliver
     per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by _arrive, _depart
-    claims: ClassVar[dict[str, tuple[float, float]]] = {}  # address -> (names it may claim, when); changed by _may_claim
+    sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
     last_id: ClassVar[int] = 0  # the highest message id given out; changed by _next_id
     dirty: ClassVar[list[ChatSocket]] = []  # connections with frames to write this loop turn
-    pinger: ClassVar[Optional[tornado.ioloop.PeriodicCallback]] = None  # runs _ping_all
-    ping_payload: ClassVar[bytes] = b""  # this round's ping; only a pong that echoes it counts
+    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # _ping_all and _sweep, started by the first arrival
 
     user: Optional[str] = None  # user key, set once the connection is accepted
+    _counted = False  # counted in sockets
+    _dead = False  # closing: nothing more is written
+    _flood_start = _flood_last = -FLOOD_CLOSE_AFTER  # when the current run of refused frames began, and its latest
+    _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts
 
     # ---- connection life
 
     def open(self) -> None:
         """Check the name and limits, then send welcome, joined, and mail."""
+        ChatSocket.sockets += 1
+        self._counted = True
         self._out: list[bytes] = []  # whole wire frames waiting to be written (a list: a deque costs 600 bytes more)
         self._owed = 0  # bytes queued or being written; beyond the bulk ones, over max_queue means too slow
         self._writing = False
-        self._dead = False  # closing: nothing more is written
         self._departed = False
         self._pushed = 0  # bytes ever queued here; with _owed, where each byte stands in line
         self._bulk: list[list[int]] = []  # [start, end) of answers it asked for, not yet all written
-        self._bulk_cap = float("inf")  # bulk bytes it may be owed at once: unbounded only while greeting
-        self._tokens = float(self.conf.burst)
-        self._refill = self._heard = time.monotonic()
+        self._bulk_cap = float("inf")  # bulk bytes it may be owed at once: the connect sequence bounds itself
+        conf = self.conf
+        self._messages = Bucket(conf.burst)  # frames it may send: --rate, --burst
+        self._frames = Bucket(WIRE_FACTOR * conf.burst)  # wire frames of any kind
+        self._typing = Bucket(TYPING[0])
+        self._heard = time.monotonic()
         self._stream = raw_stream(self)
         # Frames are already gathered into one write per loop turn; Nagle's
         # algorithm would only hold that write back for the peer's delayed ACK.
@@ -638,30 +1010,44 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         token, since = self._query("token"), parse_since(self._query("since"))
         if since is not None and self._query("epoch") not in (None, self.store.epoch):
             since = 0  # its ids are from another database: everything is new to it
-        conf, ip, user = self.conf, self.request.remote_ip, self.users.get(key(name))
+        ip, user = self.request.remote_ip, self.users.get(key(name))
+        twin = self.lookalikes.get(skeleton(name)) if user is None else None
         if conf.max_conns_per_ip and self.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
             return self._refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
+        if not self.budgets.take("connect_ip", ip):
+            return self._refuse(ChatError("rate_limited", "too many connections from your address lately; wait a minute"), 4429)
         if user is not None and not user.owns(token):
             return self._refuse(ChatError("name_taken", f"{user.name} is taken; pick another name"), 4409)
+        if twin is not None:
+            return self._refuse(ChatError("bad_username", f"{name} is too close to the name {self.users[twin].name}; pick another"), 4400)
         if user is not None and conf.max_tabs and len(self.online.get(key(name), ())) >= conf.max_tabs:
             return self._refuse(ChatError("too_many_connections", f"{user.name} has too many tabs open"), 4429)
+        if user is not None and not self.budgets.take("connect", key(name)):
+            return self._refuse(ChatError("rate_limited", f"{user.name} connected too often lately; wait a minute"), 4429)
         if user is None and conf.max_users and len(self.users) >= conf.max_users:
             return self._refuse(ChatError("server_full", "this server has all the users it allows"), 4503)
-        if user is None and not self._may_claim(ip):
+        if user is None and not self.budgets.take("name", ip):
             return self._refuse(ChatError("rate_limited", "too many new names from your address; try later"), 4429)
         try:
             if user is None:
                 token = secrets.token_urlsafe(24)
                 user = self._claim(name, token)
-        except sqlite3.Error:
-            log.exception("could not store the new user %s", name)
-            return self._refuse(ChatError("server_error", "the server could not save your name"), 1011)
+        except sqlite3.Error as e:
+            log.error("could not store the new user %s: %s", name, e)
+            return self._refuse(ChatError("server_error", "the server could not save your name; try again"), 1011)
         self._arrive(key(name), ip)
         try:
             self._greet(user, token, since)
         except Exception:  # a bug, not the client's doing: never leave a ghost online
             log.exception("could not greet %s", user.name)
             self._close(1011, "server error")
+
+    def get_websocket_protocol(self) -> Optional[tornado.websocket.WebSocketProtocol]:
+        """Tornado's protocol, made stricter by Protocol."""
+        protocol = super().get_websocket_protocol()
+        if protocol is None:
+            return None
+        return Protocol(self, False, protocol.params)
 
     def _query(self, name: str) -> Optional[str]:
         """A query argument, or None when absent or not valid UTF-8."""
@@ -675,70 +1061,95 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._close(code, error.code)
 
     def _greet(self, user: User, token: str, since: Optional[int]) -> None:
-        """The connect sequence: welcome, one joined per room, then direct messages.
-
-        It is sent whole, at the reader's pace (bulk: not counted against
-        --max_queue). Private messages, kept or replayed, all go (--mailbox
-        bounds them); room histories share what is left of a budget of
-        --max_queue bytes, newest first."""
-        online = sorted((self.users[u].name for u in self.online), key=key)
+        """The connect sequence: welcome, one joined per room, then private
+        messages; at most about --max_queue bytes in all (see the manual).
+        Private messages take the newest that fit in half; room histories
+        share what is left, in the order of the rooms' names."""
+        directs, cut = self._owed_directs(since, self.conf.max_queue // 2)
+        online = sorted((self.users[u].name for u in self.online.keys() | self.leaving.keys()), key=key)
         my_rooms = sorted((self.rooms[r].name for r in user.rooms), key=key)
-        self.send(welcome_frame(user.name, token, online, my_rooms, self.conf, self.store.epoch), bulk=True)
-        mail = self.mailboxes.get(self.user, {})
-        replayed = self.store.directs_since(self.user, since, self.conf.mailbox) if since is not None else []
-        directs = {m["id"]: m for m, _ in replayed}
-        # Private messages cannot be asked for again, so they all go; room
-        # histories share what is left of the budget (a join gets the rest).
-        budget = max(0, self.conf.max_queue - sum(size for _, size in replayed))
+        welcome = encode(welcome_frame(user.name, token, online, my_rooms, self.conf, self.store.epoch, cut))
+        self.send_to((self,), None, welcome, bulk=True)
+        budget = max(0, self.conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))
         for r in sorted(user.rooms):
             joined, budget = self._joined(self.rooms[r], since, budget)
-            self.send(joined, bulk=True)
-        for id in sorted(directs.keys() | mail.keys()):
-            if id in mail:
-                self.send({**mail[id], "buffered": True}, bulk=True)
-            elif id in self.mailboxes.get(key(directs[id]["to"]), {}):
-                self.send({**directs[id], "queued": True}, bulk=True)  # one I sent, still waiting
-            else:
-                self.send(directs[id], bulk=True)
+            self.send_to((self,), None, joined, bulk=True)
+        for _, payload in directs:
+            self.send_to((self,), None, payload, bulk=True)
+        mail = [row for row, _ in directs if row[3] == self.user and not row[4]]
         if mail and not self._dead:
-            self._deliver_mail(self.user)
-        # From now on answers it asks for (joins) may be owed up to this much
-        # beyond --max_queue; a client that asks and never reads is cut off.
+            self._deliver(self.user, mail)
+        # From now on answers it asks for (joins, histories) may be owed up to
+        # this much beyond --max_queue; a client that asks and never reads is cut off.
         self._bulk_cap = self.conf.max_queue
 
-    def _joined(self, room: Room, since: Optional[int], budget: int) -> tuple[dict, int]:
+    def _owed_directs(self, since: Optional[int], budget: int) -> tuple[list[tuple[Row, bytes]], bool]:
+        """The private messages a connect sequence carries, oldest first, as
+        (row, payload): those waiting for the user, and with since those
+        after it; only the newest that fit in budget bytes. The second value
+        says whether any were left out."""
+        rows = {row[0]: row for row in self.store.mail(self.user, self.conf.mailbox)}
+        cut = False
+        if since is not None:
+            replay = self.store.direct_page(self.user, None, None, since, self.conf.mailbox)
+            cut = len(replay) == self.conf.mailbox  # there may be more beyond the limit
+            rows.update((row[0], row) for row in replay)
+        chosen = []
+        for id in sorted(rows, reverse=True):
+            payload = self._dressed(rows[id])
+            if len(payload) > budget:
+                cut = True  # the rest are older: the client asks for them with history
+                break
+            budget -= len(payload)
+            chosen.append((rows[id], payload))
+        chosen.reverse()
+        return chosen, cut
+
+    def _dressed(self, row: Row) -> bytes:
+        """A stored message as this user is sent it: a private one that
+        still waits says "buffered" to its reader and "queued" to its sender."""
+        id, payload, sender, recipient, delivered = row
+        if recipient is None or delivered:
+            return payload
+        return flagged(payload, "buffered" if recipient == self.user else "queued")
+
+    def _joined(self, room: Room, since: Optional[int], budget: int) -> tuple[bytes, int]:
         """The joined frame for room, holding only messages after since and
         only the newest that fit in budget bytes; and what is left of it.
-
-        The budget keeps one connect sequence, which is sent whole, from
-        growing with every room a user is in: a room cut short says
-        "truncated", and a join of it later gets up to --max_queue bytes of
-        its history (all of it, unless its messages are very long)."""
-        history, truncated = list(room.history), False
-        if since is not None:
-            history = [(m, size) for m, size in history if m["id"] > since]
-            if len(history) == room.history.maxlen and len(history) > 0:
-                truncated = self.store.count_since(key(room.name), since) > len(history)
+        It says "truncated" when messages after since were left out: cut
+        for the budget, or older than the history keeps."""
+        held = self.history.get(key(room.name))
+        newer = held if since is None else [m for m in held if m[0] > since]
+        truncated = False
+        if since is not None and newer and len(newer) == len(held):
+            # Every kept message is new to it: were there more before them? An
+            # indexed look-up, so a resume costs the same however big the room.
+            truncated = self.store.room_has(key(room.name), since, held[0][0])
         fits = 0
-        for _, size in reversed(history):
-            if size > budget:
+        for _, payload in reversed(newer):
+            if len(payload) > budget:
                 break
-            budget -= size
+            budget -= len(payload)
             fits += 1
-        truncated = truncated or fits < len(history)
-        kept = [m for m, _ in history[len(history) - fits:]]
-        members = sorted((self.users[u].name for u in room.members), key=key)
-        return joined_frame(room.name, members, kept, truncated), budget
+        truncated = truncated or fits < len(newer)
+        kept = [payload for _, payload in newer[len(newer) - fits:]]
+        if room.members_json is None:
+            room.members_json = encode(sorted((self.users[u].name for u in room.members), key=key))
+        return joined_payload(room.name, room.members_json, kept, truncated), budget
 
     def on_close(self) -> None:
         self._dead = True
+        if self._counted:
+            self._counted = False
+            ChatSocket.sockets -= 1
         if self.user is not None and not self._departed:
             self._depart()
 
     def on_pong(self, data: bytes) -> None:
-        # A client can only echo this round's payload if it read everything
-        # we wrote before the ping: a reader that stalled cannot fake it.
-        if data == ChatSocket.ping_payload:
+        # Each connection's ping carries its own random payload, and it waits
+        # behind everything written before it: only a client that read all
+        # of that can echo it, and no other connection can answer for it.
+        if data == self._ping_payload:
             self._heard = time.monotonic()
 
     # ---- liveness: a client that vanished sends no close frame, so we ask
@@ -756,11 +1167,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         five more seconds for a close handshake a vanished client never sends.
         """
         sent = time.monotonic()
-        cls.ping_payload = b"%d" % time.time_ns()
         pinged = [c for tabs in cls.online.values() for c in tabs if not c._dead]
         for connection in pinged:
+            connection._ping_payload = secrets.token_bytes(8)
             try:
-                connection.ping(cls.ping_payload)
+                connection.ping(connection._ping_payload)
             except tornado.websocket.WebSocketClosedError:
                 pass
         tornado.ioloop.IOLoop.current().call_later(cls.conf.ping_timeout, cls._drop_silent, pinged, sent)
@@ -776,6 +1187,26 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 else:
                     connection.close(1001, "ping timed out")
 
+    @classmethod
+    def _sweep(cls, now: Optional[float] = None) -> None:
+        """Every SWEEP_EVERY: forget refilled budgets, and rooms that have
+        stood empty for ROOM_IDLE (so that --max_rooms is not used up for
+        good). The default room always stays."""
+        now = time.monotonic() if now is None else now
+        cls.budgets.sweep()
+        for k, room in list(cls.rooms.items()):
+            if (room.members or room.empty_since is None or now - room.empty_since < ROOM_IDLE
+                    or k == key(cls.conf.default_room)):
+                continue
+            try:
+                cls.store.drop_room(k)
+            except sqlite3.Error as e:
+                log.warning("could not forget the empty room %s: %s", room.name, e)
+                continue
+            del cls.rooms[k]
+            cls.history.drop(k)
+            log.info("forgot the room %s, empty for a day", room.name)
+
     # ---- shared state: each dict is changed in these few methods only
 
     @classmethod
@@ -784,40 +1215,39 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return cls.last_id
 
     def _claim(self, name: str, token: str) -> User:
-        """A free name becomes this person's; they start in the default room."""
-        user = User(name, token_hash(token))
-        self.store.add_user(key(name), name, user.token_hash)
-        self.users[key(name)] = user
-        room = self._room(self.conf.default_room)
-        self._set_member(room, key(name), True)
+        """A free name becomes this person's; they start in the default room.
+        The name, the room (if new) and the membership commit together."""
+        user_key, room_key, hashed = key(name), key(self.conf.default_room), token_hash(token)
+        with self.store.transaction():
+            self.store.add_user(user_key, name, hashed)
+            if room_key not in self.rooms:
+                self.store.add_room(room_key, self.conf.default_room)
+            self.store.set_member(room_key, user_key, True)
+        user = self.users[user_key] = User(name, hashed)
+        self.lookalikes.setdefault(skeleton(name), user_key)
+        room = self.rooms.get(room_key) or self.rooms.setdefault(room_key, Room(self.conf.default_room))
+        self._apply_member(room, user_key, True)
         return user
-
-    def _may_claim(self, ip: str) -> bool:
-        """Names are kept for good, so one address may claim only so many:
-        a token bucket of NAMES_AT_ONCE, refilled at --names_per_hour. The
-        dict holds only addresses that have claimed a name, so --max_users
-        bounds it too."""
-        per_hour = self.conf.names_per_hour
-        if per_hour <= 0:
-            return True
-        now = time.monotonic()
-        tokens, then = self.claims.get(ip, (float(NAMES_AT_ONCE), now))
-        tokens = min(float(NAMES_AT_ONCE), tokens + (now - then) * per_hour / 3600)
-        allowed = tokens >= 1
-        self.claims[ip] = (tokens - 1 if allowed else tokens, now)
-        return allowed
 
     def _arrive(self, user: str, ip: str) -> None:
         self.user = user
-        if ChatSocket.pinger is None and self.conf.ping_interval > 0:
-            ChatSocket.pinger = tornado.ioloop.PeriodicCallback(ChatSocket._ping_all, 1000 * self.conf.ping_interval)
-            ChatSocket.pinger.start()
+        if not ChatSocket.timers:
+            ChatSocket.timers = [tornado.ioloop.PeriodicCallback(ChatSocket._sweep, 1000 * SWEEP_EVERY)]
+            if self.conf.ping_interval > 0:
+                ChatSocket.timers.append(
+                    tornado.ioloop.PeriodicCallback(ChatSocket._ping_all, 1000 * self.conf.ping_interval))
+            for timer in ChatSocket.timers:
+                timer.start()
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         tabs = self.online.setdefault(user, set())
         tabs.add(self)
         if len(tabs) == 1:
-            log.info("%s is online", self.users[user].name)
-            self.send_to(self._everyone_but(user), presence_frame(self.users[user].name, "online"))
+            back = self.leaving.pop(user, None)
+            if back is not None:  # gone and back within --offline_grace: nobody was told it left
+                tornado.ioloop.IOLoop.current().remove_timeout(back)
+            else:
+                log.info("%s is online", self.users[user].name)
+                self.send_to(self._everyone_but(user), presence_frame(self.users[user].name, "online"))
 
     def _depart(self) -> None:
         self._departed = True
@@ -829,81 +1259,123 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         tabs.discard(self)
         if not tabs:
             del self.online[user]
-            log.info("%s is offline", self.users[user].name)
-            self.send_to(self._everyone_but(user), presence_frame(self.users[user].name, "offline"))
+            if self.conf.offline_grace > 0:
+                self.leaving[user] = tornado.ioloop.IOLoop.current().call_later(
+                    self.conf.offline_grace, ChatSocket._gone, user)
+            else:
+                ChatSocket._gone(user)
+
+    @classmethod
+    def _gone(cls, user: str) -> None:
+        """The user's last connection closed and it has not come back."""
+        cls.leaving.pop(user, None)
+        log.info("%s is offline", cls.users[user].name)
+        cls.send_to(cls._everyone_but(user), presence_frame(cls.users[user].name, "offline"))
 
     def _room(self, name: str) -> Room:
-        """The room called name, created (and stored) if new."""
+        """The room called name, created (and stored) if new: within
+        --max_rooms and the user's --rooms_per_hour."""
         room = self.rooms.get(key(name))
         if room is None:
             if self.conf.max_rooms and len(self.rooms) >= self.conf.max_rooms:
                 raise ChatError("too_many_rooms", "the server has as many rooms as it allows")
+            if not self.budgets.take("room", self.user):
+                raise ChatError("rate_limited", "you have made many rooms lately; try again later")
             self.store.add_room(key(name), name)
-            room = self.rooms[key(name)] = Room(name, self.conf.history)
+            room = self.rooms[key(name)] = Room(name)
         return room
 
     def _set_member(self, room: Room, user: str, member: bool) -> None:
-        """Membership is the user's, not the connection's; stored, then told."""
+        """Membership is the user's, not the connection's; stored, then applied."""
         self.store.set_member(key(room.name), user, member)
+        self._apply_member(room, user, member)
+
+    def _apply_member(self, room: Room, user: str, member: bool) -> None:
+        """A stored membership change, in the live state and told to the room."""
         if member:
             room.members.add(user)
             self.users[user].rooms.add(key(room.name))
+            room.empty_since = None
         else:
             room.members.discard(user)
             self.users[user].rooms.discard(key(room.name))
+            if not room.members:
+                room.empty_since = time.monotonic()
+        room.members_json = None
         action = "join" if member else "leave"
-        others = [c for u in room.members if u != user for c in self.online.get(u, ())]
-        self.send_to(others, member_frame(room.name, self.users[user].name, action))
+        self.send_to(self._members_online(room, but=user), member_frame(room.name, self.users[user].name, action))
 
-    def _post(self, room: Room, text: str) -> dict:
+    def _post(self, room: Room, text: str, cid: Optional[str]) -> dict:
         """A new room message: stored, kept in history, sent to every member."""
         ts, local = stamp(self.conf.timestamp_format)
         message = message_frame(self._next_id(), room.name, self.users[self.user].name, text, ts, local)
         payload = encode(message)
-        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)
-        room.history.append((message, len(payload)))
-        self.send_to([c for u in room.members for c in self.online.get(u, ())], message, payload)
+        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload, cid)
+        self.history.add(key(room.name), message["id"], payload)
+        self.send_to(self._members_online(room), message, payload)
         return message
 
-    def _direct(self, to: User, text: str) -> tuple[dict, bool]:
-        """A new direct message: stored, then sent, or kept in the mailbox
-        (then the second value is True)."""
+    def _direct(self, to: User, text: str, cid: Optional[str]) -> tuple[dict, bool]:
+        """A new direct message: stored, then sent, or kept in the Store for
+        its reader (then the second value is True)."""
         recipient = key(to.name)
         waiting = recipient not in self.online
-        mailbox = self.mailboxes.get(recipient, {})
-        if waiting and len(mailbox) >= self.conf.mailbox:
-            raise ChatError("mailbox_full", f"{to.name} has {len(mailbox)} messages waiting; try later")
+        kept = self.mailboxes.get(recipient, 0)
+        if waiting and kept >= self.conf.mailbox:
+            raise ChatError("mailbox_full", f"{to.name} has {kept} messages waiting; try later")
         ts, local = stamp(self.conf.timestamp_format)
         message = direct_frame(self._next_id(), self.users[self.user].name, to.name, text, ts, local)
         payload = encode(message)
-        self.store.add_message(message["id"], None, self.user, recipient, not waiting, payload)
+        self.store.add_message(message["id"], None, self.user, recipient, not waiting, payload, cid)
         if waiting:
-            self.mailboxes.setdefault(recipient, {})[message["id"]] = message
+            self.mailboxes[recipient] = kept + 1
         self.send_to(self.online.get(self.user, set()) | self.online.get(recipient, set()), message, payload)
         return message, waiting
 
-    def _deliver_mail(self, user: str) -> None:
-        """The user's mailbox has just been sent: mark it so and tell the senders."""
-        mail = self.mailboxes.pop(user)
-        self.store.mark_delivered(list(mail))
-        for message in mail.values():
-            self.send_to(self.online.get(key(message["from"]), ()), delivered_frame(message["id"], message["to"]))
+    def _deliver(self, user: str, rows: list[Row]) -> None:
+        """These waiting messages have just been sent to the user: mark them
+        so and tell the senders. If the mark cannot be stored they stay
+        waiting, and come again (same ids) on the next connect."""
+        try:
+            self.store.mark_delivered([row[0] for row in rows])
+        except sqlite3.Error as e:
+            log.warning("could not mark %d messages to %s delivered: %s", len(rows), self.users[user].name, e)
+            return
+        left = self.mailboxes.get(user, 0) - len(rows)
+        if left > 0:
+            self.mailboxes[user] = left
+        else:
+            self.mailboxes.pop(user, None)
+        for id, _, sender, _, _ in rows:
+            self.send_to(self.online.get(sender, ()), delivered_frame(id, self.users[user].name))
 
-    def _everyone_but(self, user: str) -> list:
-        return [c for u, tabs in self.online.items() if u != user for c in tabs]
+    @classmethod
+    def _everyone_but(cls, user: str) -> list:
+        return [c for u, tabs in cls.online.items() if u != user for c in tabs]
+
+    def _members_online(self, room: Room, but: Optional[str] = None) -> list:
+        """The connections of the room's members (but one)."""
+        return [c for u in room.members if u != but for c in self.online.get(u, ())]
 
     # ---- client frames: on_message dispatches to do_<type>
 
     def on_message(self, data: str | bytes) -> None:
         ref = None
-        allowed = self._spend()  # every frame costs a token, even a broken one
         try:
-            frame = parse_frame(data)
+            try:
+                frame = parse_frame(data)
+            except ChatError:
+                self._spend()  # a broken frame costs a token too
+                raise
             if "ref" in frame:
                 ref = check_ref(frame["ref"])
-            if not allowed:
-                raise ChatError("rate_limited", f"slow down: at most {self.conf.rate:g} frames a second")
             kind = frame.get("type")
+            if kind == "typing":
+                if self.conf.rate > 0 and not self._typing.take(*TYPING):
+                    self._flooding()
+                    return self._ack(ref)  # a signal, not a message: extra ones are dropped
+            elif not self._spend():
+                raise ChatError("rate_limited", "you are sending too fast; wait a moment and try again")
             if not isinstance(kind, str):
                 raise ChatError("bad_request", "a frame needs a string 'type'")
             handler = getattr(self, "do_" + kind, None)
@@ -912,25 +1384,41 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             handler(frame, ref)
         except ChatError as e:
             self.send(error_frame(e.code, e.message, ref))
-        except sqlite3.Error:
-            log.exception("storage failed; the frame was refused")
+        except sqlite3.Error as e:  # nothing was stored, relayed or acked: the client may try again
+            log.error("storage failed, a frame from %s was refused: %s", self.user, e)
             self.send(error_frame("server_error", "the server could not save that; try again", ref))
         except Exception:  # a bug: log it (without the URL and its token), keep the connection
             log.exception("error handling a frame from %s", self.user)
             self.send(error_frame("server_error", "the server failed on that frame", ref))
 
     def _spend(self) -> bool:
-        """Token bucket: rate per second, up to burst at once."""
-        rate = self.conf.rate
-        if rate <= 0:
+        """One frame from the --rate/--burst budget, if there is one."""
+        if self.conf.rate <= 0 or self._messages.take(self.conf.burst, self.conf.rate):
             return True
+        self._flooding()
+        return False
+
+    def frame_arrived(self) -> None:
+        """Protocol: a wire frame of any kind arrived (a ping, a fragment)."""
+        rate = self.conf.rate
+        if rate > 0 and not self._frames.take(WIRE_FACTOR * self.conf.burst, WIRE_FACTOR * rate):
+            self._flooding()
+
+    def refused_frame(self, code: int, reason: str) -> None:
+        """Protocol: the client broke RFC 6455 (1002, 1007)."""
+        self._close(code, reason)
+
+    def _flooding(self) -> None:
+        """A frame went over a budget. A connection that keeps going over for
+        FLOOD_CLOSE_AFTER seconds, with no pause of FLOOD_GAP, is closed:
+        answering it would cost the server more than the limit allows."""
         now = time.monotonic()
-        self._tokens = min(float(self.conf.burst), self._tokens + (now - self._refill) * rate)
-        self._refill = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+        if now - self._flood_last > FLOOD_GAP:
+            self._flood_start = now
+        self._flood_last = now
+        if now - self._flood_start >= FLOOD_CLOSE_AFTER and not self._dead:
+            log.info("closing a connection of %s: it kept sending too fast", self.user)
+            self._refuse(ChatError("rate_limited", "you kept sending too fast; reconnect in a while"), 4429)
 
     def _ack(self, ref: Any, **fields: Any) -> None:
         if ref is not None:
@@ -952,28 +1440,38 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return user
 
     def do_message(self, frame: dict, ref: Any) -> None:
-        # {"type":"message","room":"general","text":"hello"}  or  text "@UserB hello"
+        # {"type":"message","room":"general","text":"hello","cid":"c7"}  or  text "@UserB hello"
         text = check_text(frame.get("text"), self.conf.max_text)
+        cid = check_cid(frame.get("cid"))
+        if cid is not None:
+            row = self.store.by_cid(self.user, cid)
+            if row is not None:  # stored before; its ack was lost on the way
+                id, _, _, recipient, delivered = row
+                return self._ack(ref, id=id, queued=recipient is not None and not delivered)
         direct = DIRECT.match(text)
         if direct:
             to = self._known_user(direct[1])
             if BLANK.fullmatch(direct[2]):
                 raise ChatError("bad_request", "the message is empty")
-            message, queued = self._direct(to, direct[2])
+            message, queued = self._direct(to, direct[2], cid)
             self._ack(ref, id=message["id"], queued=queued)
         else:
             room = frame.get("room")
-            message = self._post(self._my_room(self.conf.default_room if room is None else room), text)
+            message = self._post(self._my_room(self.conf.default_room if room is None else room), text, cid)
             self._ack(ref, id=message["id"])
 
     def do_join(self, frame: dict, ref: Any) -> None:
         # {"type":"join","room":"python"}
-        room = self._room(check_room(frame.get("room")))
-        if self.user in room.members:
-            self.send(self._joined(room, None, self.conf.max_queue)[0], bulk=True)  # already in: a fresh copy
+        name = check_room(frame.get("room"))
+        room = self.rooms.get(key(name))
+        if room is not None and self.user in room.members:
+            self.send_to((self,), None, self._joined(room, None, self.conf.max_queue)[0], bulk=True)  # a fresh copy
         else:
+            if len(self.users[self.user].rooms) >= ROOMS_PER_USER:
+                raise ChatError("too_many_rooms", f"you are in {ROOMS_PER_USER} rooms; leave one first")
+            room = self._room(name)
             self._set_member(room, self.user, True)
-            self.send_to(self.online[self.user], self._joined(room, None, self.conf.max_queue)[0], bulk=True)
+            self.send_to(self.online[self.user], None, self._joined(room, None, self.conf.max_queue)[0], bulk=True)
         self._ack(ref)
 
     def do_leave(self, frame: dict, ref: Any) -> None:
@@ -989,13 +1487,44 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.send(rooms_frame(listing))
         self._ack(ref)
 
+    def do_history(self, frame: dict, ref: Any) -> None:
+        # {"type":"history","room":"general","before":101,"limit":50}
+        # {"type":"history","with":"UserB",...}  or  {"type":"history","directs":true,...}
+        before, limit = check_page(frame)
+        if frame.get("room") is not None:
+            room = self._my_room(frame["room"])
+            head: dict = {"room": room.name}
+            rows = self.store.room_page(key(room.name), before, limit + 1)
+        elif frame.get("with") is not None:
+            other = self._known_user(frame["with"])
+            head = {"with": other.name}
+            rows = self.store.direct_page(self.user, key(other.name), before, 0, limit + 1)
+        elif frame.get("directs") is True:
+            head = {"directs": True}
+            rows = self.store.direct_page(self.user, None, before, 0, limit + 1)
+        else:
+            raise ChatError("bad_request", "history needs a 'room', a 'with', or \"directs\": true")
+        more, budget, kept = len(rows) > limit, self.conf.max_queue, []
+        for row in rows[:limit]:  # newest first: keep the newest that fit
+            payload = self._dressed(row)
+            if len(payload) > budget and kept:
+                more = True
+                break
+            budget -= len(payload)
+            kept.append((row, payload))
+        kept.reverse()
+        self.send_to((self,), None, history_payload(head, [p for _, p in kept], more), bulk=True)
+        mail = [row for row, _ in kept if row[3] == self.user and not row[4]]
+        if mail:
+            self._deliver(self.user, mail)
+        self._ack(ref)
+
     def do_typing(self, frame: dict, ref: Any) -> None:
         # {"type":"typing","room":"general"}  or  {"type":"typing","to":"UserB"}
         me = self.users[self.user].name
         if frame.get("room") is not None:
             room = self._my_room(frame["room"])
-            others = [c for u in room.members if u != self.user for c in self.online.get(u, ())]
-            self.send_to(others, typing_frame(me, room.name, None))
+            self.send_to(self._members_online(room, but=self.user), typing_frame(me, room.name, None))
         elif frame.get("to") is not None:
             to = self._known_user(frame["to"])
             if key(to.name) != self.user:  # your other tabs need not see you typing
@@ -1011,12 +1540,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.send_to((self,), frame, bulk=bulk)
 
     @classmethod
-    def send_to(cls, connections: Iterable[ChatSocket], frame: dict, payload: Optional[bytes] = None,
+    def send_to(cls, connections: Iterable[ChatSocket], frame: Optional[dict], payload: Optional[bytes] = None,
                 bulk: bool = False) -> None:
-        """One frame to many connections: encoded and framed once, queued for
-        each, written by _flush_all at the end of this loop turn. A bulk frame
-        answers the connection's own request (its connect sequence, a join):
-        it goes at the reader's pace and does not count against --max_queue."""
+        """One frame (or its payload, already encoded) to many connections:
+        encoded and framed once, queued for each, written by _flush_all at
+        the end of this loop turn. A bulk frame answers the connection's own
+        request (its connect sequence, a join, a history): it goes at the
+        reader's pace and does not count against --max_queue."""
         payload = payload or encode(frame)
         wire = ws_frame(payload)
         # A snapshot: a connection closed on the way (1013) leaves the live sets.
@@ -1153,6 +1683,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     # ---- the handshake
 
+    def prepare(self) -> None:
+        check_host(self)
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Tornado's error log line names the request; ours blots out the token."""
         if isinstance(value, tornado.web.HTTPError):
@@ -1165,7 +1698,47 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return super().check_origin(origin) or origin.rstrip("/").lower() in self.conf.origins
 
 
-################ The page and health
+################ The page, health, and who may ask
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def host_allowed(host: str, port: int, conf: Config) -> bool:
+    """Whether a request's Host header names this server, listening on port.
+
+    A browser sends the Host it resolved, so a page on rebind.attacker.example
+    that made that name point at 127.0.0.1 (DNS rebinding) still says
+    rebind.attacker.example, and is refused. Allowed: a loopback name or the
+    --host address on our port; when listening on every address, any IP
+    address on our port (an address cannot be rebound); a name listed with
+    --hosts (NAME matches any port, NAME:PORT that one) or in --origins.
+    """
+    host = host.lower()
+    name, given = tornado.httputil.split_host_and_port(host)
+    if host in conf.hosts or name in conf.hosts:
+        return True
+    if given != port:
+        return False
+    if name in LOOPBACK_NAMES or name.strip("[]") == conf.host.lower():
+        return True
+    if conf.host in ("0.0.0.0", "::", ""):
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def check_host(handler: tornado.web.RequestHandler) -> None:
+    """403 unless the request's Host is this server's (see host_allowed)."""
+    try:
+        port = handler.request.connection.stream.socket.getsockname()[1]  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        port = ChatSocket.conf.port
+    if not host_allowed(handler.request.host, port, ChatSocket.conf):
+        raise tornado.web.HTTPError(403, "Host %r is not this server's (see --hosts)", handler.request.host[:100])
 
 
 class PageHandler(tornado.web.RequestHandler):
@@ -1188,6 +1761,9 @@ class PageHandler(tornado.web.RequestHandler):
                       "style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
                       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
+    def prepare(self) -> None:
+        check_host(self)
+
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Content-Security-Policy", self.policy)
@@ -1198,7 +1774,8 @@ class PageHandler(tornado.web.RequestHandler):
 
 
 class HealthHandler(tornado.web.RequestHandler):
-    """GET /healthz: is it up, and how busy."""
+    """GET /healthz: is it up, and how busy. Open to any Host: it tells
+    nothing private, and load balancers probe it by address."""
 
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -1231,6 +1808,96 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
           handler.request.remote_ip, 1000.0 * handler.request.request_time())
 
 
+################ Connections: the TCP side
+
+
+class Listener(tornado.httpserver.HTTPServer):
+    """The HTTP server, with the limits that apply before any request is read.
+
+    - Every open connection counts against --max_conns: HTTP ones (still
+      sending headers, or idle between requests) and WebSockets alike. Past
+      it a connection gets a bare 503 and is closed.
+    - A request's headers must arrive within --header_timeout seconds.
+    - Running out of file descriptors (EMFILE) pauses accepting for
+      ACCEPT_PAUSE instead of failing on every turn of the event loop, logs
+      at most one line a second, and resumes by itself. Tornado's own accept
+      loop (netutil.add_accept_handler) raises there, and the listening
+      socket stays readable, so the server would spin and log a traceback
+      for every try.
+    """
+
+    ACCEPT_PAUSE = 0.1  # seconds
+    REFUSED = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    max_conns = 0
+    http_open = 0  # HTTP connections open; a WebSocket leaves this count when it upgrades
+    starved = 0  # accepts that failed since the last log line
+    starved_logged = -1.0
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple) -> None:
+        if self.max_conns and self.http_open + ChatSocket.sockets >= self.max_conns:
+            with contextlib.suppress(OSError):
+                stream.socket.send(self.REFUSED)
+            stream.close()
+            return
+        self.http_open += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn: object) -> None:
+        self.http_open -= 1
+        super().on_close(server_conn)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = self._accept_from(sock)
+
+    def _accept_from(self, sock: socket.socket) -> Callable[[], None]:
+        """Accept connections on sock as the event loop reports them; returns
+        the function that stops it (as add_accept_handler does)."""
+        loop = tornado.ioloop.IOLoop.current()
+        state: dict[str, Any] = {"stopped": False, "paused": None}
+
+        def accept(fd: Any, events: int) -> None:
+            for _ in range(128):  # then let other work run
+                if state["stopped"]:
+                    return
+                try:
+                    connection, address = sock.accept()
+                except BlockingIOError:
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for some to free up
+                    self._starving(e)
+                    loop.remove_handler(sock)
+                    state["paused"] = loop.call_later(self.ACCEPT_PAUSE, resume)
+                    return
+                self._handle_connection(connection, address)
+
+        def resume() -> None:
+            state["paused"] = None
+            if not state["stopped"]:
+                loop.add_handler(sock, accept, loop.READ)
+
+        def stop() -> None:
+            state["stopped"] = True
+            if state["paused"] is not None:
+                loop.remove_timeout(state["paused"])
+            else:
+                loop.remove_handler(sock)
+
+        loop.add_handler(sock, accept, loop.READ)
+        return stop
+
+    def _starving(self, error: OSError) -> None:
+        self.starved += 1
+        now = time.monotonic()
+        if now - self.starved_logged >= 1.0:
+            log.warning("cannot accept connections (%s), %d times; pausing", error.strerror or error, self.starved)
+            self.starved, self.starved_logged = 0, now
+
+
 ################ Start-up
 
 
@@ -1242,6 +1909,9 @@ def make_app(**overrides: Any) -> tornado.web.Application:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
     values = {name: overrides.get(name, options[name]) for name in SETTINGS}
     values["origins"] = [o.rstrip("/").lower() for o in values["origins"]]
+    # A host named in --origins is ours too; --hosts entries are NAME or NAME:PORT.
+    values["hosts"] = ({h.strip().lower() for h in values["hosts"] if h.strip()}
+                       | {urllib.parse.urlsplit(o).netloc for o in values["origins"]} - {""})
     values["ping_timeout"] = min(values["ping_timeout"], values["ping_interval"])
     conf = Config(**values)
     check_name(conf.default_room, "bad_room")
@@ -1250,23 +1920,28 @@ def make_app(**overrides: Any) -> tornado.web.Application:
         ChatSocket.store.close()  # a new app on the same file is a restart
         ChatSocket.store = None  # type: ignore[assignment]
     store = Store(conf.db)
-    state = store.load(conf.history)
+    state = store.load()
     ChatSocket.conf, ChatSocket.store = conf, store
+    ChatSocket.history = History(store, conf.history)
+    ChatSocket.budgets = Budgets(conf)
     ChatSocket.users = {k: User(name, h) for k, name, h in state["users"]}
-    ChatSocket.rooms = {k: Room(name, conf.history) for k, name in state["rooms"].items()}
+    ChatSocket.lookalikes = {}
+    for k, user in ChatSocket.users.items():
+        ChatSocket.lookalikes.setdefault(skeleton(user.name), k)
+    ChatSocket.rooms = {k: Room(name) for k, name in state["rooms"].items()}
     for room, user in state["members"]:
         if room in ChatSocket.rooms and user in ChatSocket.users:
             ChatSocket.rooms[room].members.add(user)
+            ChatSocket.rooms[room].empty_since = None
             ChatSocket.users[user].rooms.add(room)
-    for room, messages in state["history"].items():
-        ChatSocket.rooms[room].history.extend(messages)
-    ChatSocket.mailboxes = {}
-    for recipient, message in state["undelivered"]:
-        ChatSocket.mailboxes.setdefault(recipient, {})[message["id"]] = message
-    ChatSocket.online, ChatSocket.per_ip, ChatSocket.claims, ChatSocket.dirty = {}, {}, {}, []
-    if ChatSocket.pinger is not None:
-        ChatSocket.pinger.stop()
-        ChatSocket.pinger = None
+    ChatSocket.mailboxes = state["mail"]
+    for handle in ChatSocket.leaving.values():
+        tornado.ioloop.IOLoop.current().remove_timeout(handle)
+    ChatSocket.online, ChatSocket.leaving, ChatSocket.per_ip, ChatSocket.dirty = {}, {}, {}, []
+    ChatSocket.sockets = 0
+    for timer in ChatSocket.timers:
+        timer.stop()
+    ChatSocket.timers = []
     ChatSocket.last_id = state["last_id"]
 
     PageHandler.load(os.path.join(HERE, "index.html"))
@@ -1282,13 +1957,20 @@ def make_app(**overrides: Any) -> tornado.web.Application:
 FLAGS = {"debug", "help", "log_to_stderr"}  # options that take no value
 
 
+class UsageError(Exception):
+    """A mistake on the command line or in --config: one line, exit 2."""
+
+
 def normalize_argv(argv: list) -> list:
-    """Accept "--port 5000" as well as Tornado's own "--port=5000"."""
+    """Accept "--port 5000" as well as Tornado's own "--port=5000"; refuse
+    an unknown option here, before Tornado prints its whole help."""
     out, i = [argv[0]], 1
     while i < len(argv):
         arg = argv[i]
-        name = arg[2:].replace("-", "_")
-        if (arg.startswith("--") and "=" not in arg and name in options and name not in FLAGS
+        name = arg[2:].partition("=")[0].replace("-", "_")
+        if not arg.startswith("--") or (name not in options and arg != "--"):
+            raise UsageError(f"unknown option {arg!r}")
+        if ("=" not in arg and name in options and name not in FLAGS
                 and i + 1 < len(argv) and not argv[i + 1].startswith("--")):
             out.append(f"{arg}={argv[i + 1]}")
             i += 2
@@ -1299,21 +1981,45 @@ def normalize_argv(argv: list) -> list:
 
 
 def parse_args(argv: list) -> None:
-    """Command line over config file over defaults."""
+    """Command line over config file over defaults; UsageError for a mistake."""
     argv = normalize_argv(argv)
-    parse_command_line(argv, final=False)
+    try:
+        parse_command_line(argv, final=False)
+    except (tornado.options.Error, ValueError) as e:
+        raise UsageError(str(e)) from None
     if options.config:
-        parse_config_file(options.config, final=False)
-    parse_command_line(argv)
+        try:
+            parse_config_file(options.config, final=False)
+        except Exception as e:  # a missing file, a syntax error, a bad value: the file is the user's to fix
+            raise UsageError(f"cannot use --config {options.config}: {e}") from None
+    try:
+        parse_command_line(argv)
+    except (tornado.options.Error, ValueError) as e:
+        raise UsageError(str(e)) from None
     if options.debug:
         logging.getLogger().setLevel(logging.DEBUG)
 
 
+def raise_file_limit() -> None:
+    """Each connection is a file descriptor: allow as many as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def main() -> int:
-    parse_args(sys.argv)
+    try:
+        parse_args(sys.argv)
+    except UsageError as e:
+        print(f"chat.py: {e} (see python chat.py --help)", file=sys.stderr)
+        return 2
+    raise_file_limit()
     try:
         app = make_app()
-        server = app.listen(options.port, options.host)
+        server = Listener(app, idle_connection_timeout=options.header_timeout, body_timeout=options.header_timeout)
+        server.max_conns = options.max_conns
+        server.listen(options.port, options.host)
     except (StoreError, OSError) as e:
         log.error("%s", e)
         return 1

@@ -27,9 +27,12 @@ import shutil
 import signal
 import socket
 import struct
+import sqlite3
 import sys
 import tempfile
+import time
 import unittest
+from unittest import mock
 from urllib.parse import urlencode
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -61,7 +64,8 @@ class ChatTestCase(AsyncHTTPTestCase):
     app_options: dict = {}  # per-class make_app overrides (max_text=10, ...)
 
     def get_app(self):
-        settings_ = dict(db=":memory:", rate=0, names_per_hour=0)  # limits get their own tests
+        # Limits get their own tests; presence is told at once.
+        settings_ = dict(db=":memory:", rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0)
         settings_.update(self.app_options)
         return chat.make_app(**settings_)
 
@@ -682,15 +686,51 @@ class GreetingBudgetTest(ChatTestCase):
 
 
     @async_test
-    async def test_replayed_private_messages_are_never_cut(self):
-        """Private messages cannot be asked for again, so a connect sequence
-        carries every one after since (up to --mailbox), whatever the budget."""
+    async def test_replayed_private_messages_are_bounded_and_the_rest_asked_for(self):
+        """A connect sequence carries the newest private messages that fit in
+        half of --max_queue, oldest first; welcome says directs_truncated, and
+        history with "directs" pages back through the rest, with no gap and
+        no repeat (issue 8: a reader that stalls cannot be owed them all)."""
         a, b = await self.pair()
         sent = [(await self.say(a, "@UserB %d %s" % (i, "d" * 900)))["id"] for i in range(6)]
-        again, _ = await self.connect("UserB", self.tokens["UserB"], since=0)
-        got = [await self.read(again, "replayed DM %d" % i) for i in range(6)]
-        self.assertEqual([(f["type"], f["id"]) for f in got], [("direct", i) for i in sent])
+        again, welcome = await self.connect("UserB", self.tokens["UserB"], since=0)
+        self.assertIs(welcome.get("directs_truncated"), True)
+        got = (await self.sync(again))
+        self.assertTrue(all(f["type"] == "direct" for f in got), got)
+        ids = [f["id"] for f in got]
+        self.assertTrue(0 < len(ids) < 6, ids)
+        self.assertEqual(ids, sent[len(sent) - len(ids):], "the newest, oldest first")
+        seen = list(ids)
+        while True:
+            page = await self.reply(again, "history", type="history", directs=True, before=seen[0], limit=2)
+            self.assertEqual(page["directs"], True)
+            seen = [m["id"] for m in page["messages"]] + seen
+            if not page["more"]:
+                break
+        self.assertEqual(seen, sent)
         await self.quiet(again)
+
+    @async_test
+    async def test_connect_sequence_of_a_stalled_reader_is_bounded(self):
+        """However much waits for a user, one connect sequence is at most
+        about --max_queue bytes on the wire."""
+        a, b = await self.pair()
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        for i in range(20):
+            await self.ack(a, type="message", text="@UserB %d %s" % (i, "m" * 990))
+        sock, data = await raw_client(self.get_http_port(), "UserB",
+                                      query="&token=%s&since=0" % self.tokens["UserB"])
+        loop = asyncio.get_running_loop()
+        frames, rest = frames_in(data)
+        while not any(json.loads(p).get("type") == "direct" and json.loads(p).get("text", "").startswith("19 ")
+                      for _, p in frames):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+            self.assertTrue(chunk, "the connection closed")
+            data += chunk
+            frames, rest = frames_in(data)
+        sock.close()
+        self.assertLessEqual(sum(len(p) for _, p in frames), 4000 + 200)
 
 
 ################ Direct messages
@@ -1483,8 +1523,8 @@ class TruncatedTest(ChatTestCase):
         self.assertFalse(b.joined["general"].get("truncated", False))
 
 
-class ProcessTest(ChatTestCase):
-    """chat.py as a process: kill -9, SIGTERM, a corrupt database."""
+class ProcessCase(ChatTestCase):
+    """chat.py as a subprocess on a free port, with its own database."""
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="chat-test-")
@@ -1500,7 +1540,7 @@ class ProcessTest(ChatTestCase):
         super().tearDown()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    async def start(self, *args, ready=True, argv=None):
+    async def start(self, *args, ready=True, argv=None, preexec_fn=None):
         """Run chat.py on a free port; return (proc, port, stderr lines).
         Waits for its "listening on" log line, then checks /healthz."""
         sock, port = bind_unused_port()
@@ -1510,7 +1550,7 @@ class ProcessTest(ChatTestCase):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, CHAT_PY, *[a.replace("PORT", str(port)) for a in argv], *args,
             cwd=self.tmp, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn)
         self.procs.append(proc)
         lines = []
         if not ready:
@@ -1523,12 +1563,32 @@ class ProcessTest(ChatTestCase):
             if b"listening on" in line:
                 break
 
+        proc.waiting = []  # (text, future) of logged() calls
+
         async def drain():  # keep reading so the pipe never fills
             async for line in proc.stderr:
                 lines.append(line)
+                for text, seen in proc.waiting:
+                    if text in line and not seen.done():
+                        seen.set_result(line)
         proc.drain = asyncio.ensure_future(drain())
         self.assertEqual((await self.health(port))["status"], "ok")
         return proc, port, lines
+
+
+
+    async def logged(self, proc, lines, text, timeout=10):
+        """Wait until chat.py logs a line holding text; return it."""
+        for line in lines:
+            if text in line:
+                return line
+        seen = asyncio.get_running_loop().create_future()
+        proc.waiting.append((text, seen))
+        return await asyncio.wait_for(seen, timeout)
+
+
+class ProcessTest(ProcessCase):
+    """chat.py as a process: kill -9, SIGTERM, a corrupt database."""
 
     @gen_test(timeout=30)
     async def test_kill_9_loses_no_acked_message(self):
@@ -1732,9 +1792,10 @@ class BigGreetingTest(ChatTestCase):
     app_options = {"max_text": 30000, "max_queue": 64 * 1024, "rate": 0}
 
     @async_test
-    async def test_a_connect_sequence_larger_than_max_queue_arrives_whole(self):
-        """--max_queue is for readers that stopped, not for the connect
-        sequence: 150 KB of kept DMs all arrive, each once, with receipts."""
+    async def test_kept_messages_larger_than_max_queue_all_arrive_once_with_receipts(self):
+        """150 KB of kept DMs: the connect sequence carries the newest that fit
+        in half of --max_queue, history with "directs" the rest; each arrives
+        once, and every sender gets its receipt."""
         a, _ = await self.connect("UserA")
         b, _ = await self.connect("UserB")
         b.close()
@@ -1744,19 +1805,32 @@ class BigGreetingTest(ChatTestCase):
             ack, _ = await self.ack(a, type="message", text="@UserB %d %s" % (i, "y" * 29000))
             self.assertIs(ack.get("queued"), True)
             sent.append(ack["id"])
-        b, _ = await self.connect("UserB", self.tokens["UserB"])
-        kept = [await self.read(b, "kept DM %d" % i) for i in range(5)]
-        self.assertEqual([(f["type"], f["id"], f.get("buffered")) for f in kept], [("direct", i, True) for i in sent])
-        for id in sent:
-            await self.expect(a, "delivered", id=id, to="UserB")
+        b, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertIs(welcome.get("directs_truncated"), True)
+        kept = await self.sync(b)
+        self.assertEqual([(f["type"], f["id"], f.get("buffered")) for f in kept], [("direct", sent[-1], True)])
+        got = [f["id"] for f in kept]
+        while True:
+            page = await self.reply(b, "history", type="history", directs=True, before=got[0])
+            self.assertTrue(all(m.get("buffered") for m in page["messages"]), "they were still waiting")
+            got = [m["id"] for m in page["messages"]] + got
+            if not page["more"]:
+                break
+        self.assertEqual(got, sent)
+        receipts = [await self.expect(a, "delivered", to="UserB") for _ in sent]
+        self.assertEqual(sorted(r["id"] for r in receipts), sent)
+        await self.quiet(a, "UserA")
         await self.quiet(b, "UserB")
+        again, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertNotIn("directs_truncated", welcome)
+        await self.quiet(again, "UserB, once all were delivered")
 
 
 class SlowAnswerTest(ChatTestCase):
     """Answers a client asked for (its connect sequence, a join) go at its
     pace: a slow but steady reader is neither cut off by --max_queue while
     the room talks, nor dropped because its pong waits behind them."""
-    app_options = {"max_text": 60000, "max_queue": 64 * 1024, "mailbox": 120, "history": 120,
+    app_options = {"max_text": 60000, "max_queue": 4 << 20, "mailbox": 120, "history": 120,
                    "rate": 0, "ping_interval": 1.0, "ping_timeout": 1.0}
 
     def setUp(self):
@@ -1806,7 +1880,10 @@ class SlowAnswerTest(ChatTestCase):
             live = await self.say(a, "meanwhile in general")
             texts, closes = await self.read_slowly_until(slow, data, live["id"])
             self.assertEqual(closes, [], "closed while reading its connect sequence")
-            self.assertEqual([f["id"] for f in texts if f["type"] == "direct"], sent)
+            self.assertIs(texts[0].get("directs_truncated"), True, "half of 4 MiB holds about 35 of them")
+            kept = [f["id"] for f in texts if f["type"] == "direct"]
+            self.assertGreater(len(kept), 30)
+            self.assertEqual(kept, sent[len(sent) - len(kept):], "the newest ones, oldest first")
             self.assertEqual([f["id"] for f in texts if f["type"] == "message"], [live["id"]])
         finally:
             slow.close()
@@ -1965,3 +2042,613 @@ class NoCapTest(ChatTestCase):
             ws = await self.open_ws("UserA", welcome["token"])
             self.assertEqual((await self.read(ws))["type"], "welcome")
         self.assertEqual((await self.health())["connections"], 206)
+
+
+################ Hardening (issue 8)
+
+
+def client_frame(opcode, payload=b"", fin=True, masked=True):
+    """One client-to-server WebSocket frame (payload under 126 bytes)."""
+    assert len(payload) < 126
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if not masked:
+        return head + bytes([len(payload)]) + payload
+    mask = os.urandom(4)
+    return head + bytes([0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_close(sock, data=b""):
+    """Read a raw client's socket until the server's close frame; its code
+    (None for a close frame without one). Fails if the TCP connection ends first."""
+    loop = asyncio.get_running_loop()
+    for _ in range(10000):
+        frames, _ = frames_in(data)
+        closes = [p for op, p in frames if op == 0x8]
+        if closes:
+            return struct.unpack(">H", closes[0][:2])[0] if len(closes[0]) >= 2 else None
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+        if not chunk:
+            raise AssertionError("the connection ended without a close frame")
+        data += chunk
+    raise AssertionError("no close frame")
+
+
+class LockedDatabaseTest(ProcessCase):
+    """Item 1: a write that fails is rolled back whole, is never acked, and
+    the server recovers by itself when the lock goes away."""
+
+    @gen_test(timeout=60)
+    async def test_a_locked_database_refuses_writes_and_loses_no_acked_message(self):
+        proc, port, log1 = await self.start("--offline_grace", "0")
+        a, _ = await self.connect("UserA", port=port)
+        b, _ = await self.connect("UserB", port=port)
+        await self.sync(a)
+        room_ids = [(await self.say(a, "before the lock"))["id"]]
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")
+        waiting = await self.say(a, "@UserB kept for you")
+        lock = sqlite3.connect(self.db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # as an admin's sqlite3 shell would
+        try:
+            await self.error(a, "server_error", type="message", text="while locked")
+            await self.error(a, "server_error", type="message", text="@UserB while locked")
+            await self.error(a, "server_error", type="join", room="newroom")
+            await self.refused("server_error", 1011, username="UserC", port=port)
+            # A user with waiting mail is still let in and greeted; the mark
+            # that it was delivered waits for the lock to go.
+            b, _ = await self.connect("UserB", self.tokens["UserB"], port=port)
+            kept = await self.expect(b, "direct", id=waiting["id"])
+            self.assertIs(kept["buffered"], True)
+            await self.error(b, "server_error", type="message", text="still locked")
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        room_ids.append((await self.say(a, "after the lock"))["id"])
+        reply = await self.say(b, "@UserA got it")
+        await self.reply(a, "joined", type="join", room="newroom")
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(await asyncio.wait_for(proc.wait(), 10), 0)
+        await proc.drain
+
+        db = sqlite3.connect(self.db)
+        stored = [row[0] for row in db.execute("SELECT id FROM messages ORDER BY id")]
+        db.close()
+        self.assertEqual(stored, sorted(room_ids + [waiting["id"], reply["id"]]),
+                         "every acked message is stored, and nothing that was refused")
+        proc, port, log2 = await self.start()
+        a, _ = await self.connect("UserA", self.tokens["UserA"], port=port)
+        self.assertEqual([m["id"] for m in a.joined["general"]["history"]], room_ids)
+        self.assertIn("newroom", a.joined)
+        self.assertNotIn(b"Traceback", b"".join(log1 + log2))
+
+
+class RefusedWriteTest(ChatTestCase):
+    """A write that fails in the middle of several statements leaves nothing
+    half-done, and the next write commits."""
+
+    @async_test
+    async def test_a_failed_claim_is_rolled_back_whole(self):
+        a, _ = await self.connect("UserA")
+        store = chat.ChatSocket.store
+        with mock.patch.object(store, "set_member", side_effect=sqlite3.OperationalError("disk I/O error")):
+            await self.refused("server_error", 1011, username="UserC")
+        self.assertFalse(store.db.in_transaction, "the failed claim left a transaction open")
+        self.assertIsNone(store.db.execute("SELECT 1 FROM users WHERE key = 'userc'").fetchone())
+        c, welcome = await self.connect("UserC")  # the name is still free
+        self.assertEqual(welcome["user"], "UserC")
+        ack = await self.say(a, "and on we go")
+        self.assertEqual(store.db.execute("SELECT count(*) FROM messages WHERE id = ?", (ack["id"],)).fetchone()[0], 1)
+
+
+class HistoryRequestTest(ChatTestCase):
+    """Scroll-back and the private messages a connect sequence left out."""
+
+    @async_test
+    async def test_room_history_pages_back_with_no_gap(self):
+        a, b = await self.pair()
+        ids = [(await self.say(a, "m%d" % i))["id"] for i in range(7)]
+        page = await self.reply(a, "history", type="history", room="general", limit=3)
+        self.assertEqual((page["room"], [m["id"] for m in page["messages"]], page["more"]),
+                         ("general", ids[-3:], True))
+        page = await self.reply(a, "history", type="history", room="General", before=ids[1], limit=3)
+        self.assertEqual(([m["id"] for m in page["messages"]], page["more"]), (ids[:1], False))
+        self.assertEqual(page["messages"][0]["text"], "m0")
+
+    @async_test
+    async def test_history_with_one_user_holds_only_that_conversation(self):
+        a, b = await self.pair()
+        c, _ = await self.connect("UserC")
+        ab = (await self.say(a, "@UserB for b"))["id"]
+        await self.say(a, "@UserC for c")
+        ba = (await self.say(b, "@UserA back"))["id"]
+        page = await self.reply(a, "history", type="history", **{"with": "userb"})
+        self.assertEqual((page["with"], [m["id"] for m in page["messages"]], page["more"]), ("UserB", [ab, ba], False))
+        page = await self.reply(c, "history", type="history", **{"with": "UserB"})
+        self.assertEqual(page["messages"], [], "nobody sees others' private messages")
+
+    @async_test
+    async def test_bad_history_requests(self):
+        a, b = await self.pair()
+        await self.error(a, "not_in_room", type="history", room="elsewhere")
+        await self.error(a, "unknown_user", type="history", **{"with": "Nobody"})
+        for frame in ({"room": "general", "before": "x"}, {"room": "general", "before": 0},
+                      {"room": "general", "limit": 0}, {"room": "general", "limit": 201},
+                      {"room": "general", "limit": True}, {}, {"directs": 1}):
+            with self.subTest(frame=frame):
+                await self.error(a, "bad_request", type="history", **frame)
+        await self.still_serving(a, b)
+
+
+class ResumeCostTest(ChatTestCase):
+    """Item 6: what a connect or a history request reads is an indexed
+    search, so its cost does not grow with the messages stored."""
+    app_options = {"history": 5}
+
+    @async_test
+    async def test_connect_and_history_never_scan_the_messages(self):
+        a, b = await self.pair()
+        for i in range(20):
+            await self.say(a, "m%d" % i)
+            await self.say(a, "@UserB d%d" % i)
+        b.close()
+        await self.say(a, "@UserB waiting")
+        db = chat.ChatSocket.store.db
+        statements = []
+        db.set_trace_callback(statements.append)
+        try:
+            again, _ = await self.connect("UserB", self.tokens["UserB"], since=1)
+            self.assertIs(again.joined["general"].get("truncated"), True)
+            await self.ack(again, type="history", room="general", before=30)
+            await self.ack(again, type="history", **{"with": "UserA"})
+            await self.ack(again, type="history", directs=True, before=30)
+        finally:
+            db.set_trace_callback(None)
+        reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        self.assertGreater(len(reads), 3)
+        for sql in reads:
+            plan = " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql))
+            self.assertNotRegex(plan, r"\bSCAN messages\b", "a full scan: %s\n%s" % (sql, plan))
+
+
+class EncodeOnceTest(ChatTestCase):
+    """Item 10: a join answers with messages as they were first encoded."""
+
+    @async_test
+    async def test_joining_again_encodes_no_message(self):
+        a, b = await self.pair()
+        for i in range(5):
+            await self.say(a, "m%d" % i)
+        with mock.patch.object(chat, "encode", wraps=chat.encode) as encode:
+            joined = await self.reply(a, "joined", type="join", room="general")
+        self.assertEqual(len(joined["history"]), 5)
+        encoded = [c.args[0] for c in encode.call_args_list]
+        self.assertFalse([f for f in encoded if isinstance(f, dict) and f.get("type") == "message"], encoded)
+
+
+class PingForgeryTest(ChatTestCase):
+    """Item 3: each connection's ping is its own; a sibling cannot answer it."""
+    app_options = {"ping_interval": 0.3, "ping_timeout": 0.3}
+
+    @gen_test(timeout=30)
+    async def test_a_stalled_connection_is_dropped_though_a_reader_echoes_its_pings(self):
+        port = self.get_http_port()
+        reader, data = await raw_client(port, "Reader")
+        stalled, _ = await raw_client(port, "Stalled")
+        loop = asyncio.get_running_loop()
+        pings = 0
+        await self.wait_health(connections=2)
+        for _ in range(400):
+            chunk = await asyncio.wait_for(loop.sock_recv(reader, 65536), READ_TIMEOUT)
+            self.assertTrue(chunk, "the reading connection was dropped")
+            data += chunk
+            frames, data = frames_in(data)
+            for op, payload in frames:
+                if op == 0x9:  # answer it, and forge the same answer for the stalled one
+                    pings += 1
+                    await loop.sock_sendall(reader, client_frame(0xA, payload))
+                    await loop.sock_sendall(stalled, client_frame(0xA, payload))
+            if (await self.health())["connections"] == 1:
+                break
+        else:
+            self.fail("the stalled connection survived %d rounds of forged pongs" % pings)
+        self.assertEqual(chat.ChatSocket.online.keys(), {"reader"})
+        reader.close()
+        stalled.close()
+
+
+class WireTest2(ChatTestCase):
+    """Item 11: RFC 6455 as a client may break it."""
+
+    async def closed_with(self, frame):
+        sock, data = await raw_client(self.get_http_port(), "Raw%d" % len(chat.ChatSocket.users))
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, frame)
+            return await read_close(sock, data)
+        finally:
+            sock.close()
+
+    @async_test
+    async def test_text_that_is_not_utf8_closes_1007(self):
+        self.assertEqual(await self.closed_with(client_frame(0x1, b'{"type":"rooms","x":"\xff\xfe"}')), 1007)
+
+    @async_test
+    async def test_an_unmasked_frame_closes_1002(self):
+        self.assertEqual(await self.closed_with(client_frame(0x1, b'{"type":"rooms"}', masked=False)), 1002)
+
+    @async_test
+    async def test_a_close_code_the_rfc_forbids_is_never_sent_back(self):
+        for code, answer in ((1005, 1002), (1006, 1002), (1015, 1002), (2000, 1002), (1000, 1000), (4000, 4000)):
+            with self.subTest(code=code):
+                self.assertEqual(await self.closed_with(client_frame(0x8, struct.pack(">H", code))), answer)
+
+
+class FloodTest(ChatTestCase):
+    """Item 10: every wire frame counts, and a connection that keeps going
+    over its limits is closed with 4429 rather than costing a core."""
+    app_options = {"rate": 5, "burst": 20}
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(chat, "FLOOD_CLOSE_AFTER", 0.3)  # not 10 s of a test's time
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    async def flood(self, first, frame):
+        """Send `first`, then `frame` over and over until the server closes;
+        return the close code and the text frames received."""
+        sock, data = await raw_client(self.get_http_port(), "Flooder")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(sock, first)
+            started = time.monotonic()
+            while time.monotonic() - started < 5:  # bounded: the server must close long before
+                await loop.sock_sendall(sock, frame * 50)
+                try:
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                except BlockingIOError:
+                    pass
+                frames, _ = frames_in(data)
+                if any(op == 0x8 for op, _ in frames):
+                    break
+            code = await read_close(sock, data)
+            texts = [json.loads(p) for op, p in frames_in(data)[0] if op == 0x1]
+            return code, texts
+        finally:
+            sock.close()
+
+    @gen_test(timeout=20)
+    async def test_a_flood_of_pings_closes_4429(self):
+        code, texts = await self.flood(b"", client_frame(0x9, b"p"))
+        self.assertEqual(code, 4429)
+        self.assertEqual(texts[-1]["code"], "rate_limited")
+
+    @gen_test(timeout=20)
+    async def test_a_flood_of_empty_fragments_closes_4429(self):
+        code, _ = await self.flood(client_frame(0x1, b"{", fin=False), client_frame(0x0, b"", fin=False))
+        self.assertEqual(code, 4429)
+
+    @gen_test(timeout=20)
+    async def test_messages_past_the_limit_for_long_close_4429(self):
+        code, texts = await self.flood(b"", client_frame(0x1, b'{"type":"rooms"}'))
+        self.assertEqual(code, 4429)
+        self.assertIn("rate_limited", [t.get("code") for t in texts])
+
+    @async_test
+    async def test_typing_has_its_own_budget_and_extras_are_dropped_quietly(self):
+        a, b = await self.pair()
+        for i in range(chat.TYPING[0] + 3):
+            ack, _ = await self.ack(a, type="typing", room="general")
+        got = await self.sync(b)
+        self.assertEqual([f["type"] for f in got], ["typing"] * chat.TYPING[0], "the extras were dropped")
+        sent = 0
+        while (await self.request(a, type="message", text="m%d" % sent))[0]["type"] == "ack":
+            sent += 1
+        self.assertGreaterEqual(sent, 19, "typing spent the message budget (burst 20, one spent by pair())")
+
+
+class ConnectBudgetTest(ChatTestCase):
+    """Item 9: connects per user and per address are budgeted, and a user
+    whose connection flaps is not announced again."""
+    app_options = {"connects_per_minute": 1, "offline_grace": 1.0}
+
+    @async_test
+    async def test_a_flapping_user_is_not_announced_twice(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        await self.expect(a, "presence", user="UserB", status="online")
+        await self.sync(a)
+        b.close()
+        await self.wait_health(connections=1)
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(a, "UserA, while UserB flapped")
+        b.close()
+        await self.expect(a, "presence", user="UserB", status="offline")  # after --offline_grace
+
+    @async_test
+    async def test_connects_per_user_past_the_budget_get_4429(self):
+        _, welcome = await self.connect("UserA")  # claiming the name is not counted
+        for _ in range(chat.AT_ONCE):
+            ws, _ = await self.connect("UserA", welcome["token"])
+            ws.close()
+        await self.refused("rate_limited", 4429, username="UserA", token=welcome["token"])
+        await self.connect("UserB")  # others are not held back
+
+    @gen_test(timeout=30)
+    async def test_connects_per_address_past_the_budget_get_4429(self):
+        for i in range(10 * chat.AT_ONCE):
+            ws = await self.open_ws("User%d" % i)
+            self.assertEqual((await self.read(ws))["type"], "welcome")
+            ws.close()
+        await self.refused("rate_limited", 4429, username="OneTooMany")
+
+
+class RoomBudgetTest(ChatTestCase):
+    """Item 7: one user cannot use up --max_rooms, and empty rooms go."""
+    app_options = {"rooms_per_hour": 1}
+
+    @async_test
+    async def test_new_rooms_per_user_are_budgeted(self):
+        a, b = await self.pair()
+        for i in range(chat.AT_ONCE):
+            await self.ack(a, type="join", room="room%d" % i)
+        await self.error(a, "rate_limited", type="join", room="onemore")
+        await self.ack(b, type="join", room="room0")  # joining is not creating
+        await self.ack(b, type="join", room="bs-own")  # and the budget is per user
+        await self.ack(a, type="leave", room="room1")
+        await self.ack(a, type="join", room="room1")  # it still exists: no budget spent
+
+    @async_test
+    async def test_rooms_per_user_are_capped(self):
+        a, b = await self.pair()
+        with mock.patch.object(chat, "ROOMS_PER_USER", 3):
+            await self.ack(a, type="join", room="two")
+            await self.ack(a, type="join", room="three")
+            await self.error(a, "too_many_rooms", type="join", room="four")
+            await self.ack(b, type="join", room="three")  # per user
+
+    @async_test
+    async def test_a_room_empty_for_a_day_is_forgotten_with_its_messages(self):
+        a, b = await self.pair()
+        await self.ack(a, type="join", room="old")
+        await self.say(a, "in the old room", room="old")
+        await self.ack(a, type="join", room="busy")
+        await self.ack(a, type="leave", room="old")
+        await self.ack(a, type="leave", room="general")
+        chat.ChatSocket._sweep(time.monotonic() + chat.ROOM_IDLE + 1)
+        rooms = await self.reply(a, "rooms", type="rooms")
+        self.assertEqual(sorted(r["name"] for r in rooms["rooms"]), ["busy", "general"],
+                         "the default room and rooms with members stay")
+        joined = await self.reply(a, "joined", type="join", room="old")
+        self.assertEqual(joined["history"], [], "a new room of the same name starts empty")
+        self.assertIsNone(chat.ChatSocket.store.db.execute("SELECT 1 FROM messages WHERE text LIKE '%old room%'"
+                          .replace("text", "frame")).fetchone())
+
+
+class MailboxMemoryTest(ChatTestCase):
+    """Item 8: waiting private messages live in SQLite; RAM holds a count."""
+    app_options = {"mailbox": 5}
+
+    @gen_test(timeout=30)
+    async def test_fifty_full_mailboxes_hold_counts_in_ram_and_arrive_after_a_restart(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        self._app = chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0,
+                                  offline_grace=0, mailbox=5)
+        self.http_server.request_callback = self._app
+        a, _ = await self.connect("Sender")
+        names = ["Box%d" % i for i in range(50)]
+        for name in names:
+            ws, _ = await self.connect(name)
+            ws.close()
+        await self.wait_health(connections=1)
+        for name in names:
+            for i in range(5):
+                await self.ack(a, type="message", text="@%s %d %s" % (name, i, "x" * 1000))
+            await self.error(a, "mailbox_full", type="message", text="@%s one more" % name)
+        self.assertEqual(chat.ChatSocket.mailboxes, {chat.key(n): 5 for n in names})
+        self.assertTrue(all(type(v) is int for v in chat.ChatSocket.mailboxes.values()))
+        self.http_server.request_callback = chat.make_app(db=self.db, rate=0, names_per_hour=0,
+                                                          connects_per_minute=0, offline_grace=0, mailbox=5)
+        self.assertEqual(chat.ChatSocket.mailboxes, {chat.key(n): 5 for n in names}, "counts come back from SQLite")
+        ws, _ = await self.connect("Box7", self.tokens["Box7"])
+        got = await self.sync(ws)
+        self.assertEqual([f["text"].split()[0] for f in got], ["0", "1", "2", "3", "4"])
+        self.assertTrue(all(f["buffered"] and f["to"] == "Box7" for f in got))
+        self.assertNotIn("box7", chat.ChatSocket.mailboxes)
+
+
+class ClientIdTest(ChatTestCase):
+    """Issue 10's page re-sends after a reconnect: a cid already stored is
+    acked with its first id and not posted again."""
+
+    def get_app(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        return chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0)
+
+    @async_test
+    async def test_a_repeated_cid_is_acked_with_the_first_id(self):
+        a, b = await self.pair()
+        first, _ = await self.ack(a, type="message", text="once", cid="c-1")
+        await self.expect(b, "message", id=first["id"])
+        again, _ = await self.ack(a, type="message", text="once", cid="c-1")
+        self.assertEqual(again["id"], first["id"])
+        await self.quiet(b, "UserB got it a second time")
+        b.close()
+        dm, _ = await self.ack(a, type="message", text="@UserB later", cid="c-2")
+        self.assertIs(dm.get("queued"), True)
+        self.http_server.request_callback = chat.make_app(db=self.db, rate=0, names_per_hour=0,
+                                                          connects_per_minute=0, offline_grace=0)
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        repeat, _ = await self.ack(a, type="message", text="@UserB later", cid="c-2")
+        self.assertEqual((repeat["id"], repeat.get("queued")), (dm["id"], True), "remembered across a restart")
+        other, _ = await self.ack(a, type="message", text="once", cid="c-3")
+        self.assertGreater(other["id"], dm["id"])
+
+    @async_test
+    async def test_cids_are_per_user_and_checked(self):
+        a, b = await self.pair()
+        mine, _ = await self.ack(a, type="message", text="a's", cid="same")
+        theirs, _ = await self.ack(b, type="message", text="b's", cid="same")
+        self.assertNotEqual(mine["id"], theirs["id"])
+        await self.sync(a)
+        for cid in ("", "x" * 65, "has space", 7, "é"):
+            with self.subTest(cid=cid):
+                await self.error(a, "bad_request", type="message", text="hi", cid=cid)
+
+
+class HostTest(ChatTestCase):
+    """Item 5: DNS rebinding. Only requests naming this server get / and /ws."""
+    app_options = {"hosts": ["chat.example.org", "other.example:8443"]}
+
+    async def status(self, path, host):
+        try:
+            response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d%s" % (self.get_http_port(), path),
+                                                     headers={"Host": host})
+            return response.code
+        except HTTPClientError as e:
+            return e.code
+
+    @async_test
+    async def test_a_foreign_host_gets_403_on_the_page_and_the_socket(self):
+        port = self.get_http_port()
+        host = "rebind.attacker.example:%d" % port
+        self.assertEqual(await self.status("/", host), 403)
+        self.assertEqual(await self.status("/healthz", host), 200)
+        request = HTTPRequest(self.url(username="Victim"), headers={"Host": host, "Origin": "http://" + host})
+        with self.assertRaises(HTTPClientError) as caught:
+            await websocket_connect(request)
+        self.assertEqual(caught.exception.code, 403)
+        self.assertEqual(chat.ChatSocket.users, {}, "nothing was claimed")
+
+    @async_test
+    async def test_this_servers_names_are_allowed(self):
+        port = self.get_http_port()
+        for host, code in (("127.0.0.1:%d" % port, 200), ("localhost:%d" % port, 200), ("[::1]:%d" % port, 200),
+                           ("LOCALHOST:%d" % port, 200), ("localhost:1", 403), ("localhost", 403),
+                           ("chat.example.org", 200), ("chat.example.org:443", 200),
+                           ("other.example:8443", 200), ("other.example", 403), ("10.0.0.1:%d" % port, 403)):
+            with self.subTest(host=host):
+                self.assertEqual(await self.status("/", host), code)
+
+
+class LookalikeTest(ChatTestCase):
+    """Item 12: a new name that reads as an owned one is refused."""
+
+    @async_test
+    async def test_names_too_close_to_an_owned_one_are_refused(self):
+        await self.connect("Ana.Lee")
+        await self.connect("Bob0")
+        for name in ("analee", "Ana_Lee", "ana-lee", "AnaLee", "AnaIee", "Ana1ee", "B0bo", "bobO", "Bob_0"):
+            with self.subTest(name=name):
+                err = await self.refused("bad_username", 4400, username=name)
+                self.assertIn("too close", err["message"])
+        _, welcome = await self.connect("Ana.Lee", self.tokens["Ana.Lee"])  # the owner still gets in
+        self.assertEqual(welcome["user"], "Ana.Lee")
+        await self.connect("Anna")  # a different name is fine
+
+
+class ListenerTest(ProcessCase):
+    """Item 4: connections before any request: a header timeout, a total
+    cap, and running out of file descriptors."""
+
+    async def connect_raw(self, port, send=b"GET / HTTP/1.1\r\n"):
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        if send:
+            await asyncio.get_running_loop().sock_sendall(sock, send)
+        return sock
+
+    async def ended(self, sock, limit=10):
+        """Read until the server closes; what it sent."""
+        loop, data = asyncio.get_running_loop(), b""
+        while True:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), limit)
+            if not chunk:
+                return data
+            data += chunk
+
+    async def healthy(self, port):
+        for _ in range(200):
+            try:
+                return await self.health(port)
+            except (HTTPClientError, OSError):
+                await gen.moment
+        self.fail("/healthz never answered")
+
+    @gen_test(timeout=30)
+    async def test_a_request_that_never_finishes_its_headers_is_closed(self):
+        proc, port, _ = await self.start("--header_timeout", "0.5")
+        sock = await self.connect_raw(port)
+        self.assertEqual(await self.ended(sock), b"")
+        sock.close()
+
+    @gen_test(timeout=30)
+    async def test_max_conns_counts_http_connections(self):
+        proc, port, _ = await self.start("--max_conns", "3")
+        held = [await self.connect_raw(port) for _ in range(3)]
+        await self.wait_for_count(port, held)
+        extra = await self.connect_raw(port, send=b"")
+        self.assertIn(b" 503 ", await self.ended(extra))
+        extra.close()
+        for sock in held:
+            sock.close()
+        self.assertEqual((await self.healthy(port))["status"], "ok")
+
+    async def wait_for_count(self, port, held):
+        """The server has accepted the held connections (a 4th is refused)."""
+        for sock in held:
+            await asyncio.get_running_loop().sock_sendall(sock, b"X-Wait: 1\r\n")
+
+    @gen_test(timeout=40)
+    async def test_running_out_of_descriptors_logs_little_and_recovers(self):
+        import resource
+
+        def few_files():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+        proc, port, lines = await self.start("--max_conns", "0", preexec_fn=few_files)
+        held = [await self.connect_raw(port) for _ in range(80)]
+        await self.logged(proc, lines, b"cannot accept")
+        for sock in held:
+            sock.close()
+        self.assertEqual((await self.healthy(port))["status"], "ok")
+        log = b"".join(lines)
+        self.assertIn(b"cannot accept", log)
+        self.assertNotIn(b"Traceback", log)
+        self.assertLess(log.count(b"cannot accept"), 15, "at most a line a second")
+
+    @gen_test(timeout=30)
+    async def test_the_soft_file_limit_is_raised_to_the_hard_one(self):
+        import resource
+
+        def low_soft_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+
+        proc, port, _ = await self.start(preexec_fn=low_soft_limit)
+        with open("/proc/%d/limits" % proc.pid) as f:
+            limit = [line for line in f if line.startswith("Max open files")][0].split()
+        self.assertEqual(limit[3:5], ["4096", "4096"])
+
+
+class UsageTest(ProcessCase):
+    """Item 13: a mistake on the command line is one line and exit 2."""
+
+    @gen_test(timeout=30)
+    async def test_a_mistyped_option_is_one_line_and_exit_2(self):
+        for argv, word in ((["--bogus"], "--bogus"), (["--port", "notanumber"], "notanumber"),
+                           (["--config", "/no/such/file.conf"], "/no/such/file.conf")):
+            with self.subTest(argv=argv):
+                proc, _, _ = await self.start(ready=False, argv=argv)
+                code = await asyncio.wait_for(proc.wait(), 10)
+                err = (await proc.stderr.read()).decode()
+                self.assertEqual(code, 2, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(word, err)
+                self.assertIn("--help", err)
+                self.assertNotIn("Traceback", err)
