@@ -289,6 +289,24 @@ class ChatTestCase(AsyncHTTPTestCase):
         await self.quiet(a, "the sender")
         await self.quiet(b, "the other user")
 
+    def batches(self):
+        """A queue that gets an item each time the Hub sends its presence and
+        member batches (call it before the changes it should see)."""
+        queue = asyncio.Queue()
+        real = chat.Hub.flush.__func__
+
+        def flush(cls):
+            real(cls)
+            queue.put_nowait(None)
+
+        patcher = mock.patch.object(chat.Hub, "flush", classmethod(flush))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return queue
+
+    async def batch_sent(self, queue):
+        await asyncio.wait_for(queue.get(), READ_TIMEOUT)
+
     async def health(self, port=None):
         response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/healthz" % (port or self.get_http_port()))
         return json.loads(response.body)
@@ -2681,3 +2699,170 @@ class UsageTest(ProcessCase):
                 self.assertIn(word, err)
                 self.assertIn("--help", err)
                 self.assertNotIn("Traceback", err)
+
+
+################ Connect cost independent of the crowd (issue 9)
+
+
+class PresenceBatchTest(ChatTestCase):
+    """Presence and membership changes of one --presence_window go out as
+    one frame each, encoded once; a change undone within it is not told."""
+    app_options = {"presence_window": 0.3}
+
+    @async_test
+    async def test_arrivals_within_the_window_are_one_frame(self):
+        batches = self.batches()
+        a, _ = await self.connect("UserA")
+        await self.batch_sent(batches)  # UserA alone in it: not told about itself
+        for name in ("userC", "UserB", "UserD"):
+            await self.connect(name)
+        frame = await self.read(a, "the batch")
+        self.assertEqual(frame, {"type": "presence", "online": ["UserB", "userC", "UserD"], "offline": []})
+        member = await self.read(a, "the member batch")
+        self.assertEqual(member, {"type": "member", "room": "general", "joined": ["UserB", "userC", "UserD"],
+                                  "left": []})
+        await self.quiet(a)
+
+    @async_test
+    async def test_leaving_and_coming_back_within_the_window_is_not_told(self):
+        batches = self.batches()
+        a, _ = await self.connect("UserA")
+        await self.batch_sent(batches)
+        b, _ = await self.connect("UserB")
+        await self.presence(a, "UserB", "online")
+        await self.sync(a)
+        b.close()
+        await self.wait_health(connections=1)
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.batch_sent(batches)
+        await self.quiet(a, "UserA, while UserB left and came back within the window")
+        b.close()
+        frame = await self.presence(a, "UserB", "offline")
+        self.assertEqual(frame, {"type": "presence", "online": [], "offline": ["UserB"]})
+
+    @async_test
+    async def test_each_name_once_with_its_latest_state(self):
+        batches = self.batches()
+        a, _ = await self.connect("UserA")
+        c, _ = await self.connect("UserC")
+        await self.presence(a, "UserC", "online")
+        await self.sync(a)
+        b, _ = await self.connect("UserB")  # online, then ...
+        c.close()  # ... UserC offline in the same window
+        await self.wait_health(connections=2)
+        frame = await self.expect(a, "presence")
+        self.assertEqual(frame, {"type": "presence", "online": ["UserB"], "offline": ["UserC"]})
+
+
+class RosterTest(ChatTestCase):
+    """welcome and joined carry at most --roster names; members pages the rest."""
+    app_options = {"roster": 2}
+
+    @async_test
+    async def test_rosters_are_capped_and_counted(self):
+        names = ["dave", "Bob", "carol", "Ann", "eve"]
+        for name in names:
+            ws, _ = await self.connect(name)
+        ws, welcome = await self.connect("Zed")
+        self.assertEqual((welcome["online"], welcome["online_count"]), (["Ann", "Bob"], 6))
+        joined = ws.joined["general"]
+        self.assertEqual((joined["members"], joined["member_count"]), (["Ann", "Bob"], 6))
+
+    @async_test
+    async def test_members_pages_through_everyone(self):
+        names = ["dave", "Bob", "carol", "Ann", "eve"]
+        for name in names:
+            ws, _ = await self.connect(name)
+        got, after = [], None
+        for _ in range(5):
+            frame = {"type": "members", "room": "general"}
+            if after:
+                frame["after"] = after
+            page = await self.reply(ws, "members", **frame)
+            self.assertEqual(page["room"], "general")
+            got += page["members"]
+            after = page["members"][-1]
+            if not page["more"]:
+                break
+        self.assertEqual(got, ["Ann", "Bob", "carol", "dave", "eve"])
+        online = await self.reply(ws, "members", type="members", after="bob")
+        self.assertEqual((online["members"], online["more"]), (["carol", "dave"], True))
+        self.assertNotIn("room", online)
+        await self.error(ws, "not_in_room", type="members", room="elsewhere")
+        await self.error(ws, "bad_request", type="members", after="not a name")
+
+    @async_test
+    async def test_your_own_name_is_in_your_welcome_and_joined(self):
+        for name in ("Ann", "Bob", "Cy"):
+            await self.connect(name)
+        ws, welcome = await self.connect("Al")  # sorts before the others, and is new
+        self.assertEqual(welcome["online"], ["Al", "Ann"])
+        self.assertEqual(ws.joined["general"]["members"], ["Al", "Ann"])
+
+
+class StormTest(ChatTestCase):
+    """A reconnect storm of N users writes frames in proportion to N, not N²."""
+    app_options = {"presence_window": 0.2}
+
+    async def storm(self, n, prefix):
+        names = ["%s%03d" % (prefix, i) for i in range(n)]
+        first = [await self.connect(name) for name in names]
+        await self.wait_health(users_online=len(chat.Hub.online))
+        for ws, _ in first:
+            ws.close()
+        await self.wait_health(users_online=0)
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        if chat.Hub.presence or chat.Hub.membership:
+            await self.batch_sent(self.queue)  # the offline batch
+        before = sum(n for (family, _), n in chat.Metrics.counts.items() if family == "frames_out")
+        again = await asyncio.gather(*[self.connect(name, self.tokens[name]) for name in names])
+        await asyncio.gather(*[self.presence_seen(ws) for ws, _ in again])
+        after = sum(n for (family, _), n in chat.Metrics.counts.items() if family == "frames_out")
+        for ws, _ in again:
+            ws.close()
+        await self.wait_health(users_online=0)
+        return after - before
+
+    async def presence_seen(self, ws):
+        while True:
+            frame = await self.read(ws)
+            if frame["type"] == "presence":
+                return
+
+    @gen_test(timeout=60)
+    async def test_frames_written_in_a_storm_grow_linearly(self):
+        self.queue = self.batches()
+        small = await self.storm(30, "a")
+        big = await self.storm(60, "b")
+        self.assertLess(big, 2.6 * small, "frames for 30 users: %d, for 60: %d" % (small, big))
+
+
+class MetricsTest(ChatTestCase):
+
+    async def scrape(self):
+        response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/metrics" % self.get_http_port())
+        self.assertTrue(response.headers["Content-Type"].startswith("text/plain"))
+        return response.body.decode()
+
+    @async_test
+    async def test_metrics_count_what_the_server_does(self):
+        a, b = await self.pair()
+        await self.say(a, "one")
+        a.write_message("not json")
+        await self.next_error(a, "bad_json")
+        text = await self.scrape()
+        for line in ('chat_frames_in_total{type="message"} 1', 'chat_frames_out_total{type="message"} 2',
+                     'chat_errors_total{code="bad_json"} 1', "chat_connections 2", "chat_users_online 2",
+                     "chat_rooms 1", "# TYPE chat_db_write_seconds histogram", 'chat_db_write_seconds_bucket{le="+Inf"}',
+                     "# TYPE chat_event_loop_lag_seconds gauge"):
+            self.assertIn(line, text)
+
+    @async_test
+    async def test_metrics_are_for_loopback_and_metrics_from_only(self):
+        class Remote:
+            is_loopback = False
+        with mock.patch.object(chat.ipaddress, "ip_address", return_value=Remote()):
+            with self.assertRaises(HTTPClientError) as caught:
+                await self.scrape()
+        self.assertEqual(caught.exception.code, 403)
