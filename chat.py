@@ -8,6 +8,7 @@ Endpoints
 ---------
 ``GET /``         the page (index.html: HTML, CSS and JS in one file).
 ``GET /healthz``  ``{"status":"ok","connections":3,"users_online":2,"rooms":4}``.
+``GET /metrics``  Prometheus text (loopback and ``--metrics_from`` only).
 ``GET /ws?username=NAME[&token=TOKEN][&since=ID][&epoch=E]``  the WebSocket.
 
 ``/`` and ``/ws`` answer only requests whose ``Host`` is this server's: a
@@ -38,11 +39,14 @@ connection by exactly one ``ack`` or one ``error`` carrying that ``ref``.
 
 On connect the server sends, in order:
 
-1. ``{"type":"welcome","user":"UserA","token":"...","online":["UserA"],
-   "rooms":["general"],"default_room":"general","max_text":2000,
-   "epoch":"9f2c..."}`` (the epoch names the database that ids count in);
+1. ``{"type":"welcome","user":"UserA","token":"...","rooms":["general"],
+   "default_room":"general","max_text":2000,"epoch":"9f2c...",
+   "online":["UserA"],"online_count":1}`` (the epoch names the database
+   that ids count in; ``online`` is the first ``--roster`` names, sorted
+   case-insensitively, and ``online_count`` counts them all);
 2. for each of the user's rooms ``{"type":"joined","room":"general",
-   "members":["UserA","UserB"],"history":[message, ...]}`` (oldest first);
+   "members":["UserA","UserB"],"member_count":2,"history":[message, ...]}``
+   (members as ``online``; history oldest first);
 3. private messages, oldest first: those kept while the user was offline
    (``"buffered": true``), and with ``since=ID`` also those to or from the
    user with a larger id (one the user sent that still waits says
@@ -60,10 +64,15 @@ number is ignored, and one sent with another database's ``epoch=`` counts
 as 0. The sequence is not in id order, so a client should move its resume
 point only after it has all of it: the answer to its first frame comes after.
 
-Presence goes to everybody else when a user's first connection opens and
-when the last one closes: ``{"type":"presence","user":"UserB",
-"status":"online"}`` (or ``"offline"``). A user whose last connection comes
-back within ``--offline_grace`` seconds was never away: nobody is told.
+Presence changes (a user's first connection opens, its last one closes)
+are gathered for ``--presence_window`` seconds and go to everyone as one
+frame: ``{"type":"presence","online":["UserB"],"offline":["UserC"]}``. Both
+keys are always there, each name once, with its latest state; a change
+undone within the window is not told, and a user whose last connection
+comes back within ``--offline_grace`` seconds was never away. Membership
+changes go to the room's members the same way: ``{"type":"member",
+"room":"python","joined":["UserA"],"left":[]}``. A receiver may find its
+own name in a batch.
 
 Client to server, and what comes back::
 
@@ -81,13 +90,16 @@ Client to server, and what comes back::
            "to":"UserB","text":"hi","ts":...,"time":...}. If UserB has no
            connection it is kept for them, the ack says "queued": true, and
            the sender later gets {"type":"delivered","id":102,"to":"UserB"}.
-    {"type":"join","room":"python"}     -> {"type":"joined",...}; others get
-                                           {"type":"member","room":"python",
-                                            "user":"UserA","action":"join"}
+    {"type":"join","room":"python"}     -> {"type":"joined",...}; the room
+                                           gets a member batch
     {"type":"leave","room":"python"}    -> {"type":"left","room":"python"};
-                                           others get "action":"leave"
+                                           the room gets a member batch
     {"type":"rooms"}                    -> {"type":"rooms","rooms":
                                             [{"name":"general","members":12}]}
+    {"type":"members","room":"general","after":"Bob"}
+        -> {"type":"members","room":"general","members":[...],"more":true}:
+           the next --roster member names after "after" (from the start
+           without it); without "room", the users online.
     {"type":"history","room":"general","before":101,"limit":50}
     {"type":"history","with":"UserB","before":101}
     {"type":"history","directs":true,"before":101}
