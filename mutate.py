@@ -235,7 +235,10 @@ MUTANTS = [
       "return True"),
     M("same_origin_refused", "Same-origin is always allowed",
       'return super().check_origin(origin) or origin.rstrip("/").lower() in self.conf.origins',
-      'return origin.rstrip("/").lower() in self.conf.origins'),
+      'return origin.rstrip("/").lower() in self.conf.origins',
+      equivalent="with Tornado >= 6.6 (6.6.1 here) check_origin is not called when Origin matches Host, and "
+                 "the inherited check_origin only consults the trusted_origins setting, which chat.py does not "
+                 "set: super() always says False. With Tornado 6.4-6.5, test_same_origin_is_allowed kills it."),
     M("origins_not_normalised", "--origins https://Chat.example.org/ allows the site however written",
       'values["origins"] = [o.rstrip("/").lower() for o in values["origins"]]',
       'values["origins"] = list(values["origins"])'),
@@ -394,7 +397,7 @@ def run_suite(source: str, python: str, timeout: float) -> tuple[bool, float, st
         seconds = time.monotonic() - start
         if proc.returncode == 0:
             return True, seconds, ""
-        failed = re.findall(r"^(?:FAILED|ERROR|SUBFAILED\S*) test_chat\.py::(\S+)", output, re.MULTILINE)
+        failed = re.findall(r"^(?:FAILED|ERROR|SUBFAILED.*?) test_chat\.py::(\S+)", output, re.MULTILINE)
         return False, seconds, failed[0] if failed else output.strip().splitlines()[-1:][0] if output.strip() else ""
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2040,6 +2040,18 @@ class PrivacyTest(ChatTestCase):
         self.assertEqual(await self.read(a2), left)
         await self.quiet(a2, "the other tab")
 
+    @async_test
+    async def test_typing_goes_to_the_others_not_to_the_typists_tabs(self):
+        a1, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        b, _ = await self.connect("UserB")
+        await self.sync(a1)
+        await self.sync(a2)
+        _, before = await self.ack(a1, type="typing", room="general")
+        self.assertEqual(before, [], "the typist got something before its ack")
+        self.assertEqual(await self.read(b), {"type": "typing", "user": "UserA", "room": "general"})
+        await self.quiet(a2, "the typist's other tab")
+
 
 class StoreFailureTest(ChatTestCase):
     """A message the database did not take is answered server_error, and is
@@ -2100,8 +2112,8 @@ class BurstCapTest(ChatTestCase):
         await self.quiet(b, "UserB (no 'burst 3')")
 
 
-class HistoryRestartTest(ChatTestCase):
-    """A restart reloads each room's newest --history messages, oldest first."""
+class RestartTest(ChatTestCase):
+    """A second make_app on the same file is a restart (as in PersistenceTest)."""
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="chat-test-")
@@ -2119,6 +2131,7 @@ class HistoryRestartTest(ChatTestCase):
 
     @async_test
     async def test_restart_keeps_each_rooms_newest_history_oldest_first(self):
+        """A restart reloads each room's newest --history messages, oldest first."""
         a, _ = await self.connect("UserA")
         await self.ack(a, type="join", room="python")
         general, python = [], []
@@ -2134,6 +2147,17 @@ class HistoryRestartTest(ChatTestCase):
         later = await self.say(a, "after the restart")
         joined = await self.reply(a, "joined", type="join", room="general")  # already in: a fresh copy
         self.assertEqual([m["id"] for m in joined["history"]], general[-2:] + [later["id"]])
+
+    @async_test
+    async def test_a_room_left_stays_left_after_a_restart(self):
+        a, _ = await self.connect("UserA")
+        await self.ack(a, type="join", room="python")
+        await self.reply(a, "left", type="leave", room="general")
+        await self.restart()
+        _, welcome = await self.connect("UserA", self.tokens["UserA"])
+        self.assertEqual(welcome["rooms"], ["python"])
+        b, _ = await self.connect("UserB")
+        self.assertEqual(b.joined["general"]["members"], ["UserB"])
 
 
 class OpenFailureLogTest(ChatTestCase):
@@ -2154,3 +2178,102 @@ class OpenFailureLogTest(ChatTestCase):
                 self.assertIn("/ws?username=UserA&token=***", lines)
                 self.assertNotIn(token, lines)
         await self.connect("UserA", token)
+
+
+class GreetingBudgetGuardTest(ChatTestCase):
+    app_options = {"max_queue": 4000, "max_text": 1000}
+
+    @async_test
+    async def test_a_room_cut_short_at_connect_keeps_its_newest_messages(self):
+        a, _ = await self.connect("UserA")
+        ids = [(await self.say(a, "%d %s" % (i, "g" * 700)))["id"] for i in range(6)]  # about 4.9 KB
+        again, _ = await self.connect("UserA", self.tokens["UserA"])
+        joined = again.joined["general"]
+        self.assertIs(joined.get("truncated"), True)
+        kept = [m["id"] for m in joined["history"]]
+        self.assertTrue(0 < len(kept) < len(ids), kept)
+        self.assertEqual(kept, ids[len(ids) - len(kept):], "the newest messages are the ones kept")
+
+    @async_test
+    async def test_room_histories_get_only_what_private_messages_leave(self):
+        """Private messages come first out of --max_queue bytes: replayed ones
+        that fill it leave room histories nothing (truncated; a join fetches them)."""
+        a, b = await self.pair()
+        room = [(await self.say(a, "%d %s" % (i, "r" * 900)))["id"] for i in range(3)]  # about 3 KB
+        for i in range(5):  # about 5 KB
+            await self.say(a, "@UserB %d %s" % (i, "d" * 900))
+        again, _ = await self.connect("UserB", self.tokens["UserB"], since=0)
+        self.assertEqual(again.joined["general"]["history"], [])
+        self.assertIs(again.joined["general"].get("truncated"), True)
+        full = await self.reply(again, "joined", type="join", room="general")
+        self.assertEqual([m["id"] for m in full["history"]], room)
+
+
+class IpCapFreedTest(ChatTestCase):
+    app_options = {"max_tabs": 0, "max_conns_per_ip": 2}
+
+    @async_test
+    async def test_a_closed_connection_frees_its_place(self):
+        a, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        await self.refused("too_many_connections", 4429, username="UserA", token=welcome["token"])
+        a2.close()
+        await self.wait_health(connections=1)
+        await self.connect("UserA", welcome["token"])
+
+
+class FrameErrorGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_nan_and_infinity_are_not_json(self):
+        """Python's json accepts NaN and Infinity; JSON does not: bad_json."""
+        a, b = await self.pair()
+        for text in ["NaN", "-Infinity", '{"type": "rooms", "ref": 1, "x": NaN}',
+                     '{"type": "message", "text": "hi", "n": Infinity}']:
+            with self.subTest(text=text):
+                a.write_message(text)
+                await self.next_error(a, "bad_json")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_a_failure_on_one_frame_is_server_error_and_the_connection_goes_on(self):
+        """Even a bug answers a frame with exactly one error carrying its ref."""
+        a, b = await self.pair()
+        with mock.patch.object(chat.ChatSocket, "do_rooms", side_effect=RuntimeError("a bug")), \
+                self.assertLogs("chat", "ERROR"):
+            await self.error(a, "server_error", type="rooms")
+        await self.still_serving(a, b)
+
+
+class OriginsWrittenAnyhowTest(ChatTestCase):
+    app_options = {"origins": ["https://Chat.Example.org/"]}
+
+    @async_test
+    async def test_listed_origins_match_whatever_their_case_or_trailing_slash(self):
+        """Browsers send an Origin in lower case without a slash; --origins
+        matches it however the operator wrote it."""
+        ws = await self.open_ws("UserA", headers={"Origin": "https://chat.example.org"})
+        self.assertEqual((await self.read(ws))["type"], "welcome")
+        with self.assertRaises(HTTPClientError) as caught:
+            await self.open_ws("UserB", headers={"Origin": "https://chat.example.org.evil.com"})
+        self.assertEqual(caught.exception.code, 403)
+
+
+class LongPingTimeoutTest(ChatTestCase):
+    app_options = {"ping_interval": 0.3, "ping_timeout": 60}
+
+    @async_test
+    async def test_a_silent_client_is_dropped_within_two_intervals_whatever_the_timeout(self):
+        """--ping_timeout counts at most --ping_interval: a vanished client is
+        shown offline within 2 x the interval, however long the timeout says."""
+        a, _ = await self.connect("UserA")
+        ghost, _ = await raw_client(self.get_http_port(), "Ghost")
+        try:
+            await self.expect(a, "presence", user="Ghost", status="online")
+            offline = self.expect(a, "presence", user="Ghost", status="offline")
+            try:  # 2 x 0.3 s by the rule; 2 s leaves room for a busy machine
+                await gen.with_timeout(datetime.timedelta(seconds=2), offline)
+            except gen.TimeoutError:
+                self.fail("Ghost still online 2 s after it stopped answering pings")
+        finally:
+            ghost.close()
