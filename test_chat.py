@@ -1579,9 +1579,9 @@ class ProcessTest(ChatTestCase):
     @gen_test(timeout=30)
     async def test_sigterm_closes_clients_1001_and_exits_0(self):
         """SIGTERM: clients are closed with 1001, the exit code is 0, and the
-        WAL is folded into the database file, so that file alone is a whole
-        backup; even while another program (an admin's sqlite3 shell) has it
-        open, when closing the server's own connection would not do it."""
+        WAL is checkpointed into the database file, so that file alone is a
+        whole backup. Another program (an admin's sqlite3 shell) has the file
+        open here, so closing the server's connection alone would not do it."""
         proc, port, log = await self.start()
         a, _ = await self.connect("UserA", port=port)
         said = await self.say(a, "hi")
