@@ -26,8 +26,8 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import sqlite3
+import struct
 import sys
 import tempfile
 import time
@@ -40,6 +40,7 @@ from tornado import gen
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.iostream import IOStream
 from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
+from tornado.web import HTTPError
 from tornado.websocket import websocket_connect
 
 import chat
@@ -918,13 +919,12 @@ class ErrorTest(ChatTestCase):
 
     @async_test
     async def test_json_that_is_not_an_object(self):
-        """[1,2], 42, "text", null: an error, and nothing else happens."""
+        """[1,2], 42, "text", null: valid JSON but not a frame, so bad_request
+        (bad_json is for text that is not JSON); nothing else happens."""
         a, b = await self.pair()
-        for text in ["[1, 2]", "42", '"text"', "null"]:
+        for text in ["[1, 2]", "[1]", "42", '"text"', "null"]:
             a.write_message(text)
-            err = await self.read(a)
-            self.assertEqual(err["type"], "error")
-            self.assertIn(err["code"], ("bad_json", "bad_request"))
+            await self.next_error(a, "bad_request")
         await self.still_serving(a, b)
 
     @async_test
@@ -1138,15 +1138,20 @@ class HttpTest(ChatTestCase):
 
     def test_page_allows_only_its_own_inline_script(self):
         """The Content-Security-Policy names each inline script of the page by
-        its hash and nothing else, so a script injected into the page cannot run."""
+        its hash and nothing else, so a script injected into the page cannot run;
+        every other directive and header keeps the page to itself."""
         response = self.fetch("/")
         policy = dict(p.strip().split(" ", 1) for p in response.headers["Content-Security-Policy"].split(";"))
         scripts = re.findall(rb"<script\b[^>]*>(.*?)</script>", response.body, re.DOTALL)
         self.assertTrue(scripts)
         allowed = {"'sha256-%s'" % base64.b64encode(hashlib.sha256(s).digest()).decode() for s in scripts}
         self.assertEqual(set(policy["script-src"].split()), allowed)
-        self.assertEqual(policy["default-src"], "'none'")
-        self.assertEqual(policy["connect-src"], "'self'")
+        self.assertEqual(policy, {
+            "default-src": "'none'", "script-src": policy["script-src"], "style-src": "'unsafe-inline'",
+            "img-src": "'self' data:", "connect-src": "'self'", "base-uri": "'none'",
+            "form-action": "'self'", "frame-ancestors": "'none'"})  # no framing: no clickjacking
+        self.assertEqual(response.headers["X-Content-Type-Options"], "nosniff")
+        self.assertEqual(response.headers["Referrer-Policy"], "no-referrer")
 
 
 class WireTest(ChatTestCase):
@@ -1678,9 +1683,16 @@ class ProcessTest(ProcessCase):
 
     @gen_test(timeout=30)
     async def test_sigterm_closes_clients_1001_and_exits_0(self):
+        """SIGTERM: clients are closed with 1001, the exit code is 0, and the
+        WAL is checkpointed into the database file, so that file alone is a
+        whole backup. Another program (an admin's sqlite3 shell) has the file
+        open here, so closing the server's connection alone would not do it."""
         proc, port, log = await self.start()
         a, _ = await self.connect("UserA", port=port)
-        await self.say(a, "hi")
+        said = await self.say(a, "hi")
+        other = sqlite3.connect(self.db)
+        self.addCleanup(other.close)
+        other.execute("SELECT count(*) FROM messages").fetchone()
         proc.send_signal(signal.SIGTERM)
         for _ in range(10):
             if await self.raw_read(a, "the close") is None:
@@ -1689,6 +1701,13 @@ class ProcessTest(ProcessCase):
         self.assertEqual(await asyncio.wait_for(proc.wait(), 5), 0)
         await proc.drain
         self.assertNotIn(b"Traceback", b"".join(log))
+        wal = self.db + "-wal"
+        self.assertEqual(os.path.getsize(wal) if os.path.exists(wal) else 0, 0, "the WAL was not checkpointed")
+        backup = os.path.join(self.tmp, "backup.db")
+        shutil.copyfile(self.db, backup)
+        copy = sqlite3.connect(backup)
+        self.addCleanup(copy.close)
+        self.assertEqual(copy.execute("SELECT id FROM messages").fetchall(), [(said["id"],)])
 
     @gen_test(timeout=30)
     async def test_command_line_forms_and_config_file(self):
@@ -2866,3 +2885,297 @@ class MetricsTest(ChatTestCase):
             with self.assertRaises(HTTPClientError) as caught:
                 await self.scrape()
         self.assertEqual(caught.exception.code, 403)
+################ Guards found by mutation (issue 8, item 14)
+# Each test here fails on a change to chat.py (a mutant, see mutate.py) that
+# once broke a promise of README without any test noticing.
+
+
+class Clock:
+    """chat's view of the time module, with monotonic() `ahead` seconds
+    later than the real one: as if every connection had been idle that long."""
+
+    def __init__(self, ahead):
+        self.ahead = ahead
+
+    def monotonic(self):
+        return time.monotonic() + self.ahead
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class PrivacyTest(ChatTestCase):
+
+    @async_test
+    async def test_a_direct_message_reaches_nobody_else(self):
+        """A DM goes to the connections of its sender and its recipient only:
+        a third user online, in the same room, gets nothing of it, whether
+        the recipient is online or away."""
+        a, b = await self.pair()
+        c, _ = await self.connect("UserC")
+        await self.sync(a)
+        await self.sync(b)
+        ack = await self.say(a, "@UserB for your eyes only")
+        self.assertEqual((await self.read(b))["id"], ack["id"])
+        await self.quiet(c, "UserC, a bystander")
+        b.close()
+        await self.presence(c, "UserB", "offline")
+        ack = await self.say(a, "@UserB kept for you")
+        self.assertIs(ack["queued"], True)
+        await self.quiet(c, "UserC, a bystander")
+
+    @async_test
+    async def test_leave_tells_every_tab_of_the_user(self):
+        """Membership is the user's: leaving in one tab sends left to all its tabs."""
+        a1, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        await self.ack(a1, type="join", room="python")
+        await self.expect(a2, "joined", room="python")
+        left = await self.reply(a1, "left", type="leave", room="python")
+        self.assertEqual(left, {"type": "left", "room": "python"})
+        self.assertEqual(await self.read(a2), left)
+        await self.quiet(a2, "the other tab")
+
+    @async_test
+    async def test_typing_goes_to_the_others_not_to_the_typists_tabs(self):
+        a1, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        b, _ = await self.connect("UserB")
+        await self.sync(a1)
+        await self.sync(a2)
+        _, before = await self.ack(a1, type="typing", room="general")
+        self.assertEqual(before, [], "the typist got something before its ack")
+        self.assertEqual(await self.read(b), {"type": "typing", "user": "UserA", "room": "general"})
+        await self.quiet(a2, "the typist's other tab")
+
+
+class StoreFailureTest(ChatTestCase):
+    """A message the database did not take is answered server_error, and is
+    relayed to nobody, kept nowhere, and the connection carries on."""
+
+    async def refused_by_the_store(self, ws, text):
+        with mock.patch.object(chat.Hub.store, "add_message",
+                               side_effect=sqlite3.OperationalError("disk I/O error")), \
+                self.assertLogs("chat", "ERROR"):
+            await self.error(ws, "server_error", type="message", text=text)  # and nothing before it
+
+    @async_test
+    async def test_a_room_message_the_store_refused_reaches_nobody(self):
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        await self.refused_by_the_store(a, "lost to a full disk")
+        await self.quiet(a2, "the sender's other tab")
+        await self.quiet(b, "another member")
+        c, _ = await self.connect("UserC")
+        self.assertEqual(c.joined["general"]["history"], [], "a refused message is in the history")
+        await self.sync(a)
+        await self.sync(b)
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_a_direct_message_the_store_refused_reaches_nobody(self):
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        await self.refused_by_the_store(a, "@UserB lost to a full disk")
+        await self.quiet(a2, "the sender's other tab")
+        await self.quiet(b, "the recipient")
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        await self.refused_by_the_store(a, "@UserB lost while you were away")
+        b, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(b, "UserB back: nothing was kept for it")
+        await self.sync(a)
+        ack = await self.say(a, "@UserB works again")
+        self.assertEqual((await self.read(b))["id"], ack["id"])
+
+
+class BurstCapTest(ChatTestCase):
+    app_options = {"rate": 0.01, "burst": 3}  # one token per 100 s: only the burst counts here
+
+    @async_test
+    async def test_an_idle_connection_still_sends_only_burst_at_once(self):
+        """However long a connection was quiet, its bucket holds --burst
+        frames: of four sent at once after an hour, the fourth is rate_limited."""
+        a, b = await self.pair()  # pair() spent one of UserA's three
+        with mock.patch.object(chat, "time", Clock(ahead=3600)):
+            refs = [self.ref() for _ in range(4)]
+            for i, ref in enumerate(refs):
+                self.send(a, type="message", text="burst %d" % i, ref=ref)
+            answers = [(await self.answer(a, ref))[0] for ref in refs]
+        self.assertEqual([f["type"] for f in answers], ["ack", "ack", "ack", "error"], answers)
+        self.assertEqual(answers[3]["code"], "rate_limited")
+        self.assertEqual([(await self.read(b))["text"] for _ in range(3)], ["burst 0", "burst 1", "burst 2"])
+        await self.quiet(b, "UserB (no 'burst 3')")
+
+
+class RestartTest(ChatTestCase):
+    """A second make_app on the same file is a restart (as in PersistenceTest)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chat-test-")
+        self.db = os.path.join(self.tmp, "chat.db")
+        super().setUp()
+
+    def tearDown(self):
+        super().tearDown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def get_app(self):
+        return chat.make_app(db=self.db, rate=0, history=3)
+
+    restart = PersistenceTest.restart
+
+    @async_test
+    async def test_restart_keeps_each_rooms_newest_history_oldest_first(self):
+        """A restart reloads each room's newest --history messages, oldest first."""
+        a, _ = await self.connect("UserA")
+        await self.ack(a, type="join", room="python")
+        general, python = [], []
+        for i in range(5):  # interleaved: each room's history is its own
+            general.append((await self.say(a, "g%d" % i))["id"])
+            python.append((await self.say(a, "p%d" % i, "python"))["id"])
+        await self.restart()
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        for room, ids, prefix in (("general", general, "g"), ("python", python, "p")):
+            history = a.joined[room]["history"]
+            self.assertEqual([m["id"] for m in history], ids[-3:], room)
+            self.assertEqual([m["text"] for m in history], [prefix + "2", prefix + "3", prefix + "4"])
+        later = await self.say(a, "after the restart")
+        joined = await self.reply(a, "joined", type="join", room="general")  # already in: a fresh copy
+        self.assertEqual([m["id"] for m in joined["history"]], general[-2:] + [later["id"]])
+
+    @async_test
+    async def test_a_room_left_stays_left_after_a_restart(self):
+        a, _ = await self.connect("UserA")
+        await self.ack(a, type="join", room="python")
+        await self.reply(a, "left", type="leave", room="general")
+        await self.restart()
+        _, welcome = await self.connect("UserA", self.tokens["UserA"])
+        self.assertEqual(welcome["rooms"], ["python"])
+        b, _ = await self.connect("UserB")
+        self.assertEqual(b.joined["general"]["members"], ["UserB"])
+
+
+class OpenFailureLogTest(ChatTestCase):
+
+    @async_test
+    async def test_a_failure_in_open_logs_the_url_without_its_token(self):
+        """When open() itself fails (a bug), the connection ends and the error
+        line names the request with its token blotted out; the server goes on."""
+        _, welcome = await self.connect("UserA")
+        token = welcome["token"]
+        for failure in (RuntimeError("a bug"), HTTPError(500, "a bug")):
+            with self.subTest(failure=failure):
+                with mock.patch.object(chat, "raw_stream", side_effect=failure), \
+                        self.assertLogs(level="WARNING") as logs:
+                    ws = await self.open_ws("UserA", token)
+                    self.assertIsNone(await self.raw_read(ws, "the end of the connection"))
+                lines = "\n".join(logs.output)
+                self.assertIn("/ws?username=UserA&token=***", lines)
+                self.assertNotIn(token, lines)
+        await self.connect("UserA", token)
+
+
+class GreetingBudgetGuardTest(ChatTestCase):
+    app_options = {"max_queue": 4000, "max_text": 1000}
+
+    @async_test
+    async def test_a_room_cut_short_at_connect_keeps_its_newest_messages(self):
+        a, _ = await self.connect("UserA")
+        ids = [(await self.say(a, "%d %s" % (i, "g" * 700)))["id"] for i in range(6)]  # about 4.9 KB
+        again, _ = await self.connect("UserA", self.tokens["UserA"])
+        joined = again.joined["general"]
+        self.assertIs(joined.get("truncated"), True)
+        kept = [m["id"] for m in joined["history"]]
+        self.assertTrue(0 < len(kept) < len(ids), kept)
+        self.assertEqual(kept, ids[len(ids) - len(kept):], "the newest messages are the ones kept")
+
+    @async_test
+    async def test_room_histories_get_only_what_private_messages_leave(self):
+        """Private messages come first, up to half of --max_queue bytes; room
+        histories share what they leave (truncated; a join fetches the rest)."""
+        a, b = await self.pair()
+        room = [(await self.say(a, "%d %s" % (i, "r" * 900)))["id"] for i in range(3)]  # about 3 KB
+        for i in range(5):  # about 5 KB
+            await self.say(a, "@UserB %d %s" % (i, "d" * 900))
+        again, welcome = await self.connect("UserB", self.tokens["UserB"], since=0)
+        directs = await self.sync(again)
+        self.assertIs(welcome.get("directs_truncated"), True)
+        self.assertLessEqual(sum(len(json.dumps(f)) for f in directs), 2000)
+        joined = again.joined["general"]
+        self.assertIs(joined.get("truncated"), True)
+        self.assertLess(len(joined["history"]), 3)
+        sequence = [welcome, joined] + directs
+        self.assertLessEqual(sum(len(json.dumps(f, ensure_ascii=False, separators=(",", ":"))) for f in sequence), 4000)
+        full = await self.reply(again, "joined", type="join", room="general")
+        self.assertEqual([m["id"] for m in full["history"]], room)
+
+
+class IpCapFreedTest(ChatTestCase):
+    app_options = {"max_tabs": 0, "max_conns_per_ip": 2}
+
+    @async_test
+    async def test_a_closed_connection_frees_its_place(self):
+        a, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        await self.refused("too_many_connections", 4429, username="UserA", token=welcome["token"])
+        a2.close()
+        await self.wait_health(connections=1)
+        await self.connect("UserA", welcome["token"])
+
+
+class FrameErrorGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_nan_and_infinity_are_not_json(self):
+        """Python's json accepts NaN and Infinity; JSON does not: bad_json."""
+        a, b = await self.pair()
+        for text in ["NaN", "-Infinity", '{"type": "rooms", "ref": 1, "x": NaN}',
+                     '{"type": "message", "text": "hi", "n": Infinity}']:
+            with self.subTest(text=text):
+                a.write_message(text)
+                await self.next_error(a, "bad_json")
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_a_failure_on_one_frame_is_server_error_and_the_connection_goes_on(self):
+        """Even a bug answers a frame with exactly one error carrying its ref."""
+        a, b = await self.pair()
+        with mock.patch.object(chat.ChatSocket, "do_rooms", side_effect=RuntimeError("a bug")), \
+                self.assertLogs("chat", "ERROR"):
+            await self.error(a, "server_error", type="rooms")
+        await self.still_serving(a, b)
+
+
+class OriginsWrittenAnyhowTest(ChatTestCase):
+    app_options = {"origins": ["https://Chat.Example.org/"]}
+
+    @async_test
+    async def test_listed_origins_match_whatever_their_case_or_trailing_slash(self):
+        """Browsers send an Origin in lower case without a slash; --origins
+        matches it however the operator wrote it."""
+        ws = await self.open_ws("UserA", headers={"Origin": "https://chat.example.org"})
+        self.assertEqual((await self.read(ws))["type"], "welcome")
+        with self.assertRaises(HTTPClientError) as caught:
+            await self.open_ws("UserB", headers={"Origin": "https://chat.example.org.evil.com"})
+        self.assertEqual(caught.exception.code, 403)
+
+
+class LongPingTimeoutTest(ChatTestCase):
+    app_options = {"ping_interval": 0.3, "ping_timeout": 60}
+
+    @async_test
+    async def test_a_silent_client_is_dropped_within_two_intervals_whatever_the_timeout(self):
+        """--ping_timeout counts at most --ping_interval: a vanished client is
+        shown offline within 2 x the interval, however long the timeout says."""
+        a, _ = await self.connect("UserA")
+        ghost, _ = await raw_client(self.get_http_port(), "Ghost")
+        try:
+            await self.presence(a, "Ghost", "online")
+            offline = self.presence(a, "Ghost", "offline")
+            try:  # 2 x 0.3 s by the rule; 2 s leaves room for a busy machine
+                await gen.with_timeout(datetime.timedelta(seconds=2), offline)
+            except gen.TimeoutError:
+                self.fail("Ghost still online 2 s after it stopped answering pings")
+        finally:
+            ghost.close()
