@@ -1120,6 +1120,125 @@ async def measure_mailbox_rss(tmp: Path, users: int, mailbox: int, max_text: int
         server.stop()
 
 
+def measure_page_longtasks(users: int = 10_000, churn: int = 400, spread: float = 3.0,
+                           away: float = 1.5) -> int:
+    """(issue 9) The page in headless Chromium with ``users`` online while
+    ``churn`` of them come and go: the milliseconds it spends in long tasks.
+
+    chat.py runs with ``--roster 1000`` and the connect and user limits off; ``users``
+    light clients (RawClient, which answers pings and parses nothing) connect
+    first.  Then the page opens as "Observer" with a PerformanceObserver for
+    ``longtask`` installed before its script runs.  ``churn`` users, picked
+    over the whole sorted list, each drop at a random moment within
+    ``spread`` seconds and come back with their token ``away`` seconds later
+    (longer than --offline_grace, so everyone is told both ways).  When the
+    page's online count has not moved for 2 s, long tasks are summed: during
+    the load, and from the first drop on (the target: <= 200 ms).  Prints
+    one JSON line; returns the exit status.  Bounded: every wait has a limit.
+    """
+    import random
+    from playwright.async_api import async_playwright   # a bench-only dependency, like Chromium
+
+    target_ms = 200.0
+    observer = "Observer"
+    init = ("window.__longtasks = []; new PerformanceObserver((l) => { for (const e of l.getEntries())"
+            " window.__longtasks.push([e.startTime, e.duration]); }).observe({type: 'longtask', buffered: true});")
+    count_js = "() => (document.getElementById('online-count') || {}).textContent || ''"
+
+    async def run(tmp: Path) -> dict[str, Any]:
+        port = free_port()
+        server = Server("page", [sys.executable, str(HERE / "chat.py"), "--port", str(port),
+                                 "--db", str(tmp / "page.db"), "--rate", "0", "--max_tabs", "0",
+                                 "--roster", "1000", "--connects_per_minute", "0", "--names_per_hour", "0",
+                                 "--max_conns_per_ip", "0", "--max_conns", "0", "--max_users", "0"], port, tmp).start()
+        tally = Tally(kind="none")
+        clients: list[RawClient] = []
+        pw = browser = None
+        try:
+            names = [f"u{i:05d}" for i in range(users)]
+            clients, seconds, errors = await connect_many(port, names, tally, concurrency=100)
+            log(f"page: {len(clients)} users connected in {seconds:.1f} s ({len(errors)} errors)")
+            if errors:
+                raise BenchError(f"{len(errors)} connects failed, e.g. {errors[0]}")
+            await settle(quiet=0.5)
+            pw = await async_playwright().start()
+            browser = await pw.chromium.launch(
+                executable_path="/usr/bin/chromium", headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+            page = await (await browser.new_context(viewport={"width": 1280, "height": 800})).new_page()
+            await page.add_init_script(init)
+            loaded = time.monotonic()
+            await page.goto(f"http://{HOST}:{port}/?username={observer}")
+            try:
+                await page.wait_for_selector('#conn-state[data-state="online"]', timeout=60_000)
+            except Exception:
+                state = await page.evaluate("() => document.getElementById('conn-state').textContent")
+                raise BenchError(f"the page did not connect in 60 s: {state.strip()!r}, "
+                                 f"server {await server.healthz()}: {server.log_tail(20)}") from None
+            await settle(quiet=0.5)
+            load_s = time.monotonic() - loaded
+            count_before = await page.evaluate(count_js)
+            rng = random.Random(9)
+            picked = sorted(rng.sample(range(users), churn))
+            tokens = {i: json.loads(clients[i].welcome.result())["token"] for i in picked}
+            churn_at = await page.evaluate("() => performance.now()")
+
+            async def come_and_go(i: int) -> None:
+                await asyncio.sleep(rng.uniform(0, spread))
+                drop([clients[i]])
+                await asyncio.sleep(away)
+                clients[i] = await open_raw(port, names[i], tally, token=tokens[i])
+
+            started = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*(come_and_go(i) for i in picked)), spread + away + 30)
+            last, still = await page.evaluate(count_js), time.monotonic()
+            deadline = time.monotonic() + 60
+            while time.monotonic() - still < 2.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                now = await page.evaluate(count_js)
+                if now != last:
+                    last, still = now, time.monotonic()
+            settled_s = still - started
+            tasks = await page.evaluate("() => window.__longtasks")
+            online = (await server.healthz())["users_online"]
+            server.check_alive()
+            during = [d for t, d in tasks if t >= churn_at]
+            before = [d for t, d in tasks if t < churn_at]
+            churn_ms = round(sum(during), 1)
+            return {"users": users, "churn": churn, "users_online": online,
+                    "page_count_before": count_before, "page_count_after": last,
+                    "count_right": last.replace(",", "") == str(online),
+                    "settled_after_s": round(settled_s, 2), "load_s": round(load_s, 2),
+                    "load_longtask_ms": round(sum(before), 1), "load_longtasks": len(before),
+                    "churn_longtask_ms": churn_ms, "churn_longtasks": len(during),
+                    "longest_ms": round(max(during, default=0.0), 1),
+                    "target_ms": target_ms, "ok": churn_ms <= target_ms}
+        finally:
+            if browser is not None:
+                await browser.close()
+            if pw is not None:
+                await pw.stop()
+            drop(clients)
+            server.stop()
+
+    with tempfile.TemporaryDirectory(prefix="bench_page_") as tmpdir:
+        try:
+            result = asyncio.run(run(Path(tmpdir)))
+        except Exception as exc:   # report, do not trace: the JSON line says what failed
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            for server in list(Server.running):
+                server.stop()
+    print(json.dumps(result))
+    if "churn_longtask_ms" in result:
+        print(f"page, {users:,} online, {churn} come and go: {result['churn_longtask_ms']} ms of long tasks "
+              f"(target <= {target_ms:.0f} ms; {result['churn_longtasks']} tasks, longest "
+              f"{result['longest_ms']} ms); loading it: {result['load_longtask_ms']} ms; "
+              f"count {result['page_count_after']} vs {result['users_online']} online")
+    return 0 if result.get("ok") else 1
+
+
 ################ The run
 
 
@@ -1360,7 +1479,7 @@ def raise_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small version of everything (< 60 s)")
-    parser.add_argument("--only", choices=PARTS, help="run only this part of the profile")
+    parser.add_argument("--only", choices=PARTS + ("page",), help="run only this part of the profile")
     parser.add_argument("--baseline-server", type=int, metavar="PORT",
                         help="run only the plain Tornado baseline server on PORT")
     args = parser.parse_args(argv)
@@ -1368,6 +1487,8 @@ def main(argv: list[str] | None = None) -> int:
         run_baseline_server(args.baseline_server)
         return 0
     raise_file_limit()
+    if args.only == "page":   # Chromium and the page, apart from the server profile
+        return measure_page_longtasks()
     # A polite kill (CI timeout) unwinds like Ctrl-C, through the finally below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not (HERE / "chat.py").exists():

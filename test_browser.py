@@ -23,6 +23,7 @@ without either the whole module is skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -1107,6 +1108,159 @@ def test_a_busy_server_makes_the_page_wait_longer(browser, server):
     assert wait >= 15, wait
     expect(page.locator("#login")).to_be_hidden()
     page.context.close()
+
+
+def connect_bot(stack: contextlib.ExitStack, srv, name: str):
+    """A user with no browser: a plain WebSocket client (it answers pings by
+    itself and reads only when told), closed with `stack` at the latest.
+    Close it sooner to make the user go offline."""
+    from websockets.sync.client import connect
+    ws = stack.enter_context(connect(f"ws://127.0.0.1:{srv.port}/ws?username={name}", open_timeout=10))
+    assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+    return ws
+
+
+def wait_told(ws, name: str) -> None:
+    """Read ws until a presence batch says `name` is online: the server has
+    told everyone, so a page opened now gets a count and a list that agree."""
+    while True:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame["type"] == "presence" and name in frame["online"]:
+            return
+
+
+def people_names(page) -> list[str]:
+    """The names the people list holds, as loaded (drawn or not)."""
+    return page.evaluate("() => shownRoster().r.names.slice()")
+
+
+def scroll_people_to_end(page, loaded: int) -> None:
+    """Scroll the sidebar to its end until the list holds `loaded` names."""
+    for _ in range(20):
+        page.evaluate("() => { const b = document.getElementById('side-scroll'); b.scrollTop = b.scrollHeight; }")
+        if len(people_names(page)) >= loaded and page.locator("#people-more").is_hidden():
+            return
+        page.wait_for_timeout(100)   # the next page is on its way; scroll again once it is drawn
+    raise AssertionError(f"loaded {len(people_names(page))} of {loaded}: {people_names(page)}")
+
+
+def test_scrolling_the_people_list_loads_every_name_page_by_page(browser, tmp_path):
+    """With --roster 5 and 12 people, welcome and joined carry 5 names each;
+    scrolling the list to its end asks for the next ones ("members" with
+    "after": the last name held) until none are left. Every name can be
+    reached, online and in the room's member list, and the counts are the
+    server's from the start."""
+    srv = Server(tmp_path / "chat.db", "--rate", "0", "--names_per_hour", "0", "--roster", "5")
+    srv.start()
+    stack = contextlib.ExitStack()
+    try:
+        tag = uuid.uuid4().hex[:4]
+        names = [f"P{i:02d}{tag}" for i in range(11)]
+        bots = [connect_bot(stack, srv, n) for n in names]
+        wait_told(bots[0], names[-1])
+        me = f"P99{tag}"
+        asked: list[dict] = []
+        ctx = browser.new_context(viewport={"width": 1280, "height": 600})
+        page = ctx.new_page()
+        errors: list = []
+        page.on("pageerror", lambda e: errors.append(e))
+        page.on("websocket", lambda ws: ws.on(
+            "framesent", lambda payload: asked.append(json.loads(payload))
+            if '"members"' in str(payload) else None))
+        page.goto(f"{srv.url}/?username={me}")
+        expect(page.locator("#conn-state")).to_have_attribute("data-state", "online")
+        everyone = sorted(names + [me], key=str.lower)
+        expect(page.locator("#online-count")).to_have_text("12")      # online_count, not the 5 loaded
+        expect(page.locator("#conv-sub")).to_have_text("12 members")  # member_count
+        scroll_people_to_end(page, 12)
+        assert people_names(page) == everyone
+        for name in everyone:
+            expect(person(page, name)).to_have_count(1)
+        online_pages = [f for f in asked if "room" not in f]
+        assert [f["after"].lower() for f in online_pages] == [everyone[4].lower(), everyone[9].lower()], asked
+        expect(person(page, me)).to_contain_text("(you)")
+
+        page.locator("#show-members").click()                          # the room's members
+        expect(page.locator("#show-members")).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#member-count")).to_have_text("12")
+        scroll_people_to_end(page, 12)
+        assert people_names(page) == everyone
+        assert len([f for f in asked if f.get("room") == "general"]) == 2, asked
+        expect(page.locator("#people-list li")).to_have_count(12)
+        expect(page.locator("#online-count")).to_have_text("12")
+        page.locator("#show-online").click()
+        expect(page.locator("#people-h")).to_have_text("People online")
+        assert not errors
+        ctx.close()
+    finally:
+        stack.close()
+        srv.stop()
+
+
+def test_counts_follow_presence_and_member_batches(browser, tmp_path):
+    """The online count starts at online_count and moves with each batch:
+    up for names going online, down for names going offline, names past
+    the loaded ones included; our own name in a batch changes nothing. The
+    header's member count follows member batches the same way."""
+    srv = Server(tmp_path / "chat.db", "--rate", "0", "--names_per_hour", "0", "--roster", "3",
+                 "--offline_grace", "0")
+    srv.start()
+    stack, bots = contextlib.ExitStack(), {}
+    try:
+        # A sorts first; the Z names sort after the three loaded ones.
+        bots.update((n, connect_bot(stack, srv, n)) for n in ["Bo", "Cy", "Zed1", "Zed2"])
+        wait_told(bots["Bo"], "Zed2")
+        routes: list = []
+
+        def relay(ws):
+            # The real server, but the page's requests for more names are
+            # held back: it keeps the 3 it was sent, and the rest must be
+            # counted from the batches. (And a frame of our own, below.)
+            server = ws.connect_to_server()
+            ws.on_message(lambda m: None if '"members"' in str(m) else server.send(m))
+            routes.append(ws)
+
+        page = open_chat(browser, srv, "Al", route=relay)
+        count, members = page.locator("#online-count"), page.locator("#conv-sub")
+        expect(count).to_have_text("5")
+        expect(members).to_have_text("5 members")
+        assert people_names(page) == ["Al", "Bo", "Cy"]
+
+        bots["Zed1"].close()                                           # past the loaded names
+        expect(count).to_have_text("4")
+        bots["Bo"].close()                                             # a loaded one
+        expect(count).to_have_text("3")
+        expect(person(page, "Bo")).to_have_count(0)
+        expect(members).to_have_text("5 members")                      # offline is still a member
+        for n in ["Ann", "Zed3"]:                                      # together: one batch
+            bots[n] = connect_bot(stack, srv, n)
+        expect(count).to_have_text("5")
+        expect(members).to_have_text("7 members")
+        expect(person(page, "Ann")).to_have_count(1)
+        bots["Cy"].send(json.dumps({"type": "leave", "room": "general"}))
+        expect(members).to_have_text("6 members")
+        assert page.evaluate("() => S.people.count") == srv_online(srv)
+
+        # Our own name in a batch (we arrived in the same window as others)
+        # changes nothing: welcome counted us already.
+        routes[-1].send(json.dumps({"type": "presence", "online": ["Al", "Bo"], "offline": []}))
+        expect(count).to_have_text("6")
+        routes[-1].send(json.dumps({"type": "presence", "online": [], "offline": ["al", "Bo"]}))
+        expect(count).to_have_text("5")
+        expect(person(page, "Al")).to_contain_text("(you)")
+        bots["Zed2"].close()
+        expect(count).to_have_text("4")
+        assert not page.js_errors
+        page.context.close()
+    finally:
+        stack.close()
+        srv.stop()
+
+
+def srv_online(srv) -> int:
+    with urllib.request.urlopen(srv.url + "/healthz", timeout=5) as r:
+        return json.loads(r.read())["users_online"]
+
 
 
 ################ Screenshots for the README (opt-in)
