@@ -1085,14 +1085,18 @@ def page_after(names: list[str], after: Any, size: int) -> tuple[list[str], bool
     return names[start:start + size], start + size < len(names)
 
 
-def roster_with(names: list[str], roster: bytes, me: str, size: int) -> bytes:
-    """The encoded roster (the first `size` of the sorted `names`), with
-    `me` in its place if it is missing: a list refreshed before me arrived
-    or joined. Costs a copy of at most `size` names, only when needed."""
+def roster_with(names: list[str], roster: bytes, me: str, size: int) -> tuple[bytes, int]:
+    """The encoded roster (the first `size` of the sorted `names`) and how
+    many names it stands for, with `me` counted and in its place if it is
+    missing: a list refreshed before me arrived or joined. Costs a copy of
+    at most `size` names, only when needed. The count is of the same moment
+    as the names, so a client adding the batches that follow counts right."""
     at = bisect.bisect_left(names, key(me), key=key)
-    if at >= size or (at < len(names) and names[at] == me):
-        return roster
-    return encode((names[:at] + [me] + names[at:])[:size])
+    if at < len(names) and names[at] == me:
+        return roster, len(names)
+    if at >= size:
+        return roster, len(names) + 1
+    return encode((names[:at] + [me] + names[at:])[:size]), len(names) + 1
 
 
 ################ Outbox: one connection's write queue
@@ -1670,8 +1674,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         conf = Hub.conf
         directs, cut = self._owed_directs(since, conf.max_queue // 2)
         my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
-        online_count = len(Hub.online) + len(Hub.leaving)
-        roster = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
+        roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
         welcome = welcome_payload(user.name, token, roster, online_count, my_rooms, conf, Hub.store.epoch, cut)
         self.send_payload(welcome)
         budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))
@@ -1738,8 +1741,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             fits += 1
         truncated = truncated or fits < len(newer)
         kept = [payload for _, payload in newer[len(newer) - fits:]]
-        roster = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
-        return joined_payload(room.name, roster, len(room.members), kept, truncated), budget
+        roster, member_count = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
+        return joined_payload(room.name, roster, member_count, kept, truncated), budget
 
     def on_close(self) -> None:
         self._dead = True
