@@ -2,8 +2,9 @@
 """Benchmark for chat.py: fan-out cost, latency, memory per connection, slow consumers.
 
 This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a free
-127.0.0.1 port with a temporary database and every limit off (``--rate 0
---max_tabs 0 --max_conns_per_ip 0 --names_per_hour 0``), drives it with clients in this process, and
+127.0.0.1 port with a temporary database and every limit off (LIMITS_OFF:
+``--rate 0 --max_tabs 0 --max_conns_per_ip 0 --max_conns 0 --names_per_hour 0
+--max_users 0 --connects_per_minute 0``), drives it with clients in this process, and
 prints ONE JSON line first on stdout, then a short human table with the targets of
 issues 5 and 8 beside the figures.
 
@@ -254,12 +255,17 @@ class Server:
         return last
 
 
+# Every limit that would refuse a load generator on one machine: frames per
+# connection, tabs, connections per address and in all, names, connects.
+LIMITS_OFF = ("--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", "--max_conns", "0",
+              "--names_per_hour", "0", "--max_users", "0", "--connects_per_minute", "0")
+
+
 def chat_server(label: str, tmp: Path, db: str = "file", extra: tuple[str, ...] = ()) -> Server:
     """chat.py with every limit off and a database in ``tmp`` (or ``:memory:``)."""
     port = free_port()
     dbarg = str(tmp / f"{label}.db") if db == "file" else ":memory:"
-    argv = [sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db", dbarg,
-            "--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", "--names_per_hour", "0", *extra]
+    argv = [sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db", dbarg, *LIMITS_OFF, *extra]
     return Server(label, argv, port, tmp)
 
 
