@@ -10,10 +10,14 @@ issues 5 and 8 beside the figures.
 
 Usage::
 
-    python bench_chat.py            # full run, a few minutes
-    python bench_chat.py --quick    # small version of everything, < 60 s (CI)
-    python bench_chat.py --only reconnect_scan   # one part alone (see --help)
+    python bench_chat.py            # full run (and docs/bench.svg), several minutes
+    python bench_chat.py --quick    # small version of everything, about 90 s (CI)
+    python bench_chat.py --only storm            # one part alone (see --help)
+    python bench_chat.py --chart-from run.txt    # redraw docs/bench.svg from a saved run
     python bench_chat.py --baseline-server PORT   # the plain Tornado baseline alone
+
+The full run needs matplotlib for its chart (``pip install -r
+requirements-bench.txt``); ``--quick`` and ``--only`` never import it.
 
 What is measured (one function per measurement, section "Measurements"):
 
@@ -1701,8 +1705,9 @@ def targets_issue9(res: Results) -> dict[str, Any]:
     return out
 
 
-def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
-    """The JSON line (first line of stdout), then the human table."""
+def print_report(res: Results, goals: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The JSON line (first line of stdout), then the human table; returns what
+    the JSON line holds."""
     doc = {"profile": res.profile, "seconds": round(seconds, 1), "cpus": os.cpu_count(),
            "loadavg_1m": os.getloadavg()[0],
            "python": sys.version.split()[0], "connect": res.connect, "burst": res.burst,
@@ -1774,6 +1779,7 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
         lines.append(f"  ERROR    {e}")
     lines.append("  result   " + ("ok" if not res.errors else f"FAILED ({len(res.errors)} errors)"))
     print("\n".join(lines), flush=True)
+    return doc
 
 
 def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
@@ -1811,6 +1817,80 @@ def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
     return lines
 
 
+################ The chart: docs/bench.svg, from the full run's JSON line
+
+CHART = HERE / "docs" / "bench.svg"
+
+
+def draw_chart(doc: dict[str, Any], path: Path = CHART) -> None:
+    """Two panels from a full run's JSON line: server CPU per delivery, chat.py
+    beside the plain-Tornado baseline (and the cited Flask-SocketIO figure),
+    burst and paced; and reconnect-storm CPU against users, with the line a
+    linear cost would follow.  matplotlib is imported here, so that --quick
+    and CI never need it (pip install -r requirements-bench.txt)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    matplotlib.rcParams["svg.hashsalt"] = "bench_chat"   # the same figures draw the same file
+
+    def row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+        return find(rows or [], **match)
+
+    bars = []   # (label, value, measured here?)
+    for label, r in (("chat.py, burst into 200", row(doc["burst"], db="file", n=200)),
+                     ("Tornado baseline, burst into 200", row(doc["burst"], db="baseline", n=200)),
+                     ("chat.py, 20 msg/s into 200", row(doc["latency"], server="chat")),
+                     ("Tornado baseline, 20 msg/s into 200", row(doc["latency"], server="baseline"))):
+        if r:
+            bars.append((label, r["cpu_us_per_delivery"], True))
+    cited = doc.get("cited", {}).get("flask_socketio_burst_n200_us")
+    if cited:
+        bars.append(("Flask-SocketIO, burst into 200\n(cited, not measured here: issue 9)", cited, False))
+    storms = sorted(doc.get("storm") or [], key=lambda s: s["n"])
+    if not bars and not storms:
+        raise BenchError("chart: the JSON has neither deliveries nor storms")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    ys = list(range(len(bars)))[::-1]
+    for y, (label, value, measured) in zip(ys, bars):
+        left.barh(y, value, color="#3b6ea5" if measured and label.startswith("chat") else
+                  "#9aa5b1" if measured else "white", edgecolor="#333333", hatch=None if measured else "//")
+        left.text(value, y, f" {value:.2f} µs", va="center", fontsize=9)
+    left.set_yticks(ys, [b[0] for b in bars], fontsize=9)
+    left.set_xlabel("server CPU per delivery (µs, less is better)")
+    left.set_title("Fan-out: CPU per delivered message")
+    left.set_xlim(0, max([b[1] for b in bars] + [1]) * 1.25)
+
+    if storms:
+        n = [s["n"] for s in storms]
+        cpu = [s["cpu_s"] for s in storms]
+        right.plot(n, cpu, "o-", color="#3b6ea5", label="chat.py: server CPU for the storm")
+        for i, (x, y, s) in enumerate(zip(n, cpu, storms)):   # the first to the right, the others to the left
+            right.annotate(f"{y:.1f} s CPU\n{s['wall_s']:.1f} s wall", (x, y), textcoords="offset points",
+                           xytext=(8, -4) if i == 0 else (-8, 8), ha="left" if i == 0 else "right",
+                           va="top" if i == 0 else "bottom", fontsize=8)
+        line = [cpu[0] * x / n[0] for x in (0, max(n))]
+        right.plot((0, max(n)), line, "--", color="#888888", label=f"linear from {n[0]:,} users")
+        if STORM_BIG in n:
+            right.plot([STORM_BIG], [TARGET_STORM_CPU_S], "_", markersize=20, color="#c0392b",
+                       label=f"target at {STORM_BIG:,}: ≤ {TARGET_STORM_CPU_S:g} s")
+        right.set_xlim(0, max(n) * 1.08)
+        right.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        right.set_ylim(0, max(cpu + [TARGET_STORM_CPU_S if STORM_BIG in n else 0]) * 1.25)
+        right.legend(fontsize=8, loc="upper left")
+    right.set_xlabel("users reconnecting at once (token and since)")
+    right.set_ylabel("server CPU seconds")
+    right.set_title("Reconnect storm after kill -9")
+    fig.suptitle(f"bench_chat.py {doc['profile']} run, {doc['cpus']} cpus, Python {doc['python']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    svg = path.suffix == ".svg"   # another suffix (.png) is for looking at it
+    fig.savefig(path, format="svg" if svg else None, metadata={"Date": None} if svg else None)
+    plt.close(fig)
+    log(f"chart: {path}")
+
+
 def raise_file_limit() -> None:
     """Raise RLIMIT_NOFILE to the hard limit (the server subprocesses inherit it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1824,9 +1904,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS + ALONE, help="run only this part of the profile: " + PART_HELP)
     parser.add_argument("--baseline-server", type=int, metavar="PORT",
                         help="run only the plain Tornado baseline server on PORT")
+    parser.add_argument("--chart-from", type=Path, metavar="FILE",
+                        help=f"only draw {CHART.relative_to(HERE)} from a saved run's output (its first line)")
     args = parser.parse_args(argv)
     if args.baseline_server:
         run_baseline_server(args.baseline_server)
+        return 0
+    if args.chart_from:
+        draw_chart(json.loads(args.chart_from.read_text().splitlines()[0]))
         return 0
     raise_file_limit()
     # A polite kill (CI timeout) unwinds like Ctrl-C, through the finally below.
@@ -1842,7 +1927,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:   # whatever happened, no server outlives the benchmark
             for server in list(Server.running):
                 server.stop()
-    print_report(res, targets(res), time.monotonic() - started)
+    doc = print_report(res, targets(res), time.monotonic() - started)
+    if prof is FULL and args.only is None:   # the chart shows a whole full run, nothing less
+        try:
+            draw_chart(doc)
+        except ImportError as exc:
+            log(f"ERROR chart: {exc}; pip install -r requirements-bench.txt")
+            return 1
     return 0 if not res.errors else 1
 
 
