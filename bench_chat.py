@@ -75,9 +75,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import itertools
 import json
 import os
+import random
 import re
 import resource
 import secrets
@@ -254,6 +256,14 @@ class Server:
         stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def user_system(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the server, from /proc/PID/stat (1/100 s
+        ticks): how much of a figure is Python and how much the kernel's TCP work."""
+        assert self.proc is not None
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
     def rss_kib(self) -> int:
         """VmRSS of the server in KiB, from /proc/PID/status."""
@@ -1221,6 +1231,30 @@ async def post_messages(server: Server, name: str, count: int) -> int:
         await sender.close()
 
 
+PAGE_BACKOFF = (1.0, 1.618, 30.0)   # index.html's retry delays: min, factor, cap (x 0.8-1.2 jitter)
+STORM_RETRIES = 6                   # retries per client before the storm counts as failed
+
+
+async def reconnect_like_page(port: int, name: str, tally: Tally, rng: random.Random, retried: list[str],
+                              **how: Any) -> RawClient:
+    """Connect as open_raw does; when the connection itself fails (reset,
+    refused, no answer: a listen queue that overflowed), retry on the page's
+    schedule, noting each retry's cause in ``retried``.  A refusal by the
+    server (an error frame, an HTTP status) is not retried: it raises."""
+    low, factor, cap = PAGE_BACKOFF
+    for attempt in range(STORM_RETRIES + 1):
+        try:
+            return await open_raw(port, name, tally, **how)
+        except (OSError, asyncio.TimeoutError, BenchError) as exc:
+            if isinstance(exc, BenchError) and "connection lost before welcome" not in str(exc):
+                raise   # the server answered, and said no
+            if attempt == STORM_RETRIES:
+                raise BenchError(f"{name}: still failing after {STORM_RETRIES} retries: {exc}") from None
+            retried.append(type(exc).__name__ if not isinstance(exc, BenchError) else str(exc)[:60])
+            await asyncio.sleep(min(low * factor ** attempt, cap) * (0.8 + 0.4 * rng.random()))
+    raise AssertionError("unreachable")
+
+
 async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
     """Reconnect storm after kill -9 (issue 9): n users online, one connection
     each, all in "general"; SIGKILL, restart on the same database and port;
@@ -1250,21 +1284,28 @@ async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
         drop(clients)
         clients = []
         server.start(timeout=60)
-        cpu0 = server.cpu_seconds()
+        cpu0, (user0, sys0) = server.cpu_seconds(), server.user_system()
         rss0 = server.rss_kib()
         # 3. Everyone at once, from 127.0.0.N (other addresses than step 1's,
-        # whose ports the server's side may still hold in TIME_WAIT).
+        # whose ports the server's side may still hold in TIME_WAIT); a
+        # connection that fails is tried again as the page would.
         tally = Tally(kind="joined", target=n)
+        rng, retried = random.Random(n), []
+        sources = sources_for(n, 2 + len(sources_for(n)))
         t0 = time.monotonic_ns()
-        clients, _, errors = await connect_many(
-            server.port, names, tally, n, tokens=tokens, sources=sources_for(n, 2 + len(sources_for(n))),
-            timeout=STORM_TIMEOUT, since=since, epoch=epoch)
+        results = await asyncio.wait_for(asyncio.gather(*(
+            reconnect_like_page(server.port, names[i], tally, rng, retried, token=tokens[i], since=since,
+                                epoch=epoch, source=sources[i // PER_SOURCE], timeout=STORM_TIMEOUT / 4)
+            for i in range(n)), return_exceptions=True), STORM_TIMEOUT)
+        clients = [r for r in results if isinstance(r, RawClient)]
+        errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
         if errors:
             raise BenchError(f"storm {n}: {len(errors)} of {n} reconnects failed, e.g. {errors[0]}")
         await tally.wait(STORM_TIMEOUT, f"storm {n} joined frames")
         wall = (tally.last_ns - t0) / 1e9
         cpu_back = server.cpu_seconds() - cpu0
         cpu_quiet = await server.quiet_cpu(limit=30) - cpu0
+        user1, sys1 = server.user_system()
         rss1 = server.rss_kib()
         out = frames_out(await metrics_counts(server))
         health = await server.healthz()
@@ -1273,9 +1314,11 @@ async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
             raise BenchError(f"storm {n}: /healthz says {health.get('connections')} connections, not {n}")
         sent = sum(out.values())
         return {"n": n, "since": since, "setup_conn_per_s": round(setup_rate, 1),
+                "retries": len(retried), "retry_causes": dict(collections.Counter(retried)),
                 "startup_cpu_s": round(cpu0, 3), "wall_s": round(wall, 2),
                 "cpu_back_s": round(cpu_back, 3), "cpu_s": round(cpu_quiet, 3),
                 "cpu_ms_per_user": round(cpu_quiet * 1e3 / n, 3),
+                "cpu_user_s": round(user1 - user0, 2), "cpu_system_s": round(sys1 - sys0, 2),
                 "frames_out": sent, "frames_out_per_user": round(sent / n, 2), "frames_out_by_type": out,
                 "rss_growth_mib": round((rss1 - rss0) / 1024, 1)}
     finally:
@@ -1295,6 +1338,7 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any
         clients += warm
         await settle()
         cpu0 = await server.quiet_cpu()
+        user0, sys0 = server.user_system()
         tally = Tally(kind="joined", target=n)
         done_at: list[float] = []
         started = time.monotonic()
@@ -1304,7 +1348,7 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any
         if errors:
             raise BenchError(f"arrivals {n}: {len(errors)} of {n} failed, e.g. {errors[0]}")
         await tally.wait(30, f"arrivals {n} joined frames")
-        cpu1 = server.cpu_seconds()
+        cpu1, (user1, sys1) = server.cpu_seconds(), server.user_system()
         cpu_quiet = await server.quiet_cpu(limit=30)
         server.check_alive()
         done_at.sort()
@@ -1316,6 +1360,7 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any
                 "conn_per_s": round(n / seconds, 1), "slowest_tenth_conn_per_s": round(min(rates), 1),
                 "tenths_conn_per_s": [round(r) for r in rates],
                 "cpu_us_per_arrival": round((cpu1 - cpu0) * 1e6 / n, 1),
+                "cpu_user_s": round(user1 - user0, 2), "cpu_system_s": round(sys1 - sys0, 2),
                 "cpu_s_after": round(cpu_quiet - cpu1, 3)}
     finally:
         server.stop()
@@ -1792,7 +1837,7 @@ def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
                    f"<= {TARGET_STORM_CPU_S:g} s CPU{mark('storm_10000_cpu_s')})")
         lines.append(f"  storm    {s['n']:>6} users back after kill -9 in {s['wall_s']:.2f} s wall, server CPU "
                      f"{s['cpu_s']:.2f} s ({s['cpu_back_s']:.2f} s until all back; start-up {s['startup_cpu_s']:.2f} s), "
-                     f"{s['frames_out_per_user']:g} frames out/user{tgt}")
+                     f"{s['frames_out_per_user']:g} frames out/user, {s['retries']} client retries{tgt}")
     ratio = goals.get("storm_cpu_ratio_x4")
     if ratio:
         lines.append(f"  storm    CPU({ratio['users'][1]}) / CPU({ratio['users'][0]}) = x{ratio['value']}  "
