@@ -6,7 +6,7 @@ This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a fre
 ``--rate 0 --max_tabs 0 --max_conns_per_ip 0 --max_conns 0 --names_per_hour 0
 --max_users 0 --connects_per_minute 0``), drives it with clients in this process, and
 prints ONE JSON line first on stdout, then a short human table with the targets of
-issues 5 and 8 beside the figures.
+issues 5, 8 and 9 beside the figures.
 
 Usage::
 
@@ -54,11 +54,39 @@ What is measured (one function per measurement, section "Measurements"):
 * mailbox RSS     -- (issue 8 item 8) server RSS before vs after 50 offline users'
                      mailboxes are filled to --mailbox (500) messages of
                      --max_text (2,000) characters; MiB, and KiB per waiting message.
+* paced           -- (issue 9) the latency rounds alone: server CPU per delivery
+                     at 20 messages/s into 200 (target <= 5 us); the burst into
+                     200 must stay <= 1 us.
+* storm           -- (issue 9) N users online, one connection each; the server is
+                     killed with -9 and restarted on the same database; then all
+                     N reconnect at once with token, since and epoch.  Server CPU
+                     from /healthz answering until all have welcome + joined and
+                     the server is quiet again (start-up apart), wall time until
+                     all are back, frames written (from /metrics).  A connection
+                     that fails (the listen queue overflowed) is retried on the
+                     page's backoff and counted.  N = 1,000, 4,000 (CPU <= 5x
+                     that of 1,000) and 10,000 (<= 30 s wall, <= 15 s CPU).
+* arrivals        -- (issue 9) 10,000 new users, each claiming a name and staying:
+                     connects/s over the run and over its slowest tenth
+                     (target >= 1,000/s sustained), server CPU per arrival.
+* idle50k         -- (issue 9) 50,000 idle connections, one user each, bound to
+                     127.0.0.2, .3, ... (one address has ~28,000 ports): no errors,
+                     <= 20 KiB RSS each.  Both processes need a descriptor per
+                     connection: if the hard file limit is lower, as many as it
+                     allows are held and the reason is reported.  Full run only.
+* presence_latency -- (issue 9) with --presence_window 0.25: time from a new
+                     user's connect until every watcher has the presence frame
+                     naming it (<= window + 100 ms), p50 and max.
+
+The full run also draws ``docs/bench.svg`` (matplotlib): CPU per delivery
+beside the baseline (and the Flask-SocketIO figure cited by issue 9), and storm
+CPU against users with a linear line.
 
 The server CPU and memory figures come from /proc, never from wall time, so a
 busy client cannot flatter or spoil them.  The receivers are deliberately light:
 a 60-line asyncio protocol (``RawClient``) that counts frames by type and only
-parses a timestamp where latency is measured.  The sender and the DM user are
+parses a timestamp where latency is measured; the storm and arrival clients are
+RawClients too, since the load generator shares the machine with the server.  The sender and the DM user are
 real ``websockets`` clients.
 
 The baseline (``--baseline-server PORT``) is the plain Tornado broadcast of the
@@ -66,7 +94,8 @@ issue: a WebSocketHandler that JSON-encodes each message once and calls
 ``write_message`` for every socket.
 
 Exit status: 0 when every measurement ran without errors (no missing deliveries,
-no failed connections, server alive, stalled clients closed); 1 otherwise.
+no failed or refused connections, server alive, stalled clients closed, the
+chart drawn in a full run); 1 otherwise.
 Targets that are missed are reported, not failed: figures vary by machine.
 """
 
