@@ -1241,6 +1241,7 @@ def frames_out(counts: dict[str, float]) -> dict[str, int]:
 
 
 def welcome_of(client: RawClient) -> dict[str, Any]:
+    """A connected client's welcome frame, decoded."""
     return json.loads(client.welcome.result())
 
 
@@ -1321,6 +1322,7 @@ async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
         tally = Tally(kind="joined", target=n)
         rng, retried = random.Random(n), []
         sources = sources_for(n, 2 + len(sources_for(n)))
+        client0 = time.process_time()
         t0 = time.monotonic_ns()
         results = await asyncio.wait_for(asyncio.gather(*(
             reconnect_like_page(server.port, names[i], tally, rng, retried, token=tokens[i], since=since,
@@ -1332,6 +1334,7 @@ async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
             raise BenchError(f"storm {n}: {len(errors)} of {n} reconnects failed, e.g. {errors[0]}")
         await tally.wait(STORM_TIMEOUT, f"storm {n} joined frames")
         wall = (tally.last_ns - t0) / 1e9
+        client_cpu = time.process_time() - client0
         cpu_back = server.cpu_seconds() - cpu0
         cpu_quiet = await server.quiet_cpu(limit=30) - cpu0
         user1, sys1 = server.user_system()
@@ -1348,7 +1351,7 @@ async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
                 "cpu_back_s": round(cpu_back, 3), "cpu_s": round(cpu_quiet, 3),
                 "cpu_ms_per_user": round(cpu_quiet * 1e3 / n, 3),
                 "cpu_user_s": round(user1 - user0, 2), "cpu_system_s": round(sys1 - sys0, 2),
-                "frames_out": sent, "frames_out_per_user": round(sent / n, 2), "frames_out_by_type": out,
+                "client_cpu_s": round(client_cpu, 2), "frames_out": sent, "frames_out_per_user": round(sent / n, 2), "frames_out_by_type": out,
                 "rss_growth_mib": round((rss1 - rss0) / 1024, 1)}
     finally:
         server.stop()
@@ -1370,6 +1373,7 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any
         user0, sys0 = server.user_system()
         tally = Tally(kind="joined", target=n)
         done_at: list[float] = []
+        client0 = time.process_time()
         started = time.monotonic()
         more, _, errors = await connect_many(server.port, [f"a{i}" for i in range(n)], tally, concurrency,
                                              sources=sources_for(n), done_at=done_at)
@@ -1378,7 +1382,9 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any
             raise BenchError(f"arrivals {n}: {len(errors)} of {n} failed, e.g. {errors[0]}")
         await tally.wait(30, f"arrivals {n} joined frames")
         cpu1, (user1, sys1) = server.cpu_seconds(), server.user_system()
+        client_cpu = time.process_time() - client0
         cpu_quiet = await server.quiet_cpu(limit=30)
+        out = frames_out(await metrics_counts(server))
         server.check_alive()
         done_at.sort()
         tenth = max(1, n // 10)
@@ -1390,7 +1396,8 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any
                 "tenths_conn_per_s": [round(r) for r in rates],
                 "cpu_us_per_arrival": round((cpu1 - cpu0) * 1e6 / n, 1),
                 "cpu_user_s": round(user1 - user0, 2), "cpu_system_s": round(sys1 - sys0, 2),
-                "cpu_s_after": round(cpu_quiet - cpu1, 3)}
+                "cpu_s_after": round(cpu_quiet - cpu1, 3), "client_cpu_s": round(client_cpu, 2),
+                "frames_out": sum(out.values()), "frames_out_by_type": out}
     finally:
         server.stop()
         drop(clients)
@@ -1866,7 +1873,8 @@ def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
                    f"<= {TARGET_STORM_CPU_S:g} s CPU{mark('storm_10000_cpu_s')})")
         lines.append(f"  storm    {s['n']:>6} users back after kill -9 in {s['wall_s']:.2f} s wall, server CPU "
                      f"{s['cpu_s']:.2f} s ({s['cpu_back_s']:.2f} s until all back; start-up {s['startup_cpu_s']:.2f} s), "
-                     f"{s['frames_out_per_user']:g} frames out/user, {s['retries']} client retries{tgt}")
+                     f"{s['frames_out_per_user']:g} frames out/user, {s['retries']} client retries "
+                     f"(this process: {s['client_cpu_s']:.1f} s CPU){tgt}")
     ratio = goals.get("storm_cpu_ratio_x4")
     if ratio:
         lines.append(f"  storm    CPU({ratio['users'][1]}) / CPU({ratio['users'][0]}) = x{ratio['value']}  "
@@ -1874,7 +1882,8 @@ def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
     if res.arrivals:
         a = res.arrivals
         lines.append(f"  arrive   {a['n']:>6} new users: {a['conn_per_s']:.0f} conn/s, slowest tenth "
-                     f"{a['slowest_tenth_conn_per_s']:.0f} conn/s, {a['cpu_us_per_arrival']:.0f} us CPU each  "
+                     f"{a['slowest_tenth_conn_per_s']:.0f} conn/s, server {a['cpu_us_per_arrival']:.0f} us CPU each "
+                     f"(this process: {a['client_cpu_s']:.1f} s CPU)  "
                      f"(target >= {TARGET_ARRIVALS:g}/s sustained){mark('arrivals_conn_per_s')}")
     if res.idle_big:
         i = res.idle_big
