@@ -1949,10 +1949,10 @@ def draw_chart(doc: dict[str, Any], path: Path = CHART) -> None:
         n = [s["n"] for s in storms]
         cpu = [s["cpu_s"] for s in storms]
         right.plot(n, cpu, "o-", color="#3b6ea5", label="chat.py: server CPU for the storm")
-        for i, (x, y, s) in enumerate(zip(n, cpu, storms)):   # the first to the right, the others to the left
+        for i, (x, y, s) in enumerate(zip(n, cpu, storms)):   # the first above, the others to the left
             right.annotate(f"{y:.1f} s CPU\n{s['wall_s']:.1f} s wall", (x, y), textcoords="offset points",
-                           xytext=(8, -4) if i == 0 else (-8, 8), ha="left" if i == 0 else "right",
-                           va="top" if i == 0 else "bottom", fontsize=8)
+                           xytext=(0, 12) if i == 0 else (-8, 8), ha="center" if i == 0 else "right",
+                           va="bottom", fontsize=8)
         line = [cpu[0] * x / n[0] for x in (0, max(n))]
         right.plot((0, max(n)), line, "--", color="#888888", label=f"linear from {n[0]:,} users")
         if STORM_BIG in n:
