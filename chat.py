@@ -246,6 +246,7 @@ FLOOD_CLOSE_AFTER = 10.0  # seconds of sending past the limits before a connecti
 FLOOD_GAP = 1.0  # a pause this long ends a flood
 ROOM_IDLE = 24 * 3600.0  # seconds a room may stand empty before it is forgotten
 SWEEP_EVERY = 600.0  # seconds between sweeps of empty rooms and full token buckets
+LISTEN_BACKLOG = 4096  # connects the kernel may hold before they are accepted (a reconnect storm)
 HISTORY_CACHE = 64 << 20  # bytes of encoded room histories kept in RAM (the least recently used are dropped)
 
 
@@ -1376,7 +1377,7 @@ class Hub:
             if back is not None:  # gone and back within --offline_grace: nobody was told it left
                 tornado.ioloop.IOLoop.current().remove_timeout(back)
             else:
-                log.info("%s is online", cls.users[user].name)
+                log.debug("%s is online", cls.users[user].name)
                 cls.announce(user, "online")
 
     @classmethod
@@ -1397,7 +1398,7 @@ class Hub:
     def gone(cls, user: str) -> None:
         """The user's last connection closed and it has not come back."""
         cls.leaving.pop(user, None)
-        log.info("%s is offline", cls.users[user].name)
+        log.debug("%s is offline", cls.users[user].name)
         cls.announce(user, "offline")
 
     @classmethod
@@ -2159,9 +2160,11 @@ def redact(uri: str) -> str:
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log line, with tokens blotted out of the URL."""
+    """Tornado's access log line, with tokens blotted out of the URL. An
+    accepted WebSocket (101) is a debug line: a storm would log thousands."""
     status = handler.get_status()
-    write = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    write = (access_log.debug if status == 101 else access_log.info if status < 400
+             else access_log.warning if status < 500 else access_log.error)
     write("%d %s %s (%s) %.2fms", status, handler.request.method, redact(handler.request.uri or ""),
           handler.request.remote_ip, 1000.0 * handler.request.request_time())
 
@@ -2356,7 +2359,9 @@ async def main() -> int:
         app = make_app()
         server = Listener(app, idle_connection_timeout=options.header_timeout, body_timeout=options.header_timeout)
         server.max_conns = options.max_conns
-        server.listen(options.port, options.host)
+        # A reconnect storm is thousands of connects at once: Tornado's default
+        # backlog of 128 overflows, and the kernel drops the rest for seconds.
+        server.listen(options.port, options.host, backlog=LISTEN_BACKLOG)
     except (StoreError, OSError) as e:
         log.error("%s", e)
         return 1
