@@ -9,7 +9,8 @@ Endpoints
 ``GET /``         the page (index.html: HTML, CSS and JS in one file).
 ``GET /healthz``  ``{"status":"ok","connections":3,"users_online":2,"rooms":4}``.
 ``GET /metrics``  Prometheus text (loopback and ``--metrics_from`` only).
-``GET /ws?username=NAME[&token=TOKEN][&since=ID][&epoch=E]``  the WebSocket.
+``GET /ws?username=NAME[&auth=1|&token=TOKEN|&link=CODE][&since=ID][&epoch=E]``
+                  the WebSocket.
 
 ``/`` and ``/ws`` answer only requests whose ``Host`` is this server's: a
 loopback name on its port, the ``--host`` address, or one listed with
@@ -26,9 +27,15 @@ owned one only by ``.``, ``-``, ``_`` or the lookalikes I/l/1 and O/0 is
 refused (``bad_username``), so nobody can pass as somebody else.
 
 The first connection to a free name owns it and receives a ``token`` in its
-``welcome``. Every later connection to that name must present ``token=``;
-without it the server answers ``name_taken`` and closes with 4409. One user
-may hold many connections (tabs); each receives everything sent to the user.
+``welcome``: the token of this device. Every later connection to that name
+must present a token of one of its devices, or a one-time link code (which
+makes a new device); without one the server answers ``name_taken`` and
+closes with 4409 at once. With ``auth=1`` the credentials come in the first
+frame instead of the URL (which proxies log): ``{"type":"auth","token":"..."}``
+or ``{"type":"auth","link":"K7QF-2MXD"}``; the server sends nothing until it
+arrives, and answers ``name_taken`` if none comes within 10 s. One user may
+hold many connections (tabs and devices); each receives everything sent to
+the user.
 
 Frames
 ------
@@ -39,14 +46,17 @@ connection by exactly one ``ack`` or one ``error`` carrying that ``ref``.
 
 On connect the server sends, in order:
 
-1. ``{"type":"welcome","user":"UserA","token":"...","rooms":["general"],
-   "default_room":"general","max_text":2000,"epoch":"9f2c...",
-   "online":["UserA"],"online_count":1}`` (the epoch names the database
-   that ids count in; ``online`` is the first ``--roster`` names, sorted
-   case-insensitively, and ``online_count`` counts them all);
+1. ``{"type":"welcome","user":"UserA","token":"...","device":1,
+   "rooms":["general"],"default_room":"general","max_text":2000,
+   "epoch":"9f2c...","read_with":{"UserB":140},"online":["UserA"],
+   "online_count":1}`` (the epoch names the database that ids count in;
+   ``read_with`` the read markers of private conversations; ``online`` is
+   the first ``--roster`` names, sorted case-insensitively, and
+   ``online_count`` counts them all);
 2. for each of the user's rooms ``{"type":"joined","room":"general",
-   "members":["UserA","UserB"],"member_count":2,"history":[message, ...]}``
-   (members as ``online``; history oldest first);
+   "members":["UserA","UserB"],"member_count":2,"read":150,
+   "history":[message, ...]}`` (members as ``online``; ``read`` the user's
+   read marker, 0 for none; history oldest first);
 3. private messages, oldest first: those kept while the user was offline
    (``"buffered": true``), and with ``since=ID`` also those to or from the
    user with a larger id (one the user sent that still waits says
@@ -108,6 +118,21 @@ Client to server, and what comes back::
            "before" (all, without it), oldest first, at most "limit" (1-200,
            default 50) and --max_queue bytes; "more" says older ones exist.
            "with" is one private conversation, "directs" all of the user's.
+    {"type":"search","q":"deploy logs","before":230}
+        -> {"type":"results","q":"deploy logs","more":false,"messages":[...]}:
+           newest first, at most 50, messages holding every word (words,
+           not substrings) in the rooms the user is in and its own private
+           messages; "before" pages back.
+    {"type":"read","room":"general","id":150}  or  "with":"UserB"
+        -> moves the user's read marker forward (never back); its other
+           connections get the same frame.
+    {"type":"link"}     -> {"type":"link","code":"K7QF-2MXD","expires":ISO}:
+                           a one-time code for a new device, 10 minutes
+    {"type":"devices"}  -> {"type":"devices","devices":[{"id":1,"label":
+                           "Firefox","last_used":ISO,"current":true}]}
+    {"type":"revoke","device":2}  signs a device out: its token stops
+                           working and its connections close with 4401
+                           ("revoked"); {"type":"logout"} is this device
     {"type":"typing","room":"general"}  -> others get {"type":"typing",
     {"type":"typing","to":"UserB"}         "user":"UserA","room":...} or "to"
 
@@ -124,7 +149,9 @@ binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 ``unknown_user``, ``mailbox_full``, ``rate_limited``, ``too_many_rooms``,
 ``server_error`` (nothing was stored: try again); at connect
 ``bad_username`` (close 4400), ``name_taken`` (4409), ``too_many_connections``
-and ``rate_limited`` (4429), ``server_full`` (4503), ``server_error`` (1011).
+and ``rate_limited`` (4429: also for link codes tried past
+``--names_per_hour``), ``server_full`` (4503), ``server_error`` (1011);
+``revoked`` (4401) when the device is signed out.
 
 Limits
 ------
@@ -152,6 +179,9 @@ seconds. A room with no members for a day is forgotten, with its messages.
 
 Storage
 -------
+``python chat.py --release NAME`` frees a name whose devices are all lost
+(with the server stopped); its messages stay.
+
 SQLite (``--db``, WAL mode) is written before anything is acked or relayed;
 a write that fails is rolled back whole and answered ``server_error``. The
 class-level dicts on ChatSocket are the live state, loaded at start; private
