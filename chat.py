@@ -1987,6 +1987,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self._dead = True
+        if self._awaiting is not None:  # closed before its auth frame came
+            tornado.ioloop.IOLoop.current().remove_timeout(self._awaiting[2])
+            self._awaiting = None
         if self._counted:
             self._counted = False
             ChatSocket.sockets -= 1
