@@ -887,8 +887,14 @@ class Store:
         "CREATE TABLE IF NOT EXISTS reads (user TEXT NOT NULL, conv TEXT NOT NULL, id INTEGER NOT NULL,"
         " PRIMARY KEY (user, conv))",
     ]
-    # Full-text search: the words of every message, by message id (its rowid).
-    SEARCH = "CREATE VIRTUAL TABLE search USING fts5(text, tokenize = 'unicode61 remove_diacritics 2')"
+    # Full-text search: the words of every message by message id (its rowid),
+    # and the conversation it is in as words of its own (see conv_words), so
+    # that the search itself keeps to the asker's conversations: matches
+    # elsewhere cost nothing, however many there are.
+    SEARCH = ("CREATE VIRTUAL TABLE search USING fts5(text, conv, tokenize = 'unicode61 remove_diacritics 2')",
+              "INSERT INTO search (rowid, text, conv) SELECT id, json_extract(frame, '$.text'),"
+              " CASE WHEN room IS NULL THEN 'u' || hex(sender) || ' u' || hex(recipient) ELSE 'r' || hex(room) END"
+              " FROM messages")
     COLUMNS = "id, frame, sender, recipient, delivered"  # a Row
 
     def __init__(self, path: str) -> None:
@@ -908,11 +914,13 @@ class Store:
                     if statement.startswith("ALTER") and self._has_column("messages", "cid"):
                         continue
                     self.db.execute(statement)
-                if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'search'").fetchone():
-                    # First start with search: index what is already there, once.
-                    self.db.execute(self.SEARCH)
-                    self.db.execute("INSERT INTO search (rowid, text)"
-                                    " SELECT id, json_extract(frame, '$.text') FROM messages")
+                if not self._has_column("search", "conv"):
+                    # First start with this search: index what is already there, once.
+                    self.db.execute("DROP TABLE IF EXISTS search")
+                    for statement in self.SEARCH:
+                        self.db.execute(statement)
+                # Ids never go back, even when the newest messages were forgotten with their room.
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('last_id', (SELECT coalesce(max(id), 0) FROM messages))")
                 # The epoch names this database: message ids count within it, so a
                 # client that saw ids from another (deleted, or :memory:) must start over.
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
@@ -976,7 +984,8 @@ class Store:
             "rooms": dict(q("SELECT key, name FROM rooms").fetchall()),
             "members": q("SELECT room, user FROM members").fetchall(),
             "mail": dict(q("SELECT recipient, count(*) FROM messages WHERE delivered = 0 GROUP BY recipient")),
-            "last_id": q("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0],
+            "last_id": max(q("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0],
+                           int(q("SELECT value FROM meta WHERE key = 'last_id'").fetchone()[0])),
         }
 
     # ---- writes
@@ -1012,11 +1021,17 @@ class Store:
         return dict(self.db.execute("SELECT conv, id FROM reads WHERE user = ?", (user,)))
 
     def release(self, user: str) -> bool:
-        """Free a name (its devices, memberships and markers go; its messages stay)."""
+        """Free a name: its devices, memberships and markers go. Its messages
+        stay, as written, but no longer belong to the key: whoever claims
+        the name next can neither read its private messages nor edit them."""
+        former = f"~released~{secrets.token_hex(4)}~{user}"  # not a name: nobody can ever claim it
         with self.transaction():
             found = self.db.execute("DELETE FROM users WHERE key = ?", (user,)).rowcount > 0
             for table, column in (("devices", "user"), ("members", "user"), ("reads", "user")):
                 self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (user,))
+            for column in ("sender", "recipient"):
+                self.db.execute(f"UPDATE messages SET {column} = ? WHERE {column} = ?", (former, user))
+            self.db.execute("UPDATE search SET conv = replace(conv, ?, ?)", (conv_word("u", user), conv_word("u", former)))
         return found
 
     def add_room(self, room: str, name: str) -> None:
@@ -1025,6 +1040,8 @@ class Store:
     def drop_room(self, room: str) -> None:
         """Forget a room and its messages (it has no members)."""
         with self.transaction():
+            self.db.execute("UPDATE meta SET value = max(CAST(value AS INTEGER), (SELECT coalesce(max(id), 0)"
+                            " FROM messages)) WHERE key = 'last_id'")
             self.db.execute("DELETE FROM search WHERE rowid IN (SELECT id FROM messages WHERE room = ?)", (room,))
             self.db.execute("DELETE FROM messages WHERE room = ?", (room,))
             self.db.execute("DELETE FROM members WHERE room = ?", (room,))
@@ -1043,7 +1060,8 @@ class Store:
             self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (id, room, sender, recipient, int(delivered), payload.decode(), cid))
-            self.db.execute("INSERT INTO search (rowid, text) VALUES (?, ?)", (id, text))
+            conv = conv_word("r", room) if room is not None else f"{conv_word('u', sender)} {conv_word('u', recipient)}"
+            self.db.execute("INSERT INTO search (rowid, text, conv) VALUES (?, ?, ?)", (id, text, conv))
 
     def mark_delivered(self, ids: list) -> None:
         with self.transaction():  # one commit for a whole mailbox, not one per message
@@ -1089,13 +1107,14 @@ class Store:
                limit: int) -> list[Row]:
         """The newest `limit` messages below `before` holding every word, newest
         first: in `rooms` and user's own private messages, nobody else's."""
-        match = " ".join('"%s"' % w for w in words)  # each a quoted word: FTS5 syntax cannot sneak in
-        marks = ",".join("?" * len(rooms)) or "NULL"
+        # Each word quoted, so FTS5 syntax cannot sneak in; the conversations
+        # as their words, so the index only ever looks at the asker's.
+        convs = " OR ".join([conv_word("r", r) for r in rooms] + [conv_word("u", user)])
+        match = "text : (%s) AND conv : (%s)" % (" AND ".join('"%s"' % w for w in words), convs)
         return self._rows(
             f"SELECT m.id, m.frame, m.sender, m.recipient, m.delivered FROM search JOIN messages m ON m.id = search.rowid"
-            f" WHERE search MATCH ? AND search.rowid < ? AND (m.room IN ({marks})"
-            " OR (m.room IS NULL AND (m.sender = ? OR m.recipient = ?))) ORDER BY search.rowid DESC LIMIT ?",
-            (match, before or 2**63 - 1, *rooms, user, user, limit))
+            " WHERE search MATCH ? AND search.rowid < ? ORDER BY search.rowid DESC LIMIT ?",
+            (match, before or 2**63 - 1, limit))
 
     def mail(self, user: str, limit: int) -> list[Row]:
         """The newest `limit` private messages still waiting for user, newest first."""
@@ -1116,6 +1135,13 @@ class Store:
         except sqlite3.Error as e:
             log.warning("checkpoint of %s failed: %s", self.path, e)
         self.db.close()
+
+
+def conv_word(kind: str, key: str) -> str:
+    """A conversation as one word for the search index: "r" + a room key or
+    "u" + a user key, in hex (a word of letters and digits only, as SQL's
+    hex() writes it)."""
+    return kind + key.encode().hex().upper()
 
 
 def token_hash(token: str) -> str:
@@ -1511,14 +1537,16 @@ class Hub:
         return token, device
 
     @classmethod
-    def revoke(cls, user: str, device: int) -> None:
-        """Sign a device out: its token stops working, its connections close (4401)."""
+    def revoke(cls, user: str, device: int) -> list[ChatSocket]:
+        """Sign a device out: its token stops working, and so does any link
+        code the user has out (the device may have made it). Returns the
+        device's connections, for the caller to close (4401)."""
         cls.store.drop_device(device)
         for hashed in [h for h, (u, d) in cls.devices.items() if d == device]:
             del cls.devices[hashed]
-        for connection in list(cls.online.get(user, ())):
-            if connection.device == device:
-                connection.refuse(ChatError("revoked", "this device was signed out"), 4401)
+        for code in [c for c, (u, _) in cls.links.items() if u == user]:
+            del cls.links[code]
+        return [c for c in cls.online.get(user, ()) if c.device == device]
 
     @classmethod
     def link(cls, user: str) -> tuple[str, float]:
@@ -1879,6 +1907,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if frame.get("type") != "auth" or not isinstance(token or link, str):
             return self.refuse(ChatError("name_taken", "the first frame must be an auth frame with a token or a link"), 4409)
         self._admit(name, token if isinstance(token, str) else None, link if isinstance(link, str) else None, since)
+        with contextlib.suppress(ChatError):  # its ref, if it has a good one, is answered like any other
+            if self.user is not None and not self._dead and "ref" in frame:
+                self._ack(check_ref(frame["ref"]))
 
     def _no_auth(self) -> None:
         if self._awaiting is not None and not self._dead:
@@ -1918,7 +1949,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         welcome = welcome_payload(user.name, token, self.device, roster, online_count, my_rooms, read_with, conf,
                                   Hub.store.epoch, cut)
         self.send_payload(welcome)
-        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))
+        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))  # what rooms share
         for r in sorted(user.rooms):
             joined, budget = self._joined(Hub.rooms[r], since, budget, reads.get("#" + r, 0))
             self.send_payload(joined)
@@ -1967,6 +1998,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         only the newest that fit in budget bytes; and what is left of it.
         It says "truncated" when messages after since were left out: cut
         for the budget, or older than the history keeps."""
+        roster, member_count = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
+        if len(roster) > budget:
+            roster = b"[]"  # the client pages through the members it lacks (member_count says how many)
+        room_budget = budget - len(joined_payload(room.name, roster, member_count, read, [], True))
         held = Hub.history.get(key(room.name))
         newer = held if since is None else [m for m in held if m[0] > since]
         truncated = False
@@ -1976,14 +2011,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             truncated = Hub.store.room_has(key(room.name), since, held[0][0])
         fits = 0
         for _, payload in reversed(newer):
-            if len(payload) > budget:
+            if len(payload) + 1 > room_budget:  # and its comma
                 break
-            budget -= len(payload)
+            room_budget -= len(payload) + 1
             fits += 1
         truncated = truncated or fits < len(newer)
         kept = [payload for _, payload in newer[len(newer) - fits:]]
-        roster, member_count = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
-        return joined_payload(room.name, roster, member_count, read, kept, truncated), budget
+        joined = joined_payload(room.name, roster, member_count, read, kept, truncated)
+        return joined, max(0, budget - len(joined))
 
     def on_close(self) -> None:
         self._dead = True
@@ -2048,6 +2083,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def on_message(self, data: str | bytes) -> None:
         if self._awaiting is not None:
             return self._auth(data)
+        if self._dead or self.user is None:
+            return  # refused or closing: Tornado reads on until the client's close frame, we do not act on it
         ref = None
         try:
             try:
@@ -2220,7 +2257,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         kept.reverse()
         self.send_payload(listing_payload("history", head, [p for _, p in kept], more))
         mail = [row for row, _ in kept if row[3] == self.user and not row[4]]
-        if mail:
+        if mail and not self._dead:  # not if the answer just closed it (1013): they were not delivered
             Hub.deliver(self.user, mail)
         self._ack(ref)
 
@@ -2274,13 +2311,17 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         device = frame.get("device")
         if not is_int(device) or device not in [id for id, _, _ in Hub.store.devices(self.user)]:
             raise ChatError("bad_request", "'device' must be the id of one of your devices")
-        self._ack(ref)
-        Hub.revoke(self.user, device)
+        self._signed_out(Hub.revoke(self.user, device), ref)
 
     def do_logout(self, frame: dict, ref: Any) -> None:
         # {"type":"logout"}
+        self._signed_out(Hub.revoke(self.user, self.device), ref)
+
+    def _signed_out(self, connections: list[ChatSocket], ref: Any) -> None:
+        """The revoke is stored: ack it, then close the device's connections."""
         self._ack(ref)
-        Hub.revoke(self.user, self.device)
+        for connection in connections:
+            connection.refuse(ChatError("revoked", "this device was signed out"), 4401)
 
     def do_typing(self, frame: dict, ref: Any) -> None:
         # {"type":"typing","room":"general"}  or  {"type":"typing","to":"UserB"}

@@ -2268,6 +2268,7 @@ class ResumeCostTest(ChatTestCase):
             await self.ack(again, type="history", room="general", before=30)
             await self.ack(again, type="history", **{"with": "UserA"})
             await self.ack(again, type="history", directs=True, before=30)
+            await self.ack(again, type="search", q="d1")
         finally:
             db.set_trace_callback(None)
         reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
@@ -2378,6 +2379,8 @@ class FloodTest(ChatTestCase):
                         data += chunk
                 except BlockingIOError:
                     pass
+                except ConnectionError:  # closed, and reset for the frames still coming: what came is all
+                    break
                 frames, _ = frames_in(data)
                 if any(op == 0x8 for op, _ in frames):
                     break
@@ -3420,6 +3423,8 @@ class ReleaseTest(ProcessCase):
         proc, port, _ = await self.start()
         a, welcome = await self.connect("Ana", port=port)
         said = await self.say(a, "still here after release")
+        bob, _ = await self.connect("Bob", port=port)
+        await self.say(bob, "@Ana the alarm PIN is 0000")
         proc.terminate()
         self.assertEqual(await asyncio.wait_for(proc.wait(), 10), 0)
         await proc.drain
@@ -3433,7 +3438,92 @@ class ReleaseTest(ProcessCase):
         ana, welcome = await self.connect("Ana", port=port)  # anyone may claim it now
         self.assertNotEqual(welcome["token"], lost)
         self.assertIn(said["id"], [m["id"] for m in ana.joined["general"]["history"]])
+        self.assertEqual(await self.sync(ana), [], "the former owner's private messages are not the new owner's")
+        page = await self.reply(ana, "history", type="history", directs=True)
+        self.assertEqual(page["messages"], [])
+        self.assertEqual((await self.reply(ana, "results", type="search", q="alarm"))["messages"], [])
         again = await asyncio.create_subprocess_exec(
             sys.executable, CHAT_PY, "--db", self.db, "--release", "nobody", stderr=asyncio.subprocess.PIPE)
         await again.stderr.read()
         self.assertEqual(await again.wait(), 1)
+
+
+class ReviewFixesTest(FileCase):
+    """Defects an independent review found, each kept fixed by a test."""
+
+    @async_test
+    async def test_a_revoked_connection_cannot_act_while_its_close_is_pending(self):
+        a, welcome = await self.connect("Ana")
+        bob, _ = await self.connect("Bob")
+        await self.sync(a)
+        code = (await self.reply(a, "link", type="link"))["code"]
+        thief, data = await raw_client(self.get_http_port(), "Ana", query="&link=" + code)
+        await self.sync(a)
+        devices = (await self.reply(a, "devices", type="devices"))["devices"]
+        await self.ack(a, type="revoke", device=max(d["id"] for d in devices))
+        self.assertEqual(await read_close(thief, data), 4401)
+        loop = asyncio.get_running_loop()
+        for frame in ({"type": "message", "text": "posted after my device was revoked"},
+                      {"type": "revoke", "device": welcome["device"]}):
+            await loop.sock_sendall(thief, client_frame(0x1, json.dumps(frame).encode()[:125]))
+        thief.close()
+        await self.quiet(bob, "Bob, after the thief's frames")
+        await self.connect("Ana", welcome["token"])  # still signed in
+
+    @async_test
+    async def test_ids_never_go_back_after_the_newest_were_forgotten(self):
+        a, _ = await self.connect("Ana")
+        await self.ack(a, type="join", room="side")
+        newest = (await self.say(a, "the newest id", room="side"))["id"]
+        await self.ack(a, type="leave", room="side")
+        chat.Hub.sweep(time.monotonic() + chat.ROOM_IDLE + 1)
+        await self.restart()
+        a, _ = await self.connect("Ana", self.tokens["Ana"])
+        self.assertGreater((await self.say(a, "after the restart"))["id"], newest)
+
+    @async_test
+    async def test_a_link_code_dies_with_a_revoked_device(self):
+        a, welcome = await self.connect("Ana")
+        code = (await self.reply(a, "link", type="link"))["code"]
+        await self.ack(a, type="logout")
+        await self.refused("name_taken", 4409, username="Ana", link=code)
+
+    @async_test
+    async def test_a_revoke_that_cannot_be_stored_is_one_error_and_no_ack(self):
+        a, welcome = await self.connect("Ana")
+        with mock.patch.object(chat.Hub.store, "drop_device", side_effect=sqlite3.OperationalError("locked")):
+            await self.error(a, "server_error", type="logout")
+        await self.connect("Ana", welcome["token"])  # not signed out
+
+    @async_test
+    async def test_an_auth_frame_with_a_ref_is_acked(self):
+        _, welcome = await self.connect("Ana")
+        ws = await websocket_connect(self.url(username="Ana", auth=1))
+        self.sockets.append(ws)
+        ws.write_message(json.dumps({"type": "auth", "token": welcome["token"], "ref": 42}))
+        ack, before = await self.answer(ws, 42)
+        self.assertEqual((ack["type"], before[0]["type"]), ("ack", "welcome"))
+
+    @async_test
+    async def test_member_rosters_count_against_the_connect_budget(self):
+        rooms = ["room%d" % i for i in range(8)]
+        for i in range(12):
+            ws, _ = await self.connect("member%02d%s" % (i, "x" * 22))
+            for room in rooms:
+                await self.ack(ws, type="join", room=room)
+            ws.close()
+        await self.restart()
+        sock, data = await raw_client(self.get_http_port(), "member00" + "x" * 22,
+                                      query="&token=" + self.tokens["member00" + "x" * 22])
+        loop = asyncio.get_running_loop()
+        while len([p for op, p in frames_in(data)[0] if b'"type":"joined"' in p]) < 9:
+            data += await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+        sock.close()
+        # a room past the budget still gets its bare joined frame (about 90 bytes)
+        self.assertLessEqual(sum(len(p) for _, p in frames_in(data)[0]), 4000 + 300)
+    test_member_rosters_count_against_the_connect_budget.app_options = {"max_queue": 4000}
+
+    def get_app(self):
+        options = getattr(getattr(self, self._testMethodName, None), "app_options", {})
+        self.app_options = options
+        return super().get_app()
