@@ -2,17 +2,22 @@
 """Benchmark for chat.py: fan-out cost, latency, memory per connection, slow consumers.
 
 This is a benchmark, not a test.  It starts ``chat.py`` as a subprocess on a free
-127.0.0.1 port with a temporary database and every limit off (``--rate 0
---max_tabs 0 --max_conns_per_ip 0 --names_per_hour 0``), drives it with clients in this process, and
+127.0.0.1 port with a temporary database and every limit off (LIMITS_OFF:
+``--rate 0 --max_tabs 0 --max_conns_per_ip 0 --max_conns 0 --names_per_hour 0
+--max_users 0 --connects_per_minute 0``), drives it with clients in this process, and
 prints ONE JSON line first on stdout, then a short human table with the targets of
-issues 5 and 8 beside the figures.
+issues 5, 8 and 9 beside the figures.
 
 Usage::
 
-    python bench_chat.py            # full run, a few minutes
-    python bench_chat.py --quick    # small version of everything, < 60 s (CI)
-    python bench_chat.py --only reconnect_scan   # one part alone (see --help)
+    python bench_chat.py            # full run (and docs/bench.svg), several minutes
+    python bench_chat.py --quick    # small version of everything, about 90 s (CI)
+    python bench_chat.py --only storm            # one part alone (see --help)
+    python bench_chat.py --chart-from run.txt    # redraw docs/bench.svg from a saved run
     python bench_chat.py --baseline-server PORT   # the plain Tornado baseline alone
+
+The full run needs matplotlib for its chart (``pip install -r
+requirements-bench.txt``); ``--quick`` and ``--only`` never import it.
 
 What is measured (one function per measurement, section "Measurements"):
 
@@ -49,11 +54,39 @@ What is measured (one function per measurement, section "Measurements"):
 * mailbox RSS     -- (issue 8 item 8) server RSS before vs after 50 offline users'
                      mailboxes are filled to --mailbox (500) messages of
                      --max_text (2,000) characters; MiB, and KiB per waiting message.
+* paced           -- (issue 9) the latency rounds alone: server CPU per delivery
+                     at 20 messages/s into 200 (target <= 5 us); the burst into
+                     200 must stay <= 1 us.
+* storm           -- (issue 9) N users online, one connection each; the server is
+                     killed with -9 and restarted on the same database; then all
+                     N reconnect at once with token, since and epoch.  Server CPU
+                     from /healthz answering until all have welcome + joined and
+                     the server is quiet again (start-up apart), wall time until
+                     all are back, frames written (from /metrics).  A connection
+                     that fails (the listen queue overflowed) is retried on the
+                     page's backoff and counted.  N = 1,000, 4,000 (CPU <= 5x
+                     that of 1,000) and 10,000 (<= 30 s wall, <= 15 s CPU).
+* arrivals        -- (issue 9) 10,000 new users, each claiming a name and staying:
+                     connects/s over the run and over its slowest tenth
+                     (target >= 1,000/s sustained), server CPU per arrival.
+* idle50k         -- (issue 9) 50,000 idle connections, one user each, bound to
+                     127.0.0.2, .3, ... (one address has ~28,000 ports): no errors,
+                     <= 20 KiB RSS each.  Both processes need a descriptor per
+                     connection: if the hard file limit is lower, as many as it
+                     allows are held and the reason is reported.  Full run only.
+* presence_latency -- (issue 9) with --presence_window 0.25: time from a new
+                     user's connect until every watcher has the presence frame
+                     naming it (<= window + 100 ms), p50 and max.
+
+The full run also draws ``docs/bench.svg`` (matplotlib): CPU per delivery
+beside the baseline (and the Flask-SocketIO figure cited by issue 9), and storm
+CPU against users with a linear line.
 
 The server CPU and memory figures come from /proc, never from wall time, so a
 busy client cannot flatter or spoil them.  The receivers are deliberately light:
 a 60-line asyncio protocol (``RawClient``) that counts frames by type and only
-parses a timestamp where latency is measured.  The sender and the DM user are
+parses a timestamp where latency is measured; the storm and arrival clients are
+RawClients too, since the load generator shares the machine with the server.  The sender and the DM user are
 real ``websockets`` clients.
 
 The baseline (``--baseline-server PORT``) is the plain Tornado broadcast of the
@@ -61,7 +94,8 @@ issue: a WebSocketHandler that JSON-encodes each message once and calls
 ``write_message`` for every socket.
 
 Exit status: 0 when every measurement ran without errors (no missing deliveries,
-no failed connections, server alive, stalled clients closed); 1 otherwise.
+no failed or refused connections, server alive, stalled clients closed, the
+chart drawn in a full run); 1 otherwise.
 Targets that are missed are reported, not failed: figures vary by machine.
 """
 
@@ -70,9 +104,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import itertools
 import json
 import os
+import random
 import re
 import resource
 import secrets
@@ -103,6 +139,20 @@ TARGET_SCAN_P50_RATIO = 2.0  # others' p50 while one client loops reconnects, vs
 TARGET_MAILBOX_KIB: float | None = 0.5   # RSS per waiting DM (item 8): they live in SQLite, RAM holds a count
 MAILBOX = 500                # chat.py's --mailbox default: DMs kept per offline user
 MAX_TEXT = 2000              # chat.py's --max_text default: code points per message
+# Targets from issue 9.
+TARGET_STORM_RATIO = 5.0     # storm CPU for 4x the users, vs for 1x (linear is 4x)
+TARGET_STORM_WALL_S = 30.0   # 10,000 users all back (whole connect sequence)
+TARGET_STORM_CPU_S = 15.0    # server CPU for that storm
+STORM_BIG = 10_000           # the storm size those two are for
+TARGET_ARRIVALS = 1000.0     # new users' connects per second, sustained
+TARGET_IDLE_BIG = 50_000     # idle connections held, one per user, no errors (and <= TARGET_RSS_KIB each)
+TARGET_PACED_US = 5.0        # server CPU per delivery, 20 messages/s into 200
+TARGET_BURST_US = 1.0        # server CPU per delivery, burst into 200 (issue 5 asked <= 10)
+PRESENCE_WINDOW = 0.25       # chat.py's --presence_window default, passed explicitly
+TARGET_PRESENCE_SLACK_MS = 100.0   # presence seen within the window + this
+FLASK_SOCKETIO_US = 30.1     # issue 9: Flask-SocketIO, burst into 200; cited, not measured here
+STORM_MESSAGES = 20          # posted before the kill: each user's since is the last of them
+STORM_TIMEOUT = 120.0        # seconds a storm may take to be all back before it counts as failed
 
 
 def log(msg: str) -> None:
@@ -119,7 +169,7 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes of every measurement; ``QUICK`` must finish in under 60 s on 2 cores."""
+    """Sizes of every measurement; ``QUICK`` must finish in about 90 s on 2 cores."""
     name: str
     burst: tuple[tuple[int, int], ...]   # (N receivers, M messages)
     latency_n: int                       # receivers for the paced latency runs
@@ -137,16 +187,24 @@ class Profile:
     scan_rounds: int                     # rounds, idle and reconnecting in turn
     scan_max_reconnects: int             # per round: the loop's bound besides time
     mail_users: int                      # offline users whose mailboxes are filled
+    storm: tuple[int, ...]               # users in each reconnect storm (the first two: x4)
+    arrivals: int                        # new users arriving
+    idle_big: int                        # idle connections, one user each (0: not run)
+    presence_arrivals: int               # users whose presence frame is timed
+    presence_watchers: int               # clients that must all see it
 
 
 FULL = Profile("full", burst=((200, 1000), (1000, 200)), latency_n=200, latency_rate=20.0,
                latency_seconds=10.0, latency_rounds=3, idle=(1000, 10_000), tabs=10, dm_online=2000,
                dm_offline=400, stalled=10, concurrency=100, scan_messages=2_000_000,
-               scan_seconds=10.0, scan_rounds=2, scan_max_reconnects=100_000, mail_users=50)
+               scan_seconds=10.0, scan_rounds=2, scan_max_reconnects=100_000, mail_users=50,
+               storm=(1000, 4000, STORM_BIG), arrivals=10_000, idle_big=TARGET_IDLE_BIG,
+               presence_arrivals=20, presence_watchers=50)
 QUICK = Profile("quick", burst=((50, 200),), latency_n=50, latency_rate=20.0,
                 latency_seconds=2.0, latency_rounds=1, idle=(500,), tabs=10, dm_online=300,
                 dm_offline=100, stalled=10, concurrency=50, scan_messages=50_000,
-                scan_seconds=3.0, scan_rounds=1, scan_max_reconnects=20_000, mail_users=20)
+                scan_seconds=3.0, scan_rounds=1, scan_max_reconnects=20_000, mail_users=20,
+                storm=(200, 800), arrivals=1000, idle_big=0, presence_arrivals=10, presence_watchers=20)
 
 
 ################ The server under test: subprocess, /healthz, /proc figures
@@ -228,6 +286,14 @@ class Server:
         fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
+    def user_system(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the server, from /proc/PID/stat (1/100 s
+        ticks): how much of a figure is Python and how much the kernel's TCP work."""
+        assert self.proc is not None
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
     def rss_kib(self) -> int:
         """VmRSS of the server in KiB, from /proc/PID/status."""
         assert self.proc is not None
@@ -254,12 +320,17 @@ class Server:
         return last
 
 
+# Every limit that would refuse a load generator on one machine: frames per
+# connection, tabs, connections per address and in all, names, connects.
+LIMITS_OFF = ("--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", "--max_conns", "0",
+              "--names_per_hour", "0", "--max_users", "0", "--connects_per_minute", "0")
+
+
 def chat_server(label: str, tmp: Path, db: str = "file", extra: tuple[str, ...] = ()) -> Server:
     """chat.py with every limit off and a database in ``tmp`` (or ``:memory:``)."""
     port = free_port()
     dbarg = str(tmp / f"{label}.db") if db == "file" else ":memory:"
-    argv = [sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db", dbarg,
-            "--rate", "0", "--max_tabs", "0", "--max_conns_per_ip", "0", "--names_per_hour", "0", *extra]
+    argv = [sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db", dbarg, *LIMITS_OFF, *extra]
     return Server(label, argv, port, tmp)
 
 
@@ -470,14 +541,18 @@ class RawClient(asyncio.Protocol):
 
 async def open_raw(port: int, name: str, tally: Tally, stall: bool = False,
                    token: str | None = None, timeout: float = 15.0,
-                   since: int | None = None) -> RawClient:
-    """Connect one RawClient as ``name`` and wait for its welcome frame."""
+                   since: int | None = None, epoch: str | None = None,
+                   source: str | None = None, kind: type[RawClient] = RawClient) -> RawClient:
+    """Connect one ``kind`` of client as ``name`` (from the address ``source``,
+    127.0.0.x, when given) and wait for its welcome frame."""
     loop = asyncio.get_running_loop()
     path = f"/ws?username={name}"
     if token:
         path += f"&token={urllib.parse.quote(token)}"
     if since is not None:
         path += f"&since={since}"
+    if epoch is not None:
+        path += f"&epoch={epoch}"
     if stall:   # a tiny receive buffer, so the server (not the kernel) must hold what it owes
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -486,21 +561,31 @@ async def open_raw(port: int, name: str, tally: Tally, stall: bool = False,
         _, client = await loop.create_connection(lambda: RawClient(path, tally, stall), sock=sock)
     else:
         _, client = await asyncio.wait_for(
-            loop.create_connection(lambda: RawClient(path, tally, stall), HOST, port), timeout)
+            loop.create_connection(lambda: kind(path, tally, stall), HOST, port,
+                                   local_addr=(source, 0) if source else None), timeout)
     await asyncio.wait_for(client.welcome, timeout)
     return client
 
 
 async def connect_many(port: int, names: list[str], tally: Tally, concurrency: int,
                        stall: bool = False, tokens: list[str] | None = None,
+                       sources: list[str] | None = None, timeout: float = 15.0,
+                       done_at: list[float] | None = None, **query: Any,
                        ) -> tuple[list[RawClient], float, list[str]]:
     """Connect one client per name (with the matching token, for further tabs),
-    ``concurrency`` handshakes at a time.  Returns (clients, seconds, errors)."""
+    ``concurrency`` handshakes at a time, spread over the source addresses
+    (PER_SOURCE each, see sources_for).  ``done_at`` collects when each welcome
+    came; ``query`` goes to open_raw (since, epoch).  Returns (clients, seconds,
+    errors)."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> RawClient:
         async with gate:
-            return await open_raw(port, names[i], tally, stall, tokens[i] if tokens else None)
+            client = await open_raw(port, names[i], tally, stall, tokens[i] if tokens else None,
+                                    timeout, source=sources[i // PER_SOURCE] if sources else None, **query)
+            if done_at is not None:
+                done_at.append(time.monotonic())
+            return client
 
     started = time.monotonic()
     results = await asyncio.gather(*(one(i) for i in range(len(names))), return_exceptions=True)
@@ -508,6 +593,15 @@ async def connect_many(port: int, names: list[str], tally: Tally, concurrency: i
     clients = [r for r in results if isinstance(r, RawClient)]
     errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
     return clients, seconds, errors
+
+
+PER_SOURCE = 20_000   # connections per client address: Linux offers about 28,000 ephemeral ports
+
+
+def sources_for(count: int, first: int = 2) -> list[str]:
+    """Client addresses 127.0.0.FIRST, ... enough for ``count`` connections at
+    PER_SOURCE each (all of 127/8 is loopback; the server sees several peers)."""
+    return [f"127.0.0.{first + i}" for i in range(-(-count // PER_SOURCE))]
 
 
 def drop(clients: list[RawClient]) -> None:
@@ -601,6 +695,10 @@ class Results:
     slow: dict[str, Any] = field(default_factory=dict)
     reconnect: dict[str, Any] = field(default_factory=dict)
     mailbox: dict[str, Any] = field(default_factory=dict)
+    storm: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: dict[str, Any] = field(default_factory=dict)
+    idle_big: dict[str, Any] = field(default_factory=dict)
+    presence: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -1237,6 +1335,298 @@ def measure_page_longtasks(users: int = 10_000, churn: int = 400, spread: float 
               f"{result['longest_ms']} ms); loading it: {result['load_longtask_ms']} ms; "
               f"count {result['page_count_after']} vs {result['users_online']} online")
     return 0 if result.get("ok") else 1
+################ Issue 9: reconnect storms, arrivals, 50,000 idle, presence latency
+
+
+async def metrics_counts(server: Server) -> dict[str, float]:
+    """GET /metrics (loopback): each sample line as "name{labels}" -> value."""
+    def get() -> str:
+        with urllib.request.urlopen(f"http://{HOST}:{server.port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+    out = {}
+    for line in (await asyncio.to_thread(get)).splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def frames_out(counts: dict[str, float]) -> dict[str, int]:
+    """chat_frames_out_total by type, from metrics_counts."""
+    prefix = 'chat_frames_out_total{type="'
+    return {k[len(prefix):-2]: int(v) for k, v in counts.items() if k.startswith(prefix)}
+
+
+def welcome_of(client: RawClient) -> dict[str, Any]:
+    """A connected client's welcome frame, decoded."""
+    return json.loads(client.welcome.result())
+
+
+async def post_messages(server: Server, name: str, count: int) -> int:
+    """``count`` messages into "general" from a real client ``name``, each acked;
+    returns the id of the last (what every member has seen by then)."""
+    sender = await Sender.open(server.port, name)
+    try:
+        sender.ack_target, sender.acked = count, asyncio.Event()
+        for i in range(count):
+            await sender.send({"type": "message", "room": "general", "text": f"before the storm {i}", "ref": i})
+        await asyncio.wait_for(sender.acked.wait(), 30)
+        if sender.errors:
+            raise BenchError(f"{server.label}: error frames to the sender, e.g. {sender.errors[0]}")
+        return max(ack["id"] for ack in sender.acks)
+    finally:
+        await sender.close()
+
+
+PAGE_BACKOFF = (1.0, 1.618, 30.0)   # index.html's retry delays: min, factor, cap (x 0.8-1.2 jitter)
+STORM_RETRIES = 6                   # retries per client before the storm counts as failed
+
+
+async def reconnect_like_page(port: int, name: str, tally: Tally, rng: random.Random, retried: list[str],
+                              **how: Any) -> RawClient:
+    """Connect as open_raw does; when the connection itself fails (reset,
+    refused, no answer: a listen queue that overflowed), retry on the page's
+    schedule, noting each retry's cause in ``retried``.  A refusal by the
+    server (an error frame, an HTTP status) is not retried: it raises."""
+    low, factor, cap = PAGE_BACKOFF
+    for attempt in range(STORM_RETRIES + 1):
+        try:
+            return await open_raw(port, name, tally, **how)
+        except (OSError, asyncio.TimeoutError, BenchError) as exc:
+            if isinstance(exc, BenchError) and "connection lost before welcome" not in str(exc):
+                raise   # the server answered, and said no
+            if attempt == STORM_RETRIES:
+                raise BenchError(f"{name}: still failing after {STORM_RETRIES} retries: {exc}") from None
+            retried.append(type(exc).__name__ if not isinstance(exc, BenchError) else str(exc)[:60])
+            await asyncio.sleep(min(low * factor ** attempt, cap) * (0.8 + 0.4 * rng.random()))
+    raise AssertionError("unreachable")
+
+
+async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
+    """Reconnect storm after kill -9 (issue 9): n users online, one connection
+    each, all in "general"; SIGKILL, restart on the same database and port;
+    then all n reconnect at once with token, ``since`` (the last id they saw)
+    and ``epoch``.  Server CPU from /healthz answering (start-up is reported
+    apart) until every client has its whole connect sequence (welcome and its
+    one joined), and until the server is quiet again (the last presence
+    batches included); wall time until all are back."""
+    server = chat_server(f"storm-{n}", tmp)
+    clients: list[RawClient] = []
+    try:
+        server.start()
+        # 1. n users arrive, from 127.0.0.2; then some history, which they all see.
+        names = [f"s{i}" for i in range(n)]
+        clients, seconds, errors = await connect_many(server.port, names, Tally(), concurrency,
+                                                      sources=sources_for(n, 2))
+        if errors:
+            raise BenchError(f"storm {n}: {len(errors)} of {n} first connections failed, e.g. {errors[0]}")
+        tokens = [welcome_of(c)["token"] for c in clients]
+        epoch = welcome_of(clients[0]).get("epoch")
+        since = await post_messages(server, "stormsender", STORM_MESSAGES)
+        await settle(limit=60)
+        setup_rate = n / seconds
+        # 2. kill -9 and restart; the old connections die with it.
+        server.proc.kill()   # type: ignore[union-attr]
+        server.proc.wait(timeout=10)   # type: ignore[union-attr]
+        drop(clients)
+        clients = []
+        server.start(timeout=60)
+        cpu0, (user0, sys0) = server.cpu_seconds(), server.user_system()
+        rss0 = server.rss_kib()
+        # 3. Everyone at once, from 127.0.0.N (other addresses than step 1's,
+        # whose ports the server's side may still hold in TIME_WAIT); a
+        # connection that fails is tried again as the page would.
+        tally = Tally(kind="joined", target=n)
+        rng, retried = random.Random(n), []
+        sources = sources_for(n, 2 + len(sources_for(n)))
+        client0 = time.process_time()
+        t0 = time.monotonic_ns()
+        results = await asyncio.wait_for(asyncio.gather(*(
+            reconnect_like_page(server.port, names[i], tally, rng, retried, token=tokens[i], since=since,
+                                epoch=epoch, source=sources[i // PER_SOURCE], timeout=STORM_TIMEOUT / 4)
+            for i in range(n)), return_exceptions=True), STORM_TIMEOUT)
+        clients = [r for r in results if isinstance(r, RawClient)]
+        errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise BenchError(f"storm {n}: {len(errors)} of {n} reconnects failed, e.g. {errors[0]}")
+        await tally.wait(STORM_TIMEOUT, f"storm {n} joined frames")
+        wall = (tally.last_ns - t0) / 1e9
+        client_cpu = time.process_time() - client0
+        cpu_back = server.cpu_seconds() - cpu0
+        cpu_quiet = await server.quiet_cpu(limit=30) - cpu0
+        user1, sys1 = server.user_system()
+        rss1 = server.rss_kib()
+        out = frames_out(await metrics_counts(server))
+        health = await server.healthz()
+        server.check_alive()
+        if health.get("connections") != n:
+            raise BenchError(f"storm {n}: /healthz says {health.get('connections')} connections, not {n}")
+        sent = sum(out.values())
+        return {"n": n, "since": since, "setup_conn_per_s": round(setup_rate, 1),
+                "retries": len(retried), "retry_causes": dict(collections.Counter(retried)),
+                "startup_cpu_s": round(cpu0, 3), "wall_s": round(wall, 2),
+                "cpu_back_s": round(cpu_back, 3), "cpu_s": round(cpu_quiet, 3),
+                "cpu_ms_per_user": round(cpu_quiet * 1e3 / n, 3),
+                "cpu_user_s": round(user1 - user0, 2), "cpu_system_s": round(sys1 - sys0, 2),
+                "client_cpu_s": round(client_cpu, 2), "frames_out": sent, "frames_out_per_user": round(sent / n, 2), "frames_out_by_type": out,
+                "rss_growth_mib": round((rss1 - rss0) / 1024, 1)}
+    finally:
+        server.stop()
+        drop(clients)
+
+
+async def measure_arrivals(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
+    """n new users arrive, ``concurrency`` handshakes at a time, and stay: each
+    claims a name.  Connects per second over the whole run and over its
+    slowest tenth ("sustained"), and server CPU per arrival."""
+    server = chat_server(f"arrivals-{n}", tmp)
+    clients: list[RawClient] = []
+    try:
+        server.start()
+        warm, _, errors = await connect_many(server.port, ["warmup"], Tally(), 1)
+        clients += warm
+        await settle()
+        cpu0 = await server.quiet_cpu()
+        user0, sys0 = server.user_system()
+        tally = Tally(kind="joined", target=n)
+        done_at: list[float] = []
+        client0 = time.process_time()
+        started = time.monotonic()
+        more, _, errors = await connect_many(server.port, [f"a{i}" for i in range(n)], tally, concurrency,
+                                             sources=sources_for(n), done_at=done_at)
+        clients += more
+        if errors:
+            raise BenchError(f"arrivals {n}: {len(errors)} of {n} failed, e.g. {errors[0]}")
+        await tally.wait(30, f"arrivals {n} joined frames")
+        cpu1, (user1, sys1) = server.cpu_seconds(), server.user_system()
+        client_cpu = time.process_time() - client0
+        cpu_quiet = await server.quiet_cpu(limit=30)
+        out = frames_out(await metrics_counts(server))
+        server.check_alive()
+        done_at.sort()
+        tenth = max(1, n // 10)
+        edges = [started] + done_at[tenth - 1::tenth]
+        rates = [tenth / (b - a) for a, b in zip(edges, edges[1:]) if b > a]
+        seconds = done_at[-1] - started
+        return {"n": n, "concurrency": concurrency, "seconds": round(seconds, 2),
+                "conn_per_s": round(n / seconds, 1), "slowest_tenth_conn_per_s": round(min(rates), 1),
+                "tenths_conn_per_s": [round(r) for r in rates],
+                "cpu_us_per_arrival": round((cpu1 - cpu0) * 1e6 / n, 1),
+                "cpu_user_s": round(user1 - user0, 2), "cpu_system_s": round(sys1 - sys0, 2),
+                "cpu_s_after": round(cpu_quiet - cpu1, 3), "client_cpu_s": round(client_cpu, 2),
+                "frames_out": sum(out.values()), "frames_out_by_type": out}
+    finally:
+        server.stop()
+        drop(clients)
+
+
+FD_RESERVE = 200   # descriptors a process keeps for itself (database, log, epoll, listener, ...)
+
+
+async def measure_idle_big(tmp: Path, count: int, concurrency: int) -> dict[str, Any]:
+    """``count`` idle connections, one per user, from several 127.0.0.x so
+    that no address runs out of ports; RSS per connection.  The server and
+    this process each need a descriptor per connection: when the file limit
+    (already raised to its hard limit) cannot hold ``count``, as many as it
+    can are tried and the result says what stopped it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = count if hard == resource.RLIM_INFINITY else min(count, hard - FD_RESERVE)
+    limited = None if room == count else (f"RLIMIT_NOFILE hard limit {hard} (ulimit -Hn), which neither "
+                                         f"process may raise: {room} connections tried, not {count}")
+    if limited:
+        log(f"idle {count}: {limited}")
+    server = chat_server(f"idle-big-{count}", tmp)
+    clients: list[RawClient] = []
+    try:
+        server.start()
+        warm, _, errors = await connect_many(server.port, ["warmup"], Tally(), 1)
+        drop(warm)
+        await settle()
+        await server.quiet_cpu()
+        rss0 = server.rss_kib()
+        started = time.monotonic()
+        clients, _, errors = await connect_many(server.port, [f"i{i}" for i in range(room)], Tally(),
+                                                concurrency, sources=sources_for(room), timeout=60)
+        seconds = time.monotonic() - started
+        await settle(quiet=1.0, limit=180)   # the last presence batches reach everyone
+        await server.quiet_cpu(limit=30)
+        health = await server.healthz()
+        rss1 = server.rss_kib()
+        server.check_alive()
+        result = {"target": count, "n": room, "connected": len(clients), "errors": len(errors),
+                  "sources": len(sources_for(room)), "limited_by": limited,
+                  "conn_per_s": round(len(clients) / seconds, 1),
+                  "healthz_connections": health.get("connections"),
+                  "rss_before_mib": round(rss0 / 1024, 1), "rss_after_mib": round(rss1 / 1024, 1),
+                  "rss_kib_per_conn": round((rss1 - rss0) / max(1, len(clients)), 2)}
+        if errors:
+            result["first_error"] = errors[0]
+        return result
+    finally:
+        server.stop()
+        drop(clients)
+
+
+class PresenceWatch(RawClient):
+    """A RawClient that notes when each name first arrives in a presence batch's
+    "online" list (the only frames it decodes)."""
+
+    seen: dict[str, list[int]] = {}        # name -> arrival times (ns) at each watcher
+    expect: dict[str, asyncio.Event] = {}  # name -> set once every watcher has seen it
+    watchers = 0
+
+    def _on_text(self, payload: bytes, now: int) -> None:
+        if self.welcome.done() and payload.startswith(b'{"type":"presence"'):
+            at = time.monotonic_ns()
+            for name in json.loads(payload)["online"]:
+                times = PresenceWatch.seen.setdefault(name, [])
+                times.append(at)
+                if len(times) == PresenceWatch.watchers and name in PresenceWatch.expect:
+                    PresenceWatch.expect[name].set()
+        super()._on_text(payload, now)
+
+
+async def measure_presence_latency(tmp: Path, arrivals: int, watchers: int) -> dict[str, Any]:
+    """Issue 9: from a new user's connect (before the TCP connect) until every
+    watcher has a presence frame naming it, with --presence_window
+    PRESENCE_WINDOW.  Arrivals are spaced wider than the window, so each one
+    waits a whole window: the worst case."""
+    server = chat_server("presence", tmp, extra=("--presence_window", str(PRESENCE_WINDOW)))
+    clients: list[RawClient] = []
+    PresenceWatch.seen, PresenceWatch.expect, PresenceWatch.watchers = {}, {}, watchers
+    try:
+        server.start()
+        clients, _, errors = await connect_many(server.port, [f"w{i}" for i in range(watchers)], Tally(),
+                                                watchers, kind=PresenceWatch)
+        if errors:
+            raise BenchError(f"presence: {len(errors)} watchers failed, e.g. {errors[0]}")
+        await settle(quiet=2 * PRESENCE_WINDOW)
+        last, first, welcome = [], [], []
+        for i in range(arrivals):
+            name = f"p{i}"
+            PresenceWatch.expect[name] = event = asyncio.Event()
+            t0 = time.monotonic_ns()
+            clients.append(await open_raw(server.port, name, Tally()))
+            welcome.append(time.monotonic_ns() - t0)
+            try:
+                await asyncio.wait_for(event.wait(), PRESENCE_WINDOW + 5)
+            except asyncio.TimeoutError:
+                raise BenchError(f"presence: {name} reached {len(PresenceWatch.seen.get(name, []))} "
+                                 f"of {watchers} watchers in {PRESENCE_WINDOW + 5} s") from None
+            times = PresenceWatch.seen[name]
+            first.append(min(times) - t0)
+            last.append(max(times) - t0)
+            # Spacing the arrivals, so each meets an empty window (varied, to vary the phase).
+            await asyncio.sleep(PRESENCE_WINDOW * (1.2 + 0.1 * (i % 5)))
+        server.check_alive()
+        last.sort(), first.sort(), welcome.sort()
+        return {"window_s": PRESENCE_WINDOW, "arrivals": arrivals, "watchers": watchers,
+                "p50_ms": round(percentile(last, 0.5), 1), "max_ms": round(last[-1] / 1e6, 1),
+                "first_watcher_p50_ms": round(percentile(first, 0.5), 1),
+                "welcome_p50_ms": round(percentile(welcome, 0.5), 1)}
+    finally:
+        server.stop()
+        drop(clients)
 
 
 ################ The run
@@ -1262,9 +1652,10 @@ async def run_burst_suite(res: Results, prof: Profile, tmp: Path, kind: str, n: 
         drop(receivers)
 
 
-async def run_latency_suite(res: Results, prof: Profile, tmp: Path) -> None:
+async def run_latency_suite(res: Results, prof: Profile, tmp: Path, paced_only: bool = False) -> None:
     """chat.py (database on) and the baseline side by side, latency rounds taken in
-    turn so that both meet the same machine; then DM cost and slow consumers."""
+    turn so that both meet the same machine (the paced CPU per delivery comes
+    from these rounds); then, unless paced_only, DM cost and slow consumers."""
     n, rate, seconds = prof.latency_n, prof.latency_rate, prof.latency_seconds
     chat, base = chat_server(f"chat-db-lat{n}", tmp), baseline_server(f"baseline-lat{n}", tmp)
     receivers: dict[str, list[RawClient]] = {}
@@ -1282,6 +1673,8 @@ async def run_latency_suite(res: Results, prof: Profile, tmp: Path) -> None:
             log(f"{lat['server']}: latency p50 {lat['p50_ms']} ms p99 {lat['p99_ms']} ms "
                 f"(rounds {lat['round_p99_ms']})")
         base.stop()
+        if paced_only:
+            return
         res.dm = await measure_dm(chat, prof.dm_online, prof.dm_offline)
         log(f"chat: DM {res.dm}")
         res.slow = await measure_slow(chat, receivers["chat"], prof.stalled, rate, seconds,
@@ -1294,17 +1687,77 @@ async def run_latency_suite(res: Results, prof: Profile, tmp: Path) -> None:
             drop(clients)
 
 
-PARTS = ("burst", "latency", "idle", "reconnect_scan", "mailbox_rss")   # what --only may name
+PARTS = ("burst", "latency", "idle", "reconnect_scan", "mailbox_rss",
+         "storm", "arrivals", "idle50k", "presence_latency")   # what a whole run measures, in order
+ALONE = ("paced",)   # parts of the above that --only may also name on their own
+PART_HELP = """burst: connect rate and burst fan-out, chat.py and baseline;
+latency: paced latency and CPU beside the baseline, then DMs and slow consumers;
+paced: only the paced rounds of latency (CPU per delivery at 20 messages/s);
+idle: RSS per idle connection (10 tabs per user); reconnect_scan, mailbox_rss: issue 8;
+storm: reconnect storms after kill -9; arrivals: new users' connects/s;
+idle50k: 50,000 idle connections, one per user (full run only);
+presence_latency: connect -> others' presence frame"""
 
 
 async def run_all(prof: Profile, tmp: Path, only: str | None = None) -> Results:
     """Every measurement of the profile (or only one part of it); an error ends
     that part and is recorded."""
     res = Results(prof.name)
-    for part in PARTS:
-        if only in (None, part):
+    for part in PARTS + ALONE:
+        if only == part or (only is None and part in PARTS):
             await globals()[f"run_{part}"](res, prof, tmp)
     return res
+
+
+async def guarded(res: Results, what: str, step: Any) -> Any:
+    """Await step; an exception is recorded as an error of ``what`` (the run
+    goes on with the other parts, and exits 1) and None is returned."""
+    try:
+        return await step
+    except Exception as exc:   # any failure ends this part; the others still run
+        res.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        log(f"ERROR {what}: {type(exc).__name__}: {exc}")
+        return None
+
+
+async def run_paced(res: Results, prof: Profile, tmp: Path) -> None:
+    """The paced rounds alone: latency and CPU per delivery, chat.py and baseline."""
+    await guarded(res, "paced", run_latency_suite(res, prof, tmp, paced_only=True))
+
+
+async def run_storm(res: Results, prof: Profile, tmp: Path) -> None:
+    """Reconnect storms after kill -9, for each size."""
+    for n in prof.storm:
+        row = await guarded(res, f"storm {n}", measure_storm(tmp, n, prof.concurrency))
+        if row is None:
+            return   # a bigger storm would fail the same way, only slower
+        res.storm.append(row)
+        log(f"storm {n}: {row}")
+
+
+async def run_arrivals(res: Results, prof: Profile, tmp: Path) -> None:
+    """New users' connects per second."""
+    res.arrivals = await guarded(res, "arrivals", measure_arrivals(tmp, prof.arrivals, prof.concurrency)) or {}
+    log(f"arrivals: {res.arrivals}")
+
+
+async def run_idle50k(res: Results, prof: Profile, tmp: Path) -> None:
+    """50,000 idle connections, one user each (or what the file limit allows)."""
+    if not prof.idle_big:
+        return
+    res.idle_big = await guarded(res, "idle50k", measure_idle_big(tmp, prof.idle_big, prof.concurrency)) or {}
+    log(f"idle50k: {res.idle_big}")
+    big = res.idle_big
+    if big and (big["errors"] or big["connected"] != big["n"] or big["healthz_connections"] != big["n"]):
+        res.errors.append(f"idle50k: {big['connected']} of {big['n']} connected, {big['errors']} errors, "
+                          f"e.g. {big.get('first_error')}")
+
+
+async def run_presence_latency(res: Results, prof: Profile, tmp: Path) -> None:
+    """Connect -> others' presence frame, with --presence_window PRESENCE_WINDOW."""
+    res.presence = await guarded(res, "presence latency", measure_presence_latency(
+        tmp, prof.presence_arrivals, prof.presence_watchers)) or {}
+    log(f"presence latency: {res.presence}")
 
 
 async def run_burst(res: Results, prof: Profile, tmp: Path) -> None:
@@ -1399,24 +1852,75 @@ def targets(res: Results) -> dict[str, Any]:
         value = res.mailbox["rss_kib_per_msg"]
         out["mailbox_rss_kib_per_msg"] = {"value": value, "target": TARGET_MAILBOX_KIB,
                                           "met": None if TARGET_MAILBOX_KIB is None else value <= TARGET_MAILBOX_KIB}
+    out.update(targets_issue9(res))
     return out
 
 
-def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
-    """The JSON line (first line of stdout), then the human table."""
+def goal(value: Any, target: float, met: bool | None, **more: Any) -> dict[str, Any]:
+    """One target's entry: the figure, the goal, whether it is met (None: not
+    measurable by this run), and what else explains it."""
+    return {"value": value, "target": target, "met": met, **more}
+
+
+def targets_issue9(res: Results) -> dict[str, Any]:
+    """Each target of issue 9 this run measured.  Figures taken at other sizes
+    than the target's (--quick) are reported with "met": null."""
+    out: dict[str, Any] = {}
+    b = find(res.burst, db="file", n=200)
+    if b:
+        out["burst_cpu_us_per_delivery_n200"] = goal(b["cpu_us_per_delivery"], TARGET_BURST_US,
+                                                     b["cpu_us_per_delivery"] <= TARGET_BURST_US)
+    lat = find(res.latency, server="chat")
+    if lat:
+        v = lat["cpu_us_per_delivery"]
+        out["paced_cpu_us_per_delivery"] = goal(v, TARGET_PACED_US, v <= TARGET_PACED_US if lat["n"] == 200 else None,
+                                                n=lat["n"], msg_per_s=lat["msg_per_s"])
+    if len(res.storm) >= 2 and res.storm[1]["n"] == 4 * res.storm[0]["n"]:
+        small, big = res.storm[0], res.storm[1]
+        ratio = round(big["cpu_s"] / small["cpu_s"], 2) if small["cpu_s"] else None
+        out["storm_cpu_ratio_x4"] = goal(ratio, TARGET_STORM_RATIO, None if ratio is None else ratio <= TARGET_STORM_RATIO,
+                                         users=[small["n"], big["n"]])
+    s = find(res.storm, n=STORM_BIG)
+    if s:
+        out["storm_10000_wall_s"] = goal(s["wall_s"], TARGET_STORM_WALL_S, s["wall_s"] <= TARGET_STORM_WALL_S)
+        out["storm_10000_cpu_s"] = goal(s["cpu_s"], TARGET_STORM_CPU_S, s["cpu_s"] <= TARGET_STORM_CPU_S)
+    if res.arrivals:
+        v = res.arrivals["slowest_tenth_conn_per_s"]
+        out["arrivals_conn_per_s"] = goal(v, TARGET_ARRIVALS, v >= TARGET_ARRIVALS, n=res.arrivals["n"],
+                                          whole_run=res.arrivals["conn_per_s"])
+    if res.idle_big:
+        big = res.idle_big
+        held = big["connected"] == big["n"] and not big["errors"]
+        out["idle_50000_held"] = goal(big["connected"], TARGET_IDLE_BIG,
+                                      None if big["limited_by"] and held else held and big["n"] == TARGET_IDLE_BIG,
+                                      limited_by=big["limited_by"])
+        out["idle_50000_rss_kib_per_conn"] = goal(big["rss_kib_per_conn"], TARGET_RSS_KIB,
+                                                  big["rss_kib_per_conn"] <= TARGET_RSS_KIB, n=big["connected"])
+    if res.presence:
+        bound = res.presence["window_s"] * 1000 + TARGET_PRESENCE_SLACK_MS
+        out["presence_max_ms"] = goal(res.presence["max_ms"], bound, res.presence["max_ms"] <= bound,
+                                      p50_ms=res.presence["p50_ms"])
+    return out
+
+
+def print_report(res: Results, goals: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The JSON line (first line of stdout), then the human table; returns what
+    the JSON line holds."""
     doc = {"profile": res.profile, "seconds": round(seconds, 1), "cpus": os.cpu_count(),
            "loadavg_1m": os.getloadavg()[0],
            "python": sys.version.split()[0], "connect": res.connect, "burst": res.burst,
            "latency": res.latency, "idle": res.idle, "dm": res.dm, "slow": res.slow,
            "reconnect_scan": res.reconnect, "mailbox_rss": res.mailbox,
+           "storm": res.storm, "arrivals": res.arrivals, "idle50k": res.idle_big,
+           "presence_latency": res.presence, "cited": {"flask_socketio_burst_n200_us": FLASK_SOCKETIO_US},
            "targets": goals, "errors": res.errors, "ok": not res.errors}
     print(json.dumps(doc, separators=(",", ":")), flush=True)
 
     def mark(key: str) -> str:
-        goal = goals.get(key)
-        if goal is None or goal["met"] is None:
+        entry = goals.get(key)
+        if entry is None or entry["met"] is None:
             return ""
-        return "  [met]" if goal["met"] else "  [MISSED]"
+        return "  [met]" if entry["met"] else "  [MISSED]"
 
     lines = [f"\nchat.py benchmark ({res.profile}, {seconds:.0f} s, {os.cpu_count()} cpus, "
              f"load average {os.getloadavg()[0]:.2f} at the end)"]
@@ -1424,7 +1928,8 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
         lines.append(f"  connect  {c['server']:<16} {c['n']:>6} users      {c['conn_per_s']:>9.0f} conn/s")
     for b in res.burst:
         key = "cpu_us_per_delivery_n200_db" if (b["db"] == "file" and b["n"] == 200) else ""
-        tgt = f"  (target <= {TARGET_CPU_US:g} us){mark(key)}" if key else ""
+        tgt = (f"  (target <= {TARGET_CPU_US:g} us{mark(key)}; issue 9: <= {TARGET_BURST_US:g} us"
+               f"{mark('burst_cpu_us_per_delivery_n200')})") if key else ""
         lines.append(f"  burst    {b['server']:<16} N={b['n']:<5} M={b['m']:<5} "
                      f"{b['cpu_us_per_delivery']:>6.2f} us CPU/delivery "
                      f"{b['deliveries_per_s']:>8} deliveries/s{tgt}")
@@ -1434,6 +1939,10 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
                      f"p50 {lt['p50_ms']:.2f} ms  p99 {lt['p99_ms']:.2f} ms "
                      f"(rounds {'/'.join(f'{x:.1f}' for x in lt['round_p99_ms'])})  "
                      f"{lt['cpu_us_per_delivery']:.2f} us CPU/delivery (paced){tgt}")
+        if lt["server"] == "chat":
+            lines.append(f"  paced    chat             {lt['msg_per_s']:g} messages/s into {lt['n']}: "
+                         f"{lt['cpu_us_per_delivery']:.2f} us CPU/delivery  (target <= {TARGET_PACED_US:g} us "
+                         f"at N=200){mark('paced_cpu_us_per_delivery')}")
     for i in res.idle:
         tgt = f"  (target <= {TARGET_RSS_KIB:g} KiB){mark('rss_kib_per_idle_conn')}"
         if i["n"] == TARGET_CONNS:
@@ -1463,10 +1972,123 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> None:
         lines.append(f"  mailbox  {mb['users']} x {mb['mailbox']} DMs of {mb['max_text']} chars waiting: "
                      f"RSS +{mb['rss_growth_mib']} MiB, {mb['rss_kib_per_msg']} KiB/message "
                      f"(target {tgt}){mark('mailbox_rss_kib_per_msg')}")
+    lines += report_issue9(res, goals, mark)
     for e in res.errors:
         lines.append(f"  ERROR    {e}")
     lines.append("  result   " + ("ok" if not res.errors else f"FAILED ({len(res.errors)} errors)"))
     print("\n".join(lines), flush=True)
+    return doc
+
+
+def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
+    """The table's lines for issue 9's scenarios."""
+    lines = []
+    for s in res.storm:
+        tgt = ""
+        if s["n"] == STORM_BIG:
+            tgt = (f"  (target <= {TARGET_STORM_WALL_S:g} s wall{mark('storm_10000_wall_s')}, "
+                   f"<= {TARGET_STORM_CPU_S:g} s CPU{mark('storm_10000_cpu_s')})")
+        lines.append(f"  storm    {s['n']:>6} users back after kill -9 in {s['wall_s']:.2f} s wall, server CPU "
+                     f"{s['cpu_s']:.2f} s ({s['cpu_back_s']:.2f} s until all back; start-up {s['startup_cpu_s']:.2f} s), "
+                     f"{s['frames_out_per_user']:g} frames out/user, {s['retries']} client retries "
+                     f"(this process: {s['client_cpu_s']:.1f} s CPU){tgt}")
+    ratio = goals.get("storm_cpu_ratio_x4")
+    if ratio:
+        lines.append(f"  storm    CPU({ratio['users'][1]}) / CPU({ratio['users'][0]}) = x{ratio['value']}  "
+                     f"(target <= x{TARGET_STORM_RATIO:g}; linear is x4){mark('storm_cpu_ratio_x4')}")
+    if res.arrivals:
+        a = res.arrivals
+        lines.append(f"  arrive   {a['n']:>6} new users: {a['conn_per_s']:.0f} conn/s, slowest tenth "
+                     f"{a['slowest_tenth_conn_per_s']:.0f} conn/s, server {a['cpu_us_per_arrival']:.0f} us CPU each "
+                     f"(this process: {a['client_cpu_s']:.1f} s CPU)  "
+                     f"(target >= {TARGET_ARRIVALS:g}/s sustained){mark('arrivals_conn_per_s')}")
+    if res.idle_big:
+        i = res.idle_big
+        why = f"  [LIMITED: {i['limited_by']}]" if i["limited_by"] else ""
+        lines.append(f"  idle50k  {i['connected']:>6} conns / {i['connected']} users from {i['sources']} addresses "
+                     f"{i['rss_kib_per_conn']:>6.2f} KiB RSS/conn  {i['errors']} errors  "
+                     f"(target {TARGET_IDLE_BIG} held{mark('idle_50000_held')}, <= {TARGET_RSS_KIB:g} KiB"
+                     f"{mark('idle_50000_rss_kib_per_conn')}){why}")
+    if res.presence:
+        p = res.presence
+        lines.append(f"  presence seen by all {p['watchers']} others: p50 {p['p50_ms']} ms, max {p['max_ms']} ms "
+                     f"over {p['arrivals']} arrivals  (target <= {p['window_s'] * 1000:g} + "
+                     f"{TARGET_PRESENCE_SLACK_MS:g} ms){mark('presence_max_ms')}")
+    return lines
+
+
+################ The chart: docs/bench.svg, from the full run's JSON line
+
+CHART = HERE / "docs" / "bench.svg"
+
+
+def draw_chart(doc: dict[str, Any], path: Path = CHART) -> None:
+    """Two panels from a full run's JSON line: server CPU per delivery, chat.py
+    beside the plain-Tornado baseline (and the cited Flask-SocketIO figure),
+    burst and paced; and reconnect-storm CPU against users, with the line a
+    linear cost would follow.  matplotlib is imported here, so that --quick
+    and CI never need it (pip install -r requirements-bench.txt)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    matplotlib.rcParams["svg.hashsalt"] = "bench_chat"   # the same figures draw the same file
+
+    def row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+        return find(rows or [], **match)
+
+    bars = []   # (label, value, measured here?)
+    for label, r in (("chat.py, burst into 200", row(doc["burst"], db="file", n=200)),
+                     ("Tornado baseline, burst into 200", row(doc["burst"], db="baseline", n=200)),
+                     ("chat.py, 20 msg/s into 200", row(doc["latency"], server="chat")),
+                     ("Tornado baseline, 20 msg/s into 200", row(doc["latency"], server="baseline"))):
+        if r:
+            bars.append((label, r["cpu_us_per_delivery"], True))
+    cited = doc.get("cited", {}).get("flask_socketio_burst_n200_us")
+    if cited:
+        bars.append(("Flask-SocketIO, burst into 200\n(cited, not measured here: issue 9)", cited, False))
+    storms = sorted(doc.get("storm") or [], key=lambda s: s["n"])
+    if not bars and not storms:
+        raise BenchError("chart: the JSON has neither deliveries nor storms")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    ys = list(range(len(bars)))[::-1]
+    for y, (label, value, measured) in zip(ys, bars):
+        left.barh(y, value, color="#3b6ea5" if measured and label.startswith("chat") else
+                  "#9aa5b1" if measured else "white", edgecolor="#333333", hatch=None if measured else "//")
+        left.text(value, y, f" {value:.2f} µs", va="center", fontsize=9)
+    left.set_yticks(ys, [b[0] for b in bars], fontsize=9)
+    left.set_xlabel("server CPU per delivery (µs, less is better)")
+    left.set_title("Fan-out: CPU per delivered message")
+    left.set_xlim(0, max([b[1] for b in bars] + [1]) * 1.25)
+
+    if storms:
+        n = [s["n"] for s in storms]
+        cpu = [s["cpu_s"] for s in storms]
+        right.plot(n, cpu, "o-", color="#3b6ea5", label="chat.py: server CPU for the storm")
+        for i, (x, y, s) in enumerate(zip(n, cpu, storms)):   # the first above, the others to the left
+            right.annotate(f"{y:.1f} s CPU\n{s['wall_s']:.1f} s wall", (x, y), textcoords="offset points",
+                           xytext=(0, 12) if i == 0 else (-8, 8), ha="center" if i == 0 else "right",
+                           va="bottom", fontsize=8)
+        line = [cpu[0] * x / n[0] for x in (0, max(n))]
+        right.plot((0, max(n)), line, "--", color="#888888", label=f"linear from {n[0]:,} users")
+        if STORM_BIG in n:
+            right.plot([STORM_BIG], [TARGET_STORM_CPU_S], "_", markersize=20, color="#c0392b",
+                       label=f"target at {STORM_BIG:,}: ≤ {TARGET_STORM_CPU_S:g} s")
+        right.set_xlim(0, max(n) * 1.08)
+        right.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        right.set_ylim(0, max(cpu + [TARGET_STORM_CPU_S if STORM_BIG in n else 0]) * 1.25)
+        right.legend(fontsize=8, loc="upper left")
+    right.set_xlabel("users reconnecting at once (token and since)")
+    right.set_ylabel("server CPU seconds")
+    right.set_title("Reconnect storm after kill -9")
+    fig.suptitle(f"bench_chat.py {doc['profile']} run, {doc['cpus']} cpus, Python {doc['python']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    svg = path.suffix == ".svg"   # another suffix (.png) is for looking at it
+    fig.savefig(path, format="svg" if svg else None, metadata={"Date": None} if svg else None)
+    plt.close(fig)
+    log(f"chart: {path}")
 
 
 def raise_file_limit() -> None:
@@ -1479,12 +2101,18 @@ def raise_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small version of everything (< 60 s)")
-    parser.add_argument("--only", choices=PARTS + ("page",), help="run only this part of the profile")
+    parser.add_argument("--only", choices=PARTS + ALONE + ("page",),
+                        help="run only this part of the profile: " + PART_HELP + "; page: the page with 10,000 online")
     parser.add_argument("--baseline-server", type=int, metavar="PORT",
                         help="run only the plain Tornado baseline server on PORT")
+    parser.add_argument("--chart-from", type=Path, metavar="FILE",
+                        help=f"only draw {CHART.relative_to(HERE)} from a saved run's output (its first line)")
     args = parser.parse_args(argv)
     if args.baseline_server:
         run_baseline_server(args.baseline_server)
+        return 0
+    if args.chart_from:
+        draw_chart(json.loads(args.chart_from.read_text().splitlines()[0]))
         return 0
     raise_file_limit()
     if args.only == "page":   # Chromium and the page, apart from the server profile
@@ -1502,7 +2130,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:   # whatever happened, no server outlives the benchmark
             for server in list(Server.running):
                 server.stop()
-    print_report(res, targets(res), time.monotonic() - started)
+    doc = print_report(res, targets(res), time.monotonic() - started)
+    if prof is FULL and args.only is None:   # the chart shows a whole full run, nothing less
+        try:
+            draw_chart(doc)
+        except ImportError as exc:
+            log(f"ERROR chart: {exc}; pip install -r requirements-bench.txt")
+            return 1
     return 0 if not res.errors else 1
 
 

@@ -9,7 +9,8 @@ Endpoints
 ``GET /``         the page (index.html: HTML, CSS and JS in one file).
 ``GET /healthz``  ``{"status":"ok","connections":3,"users_online":2,"rooms":4}``.
 ``GET /metrics``  Prometheus text (loopback and ``--metrics_from`` only).
-``GET /ws?username=NAME[&token=TOKEN][&since=ID][&epoch=E]``  the WebSocket.
+``GET /ws?username=NAME[&auth=1|&token=TOKEN|&link=CODE][&since=ID][&epoch=E]``
+                  the WebSocket.
 
 ``/`` and ``/ws`` answer only requests whose ``Host`` is this server's: a
 loopback name on its port, the ``--host`` address, or one listed with
@@ -26,9 +27,15 @@ owned one only by ``.``, ``-``, ``_`` or the lookalikes I/l/1 and O/0 is
 refused (``bad_username``), so nobody can pass as somebody else.
 
 The first connection to a free name owns it and receives a ``token`` in its
-``welcome``. Every later connection to that name must present ``token=``;
-without it the server answers ``name_taken`` and closes with 4409. One user
-may hold many connections (tabs); each receives everything sent to the user.
+``welcome``: the token of this device. Every later connection to that name
+must present a token of one of its devices, or a one-time link code (which
+makes a new device); without one the server answers ``name_taken`` and
+closes with 4409 at once. With ``auth=1`` the credentials come in the first
+frame instead of the URL (which proxies log): ``{"type":"auth","token":"..."}``
+or ``{"type":"auth","link":"K7QF-2MXD"}``; the server sends nothing until it
+arrives, and answers ``name_taken`` if none comes within 10 s. One user may
+hold many connections (tabs and devices); each receives everything sent to
+the user.
 
 Frames
 ------
@@ -39,14 +46,17 @@ connection by exactly one ``ack`` or one ``error`` carrying that ``ref``.
 
 On connect the server sends, in order:
 
-1. ``{"type":"welcome","user":"UserA","token":"...","rooms":["general"],
-   "default_room":"general","max_text":2000,"epoch":"9f2c...",
-   "online":["UserA"],"online_count":1}`` (the epoch names the database
-   that ids count in; ``online`` is the first ``--roster`` names, sorted
-   case-insensitively, and ``online_count`` counts them all);
+1. ``{"type":"welcome","user":"UserA","token":"...","device":1,
+   "rooms":["general"],"default_room":"general","max_text":2000,
+   "epoch":"9f2c...","read_with":{"UserB":140},"online":["UserA"],
+   "online_count":1}`` (the epoch names the database that ids count in;
+   ``read_with`` the read markers of private conversations; ``online`` is
+   the first ``--roster`` names, sorted case-insensitively, and
+   ``online_count`` counts them all);
 2. for each of the user's rooms ``{"type":"joined","room":"general",
-   "members":["UserA","UserB"],"member_count":2,"history":[message, ...]}``
-   (members as ``online``; history oldest first);
+   "members":["UserA","UserB"],"member_count":2,"read":150,
+   "history":[message, ...]}`` (members as ``online``; ``read`` the user's
+   read marker, 0 for none; history oldest first);
 3. private messages, oldest first: those kept while the user was offline
    (``"buffered": true``), and with ``since=ID`` also those to or from the
    user with a larger id (one the user sent that still waits says
@@ -108,6 +118,21 @@ Client to server, and what comes back::
            "before" (all, without it), oldest first, at most "limit" (1-200,
            default 50) and --max_queue bytes; "more" says older ones exist.
            "with" is one private conversation, "directs" all of the user's.
+    {"type":"search","q":"deploy logs","before":230}
+        -> {"type":"results","q":"deploy logs","more":false,"messages":[...]}:
+           newest first, at most 50, messages holding every word (words,
+           not substrings) in the rooms the user is in and its own private
+           messages; "before" pages back.
+    {"type":"read","room":"general","id":150}  or  "with":"UserB"
+        -> moves the user's read marker forward (never back); its other
+           connections get the same frame.
+    {"type":"link"}     -> {"type":"link","code":"K7QF-2MXD","expires":ISO}:
+                           a one-time code for a new device, 10 minutes
+    {"type":"devices"}  -> {"type":"devices","devices":[{"id":1,"label":
+                           "Firefox","last_used":ISO,"current":true}]}
+    {"type":"revoke","device":2}  signs a device out: its token stops
+                           working and its connections close with 4401
+                           ("revoked"); {"type":"logout"} is this device
     {"type":"typing","room":"general"}  -> others get {"type":"typing",
     {"type":"typing","to":"UserB"}         "user":"UserA","room":...} or "to"
 
@@ -124,7 +149,9 @@ binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 ``unknown_user``, ``mailbox_full``, ``rate_limited``, ``too_many_rooms``,
 ``server_error`` (nothing was stored: try again); at connect
 ``bad_username`` (close 4400), ``name_taken`` (4409), ``too_many_connections``
-and ``rate_limited`` (4429), ``server_full`` (4503), ``server_error`` (1011).
+and ``rate_limited`` (4429: also for link codes tried past
+``--names_per_hour``), ``server_full`` (4503), ``server_error`` (1011);
+``revoked`` (4401) when the device is signed out.
 
 Limits
 ------
@@ -152,6 +179,9 @@ seconds. A room with no members for a day is forgotten, with its messages.
 
 Storage
 -------
+``python chat.py --release NAME`` frees a name whose devices are all lost
+(with the server stopped); its messages stay.
+
 SQLite (``--db``, WAL mode) is written before anything is acked or relayed;
 a write that fails is rolled back whole and answered ``server_error``. The
 class-level dicts on ChatSocket are the live state, loaded at start; private
@@ -226,6 +256,7 @@ define("rooms_per_hour", default=20.0, help="new rooms one user may create per h
 define("max_users", default=10000, help="owned names on the server (0: no cap)")
 define("names_per_hour", default=30.0, help="new names one address may claim per hour, after 10 at once (0: no cap)")
 define("max_queue", default=1 << 20, help="bytes one connection may be owed before it is closed (1013)")
+define("release", type=str, default=None, help="free the name NAME in --db (with the server stopped), then exit")
 define("offline_grace", default=1.0, help="seconds a user may be gone before others see them offline")
 define("presence_window", default=0.25, help="seconds presence and membership changes are gathered into one frame (0: each loop turn)")
 define("roster", default=1000, help="names of users online, or of a room's members, sent at once")
@@ -246,6 +277,13 @@ FLOOD_CLOSE_AFTER = 10.0  # seconds of sending past the limits before a connecti
 FLOOD_GAP = 1.0  # a pause this long ends a flood
 ROOM_IDLE = 24 * 3600.0  # seconds a room may stand empty before it is forgotten
 SWEEP_EVERY = 600.0  # seconds between sweeps of empty rooms and full token buckets
+AUTH_SECONDS = 10.0  # how long a connection with auth=1 may take to send its auth frame
+LINK_SECONDS = 600.0  # how long a code from {"type":"link"} signs a new device in
+LINK_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I/1 or O/0 to misread
+SEARCH_PAGE = 50  # results a search answer holds
+MAX_QUERY = 200  # characters in a search
+WORD = re.compile(r"\w+")  # what search matches: words, not substrings
+LISTEN_BACKLOG = 4096  # connects the kernel may hold before they are accepted (a reconnect storm)
 HISTORY_CACHE = 64 << 20  # bytes of encoded room histories kept in RAM (the least recently used are dropped)
 
 
@@ -441,7 +479,8 @@ class Bucket:
 
 class Budgets:
     """The server-wide budgets, one Bucket per key of each kind: new names
-    per address, new rooms per user, connects per user and per address.
+    and link codes tried per address, new rooms per user, connects per user
+    and per address.
     Buckets that have refilled are forgotten by sweep(), so the dicts hold
     only keys that were busy lately."""
 
@@ -449,6 +488,7 @@ class Budgets:
         per_minute = conf.connects_per_minute / 60
         self.kinds: dict[str, tuple[float, float]] = {  # kind -> (size, tokens per second); rate 0: no limit
             "name": (AT_ONCE, conf.names_per_hour / 3600),
+            "link": (AT_ONCE, conf.names_per_hour / 3600),  # tries of link codes per address, like names
             "room": (AT_ONCE, conf.rooms_per_hour / 3600),
             "connect": (AT_ONCE, per_minute),
             "connect_ip": (10 * AT_ONCE, 10 * per_minute),
@@ -550,33 +590,39 @@ class Metrics:
 
 def stamp(timestamp_format: str) -> tuple[str, str]:
     """(UTC ISO 8601 with milliseconds, local time in timestamp_format) for now."""
-    ms = time.time_ns() // 1_000_000
-    seconds, millis = divmod(ms, 1000)
-    utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{utc}.{millis:03d}Z", time.strftime(timestamp_format, time.localtime(seconds))
+    now = time.time()
+    return utc_iso(now), time.strftime(timestamp_format, time.localtime(now))
 
 
-def welcome_payload(user: str, token: str, roster: bytes, online_count: int, rooms: list, conf: Config,
-                    epoch: str, directs_truncated: bool) -> bytes:
+def utc_iso(when: float) -> str:
+    """A time.time() as UTC ISO 8601 with milliseconds."""
+    seconds, millis = divmod(int(when * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def welcome_payload(user: str, token: str, device: int, roster: bytes, online_count: int, rooms: list,
+                    read_with: dict, conf: Config, epoch: str, directs_truncated: bool) -> bytes:
     """The welcome frame; `roster` is the online list, encoded once for every welcome."""
-    frame = {"type": "welcome", "user": user, "token": token, "rooms": rooms,
-             "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch}
+    frame = {"type": "welcome", "user": user, "token": token, "device": device, "rooms": rooms,
+             "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch, "read_with": read_with}
     if directs_truncated:
         frame["directs_truncated"] = True
     return b"%s,\"online\":%s,\"online_count\":%d}" % (encode(frame)[:-1], roster, online_count)
 
 
-def joined_payload(room: str, members: bytes, member_count: int, history: list[bytes], truncated: bool) -> bytes:
+def joined_payload(room: str, members: bytes, member_count: int, read: int, history: list[bytes],
+                   truncated: bool) -> bytes:
     """A joined frame, put together from parts that are encoded once each:
     the room's member list, and each message as it was first sent."""
     tail = b'],"truncated":true}' if truncated else b"]}"
     return b"".join((b'{"type":"joined","room":', encode(room), b',"members":', members,
-                     b',"member_count":%d,"history":[' % member_count, b",".join(history), tail))
+                     b',"member_count":%d,"read":%d,"history":[' % (member_count, read), b",".join(history), tail))
 
 
-def history_payload(head: dict, messages: list[bytes], more: bool) -> bytes:
-    """A history answer: {"type":"history", head..., "more":..., "messages":[...]}."""
-    start = encode({"type": "history", **head, "more": more})
+def listing_payload(kind: str, head: dict, messages: list[bytes], more: bool) -> bytes:
+    """A list of stored messages: {"type":kind, head..., "more":..., "messages":[...]}
+    (a history or search answer)."""
+    start = encode({"type": kind, **head, "more": more})
     return b"".join((start[:-1], b',"messages":[', b",".join(messages), b"]}"))
 
 
@@ -604,6 +650,18 @@ def presence_frame(online: list, offline: list) -> dict:
 
 def member_frame(room: str, joined: list, left: list) -> dict:
     return {"type": "member", "room": room, "joined": joined, "left": left}
+
+
+def read_frame(head: dict, id: int) -> dict:
+    return {"type": "read", **head, "id": id}
+
+
+def link_frame(code: str, expires: str) -> dict:
+    return {"type": "link", "code": code, "expires": expires}
+
+
+def devices_frame(devices: list) -> dict:
+    return {"type": "devices", "devices": devices}
 
 
 def members_frame(room: Optional[str], names: list, more: bool) -> dict:
@@ -813,7 +871,24 @@ class Store:
         "CREATE INDEX IF NOT EXISTS directs_by_pair ON messages (sender, recipient, id) WHERE room IS NULL",
         "CREATE INDEX IF NOT EXISTS mail ON messages (recipient, id) WHERE delivered = 0",
         "CREATE INDEX IF NOT EXISTS messages_by_cid ON messages (sender, cid) WHERE cid IS NOT NULL",
+        # One row per device a user is signed in on: its own token, by hash.
+        """CREATE TABLE IF NOT EXISTS devices (
+            id INTEGER PRIMARY KEY,
+            user TEXT NOT NULL,          -- user key
+            token_hash TEXT NOT NULL UNIQUE,
+            label TEXT NOT NULL,         -- the browser's family, as its user agent says
+            last_used TEXT NOT NULL      -- UTC ISO 8601, the last connect
+        )""",
+        "CREATE INDEX IF NOT EXISTS devices_by_user ON devices (user)",
+        # Names from before devices: their one token becomes their first device.
+        "INSERT INTO devices (user, token_hash, label, last_used)"
+        " SELECT key, token_hash, 'first device', '' FROM users WHERE key NOT IN (SELECT user FROM devices)",
+        # How far each user has read each conversation: "#room" or "@user" keys.
+        "CREATE TABLE IF NOT EXISTS reads (user TEXT NOT NULL, conv TEXT NOT NULL, id INTEGER NOT NULL,"
+        " PRIMARY KEY (user, conv))",
     ]
+    # Full-text search: the words of every message, by message id (its rowid).
+    SEARCH = "CREATE VIRTUAL TABLE search USING fts5(text, tokenize = 'unicode61 remove_diacritics 2')"
     COLUMNS = "id, frame, sender, recipient, delivered"  # a Row
 
     def __init__(self, path: str) -> None:
@@ -833,6 +908,11 @@ class Store:
                     if statement.startswith("ALTER") and self._has_column("messages", "cid"):
                         continue
                     self.db.execute(statement)
+                if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'search'").fetchone():
+                    # First start with search: index what is already there, once.
+                    self.db.execute(self.SEARCH)
+                    self.db.execute("INSERT INTO search (rowid, text)"
+                                    " SELECT id, json_extract(frame, '$.text') FROM messages")
                 # The epoch names this database: message ids count within it, so a
                 # client that saw ids from another (deleted, or :memory:) must start over.
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(8),))
@@ -891,7 +971,8 @@ class Store:
         """Everything the live state starts from (room histories are read when needed)."""
         q = self.db.execute
         return {
-            "users": q("SELECT key, name, token_hash FROM users").fetchall(),
+            "users": q("SELECT key, name FROM users").fetchall(),
+            "devices": q("SELECT token_hash, user, id FROM devices").fetchall(),
             "rooms": dict(q("SELECT key, name FROM rooms").fetchall()),
             "members": q("SELECT room, user FROM members").fetchall(),
             "mail": dict(q("SELECT recipient, count(*) FROM messages WHERE delivered = 0 GROUP BY recipient")),
@@ -903,12 +984,48 @@ class Store:
     def add_user(self, user: str, name: str, token_hash: str) -> None:
         self.write("INSERT INTO users VALUES (?, ?, ?)", (user, name, token_hash))
 
+    def add_device(self, user: str, token_hash: str, label: str, now: str) -> int:
+        """A new device (token) of user; its id."""
+        self.write("INSERT INTO devices (user, token_hash, label, last_used) VALUES (?, ?, ?, ?)",
+                   (user, token_hash, label, now))
+        return self.db.execute("SELECT id FROM devices WHERE token_hash = ?", (token_hash,)).fetchone()[0]
+
+    def touch_device(self, id: int, now: str) -> None:
+        self.write("UPDATE devices SET last_used = ? WHERE id = ?", (now, id))
+
+    def drop_device(self, id: int) -> None:
+        self.write("DELETE FROM devices WHERE id = ?", (id,))
+
+    def devices(self, user: str) -> list[tuple[int, str, str]]:
+        """(id, label, last used) of each of user's devices."""
+        return self.db.execute("SELECT id, label, last_used FROM devices WHERE user = ? ORDER BY id",
+                               (user,)).fetchall()
+
+    def set_read(self, user: str, conv: str, id: int) -> bool:
+        """Move user's read marker in conv forward to id; False if it was there already."""
+        return self.db.execute(
+            "INSERT INTO reads VALUES (?, ?, ?) ON CONFLICT (user, conv) DO UPDATE SET id = excluded.id"
+            " WHERE excluded.id > reads.id", (user, conv, id)).rowcount > 0
+
+    def reads(self, user: str) -> dict[str, int]:
+        """user's read markers by conversation ("#room", "@user")."""
+        return dict(self.db.execute("SELECT conv, id FROM reads WHERE user = ?", (user,)))
+
+    def release(self, user: str) -> bool:
+        """Free a name (its devices, memberships and markers go; its messages stay)."""
+        with self.transaction():
+            found = self.db.execute("DELETE FROM users WHERE key = ?", (user,)).rowcount > 0
+            for table, column in (("devices", "user"), ("members", "user"), ("reads", "user")):
+                self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (user,))
+        return found
+
     def add_room(self, room: str, name: str) -> None:
         self.write("INSERT INTO rooms VALUES (?, ?)", (room, name))
 
     def drop_room(self, room: str) -> None:
         """Forget a room and its messages (it has no members)."""
         with self.transaction():
+            self.db.execute("DELETE FROM search WHERE rowid IN (SELECT id FROM messages WHERE room = ?)", (room,))
             self.db.execute("DELETE FROM messages WHERE room = ?", (room,))
             self.db.execute("DELETE FROM members WHERE room = ?", (room,))
             self.db.execute("DELETE FROM rooms WHERE key = ?", (room,))
@@ -920,9 +1037,13 @@ class Store:
             self.write("DELETE FROM members WHERE room = ? AND user = ?", (room, user))
 
     def add_message(self, id: int, room: Optional[str], sender: str, recipient: Optional[str],
-                    delivered: bool, payload: bytes, cid: Optional[str]) -> None:
-        self.write("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?)", (id, room, sender, recipient, int(delivered), payload.decode(), cid))
+                    delivered: bool, payload: bytes, cid: Optional[str], text: str) -> None:
+        """A message, and its words for search: together."""
+        with self.transaction():
+            self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (id, room, sender, recipient, int(delivered), payload.decode(), cid))
+            self.db.execute("INSERT INTO search (rowid, text) VALUES (?, ?)", (id, text))
 
     def mark_delivered(self, ids: list) -> None:
         with self.transaction():  # one commit for a whole mailbox, not one per message
@@ -963,6 +1084,18 @@ class Store:
             " AND id > ? AND id < ? ORDER BY id DESC LIMIT ?) ORDER BY id DESC LIMIT ?",
             (*args, *window, limit, *args, *window, limit, limit))
         return rows
+
+    def search(self, user: str, rooms: list[str], words: list[str], before: Optional[int],
+               limit: int) -> list[Row]:
+        """The newest `limit` messages below `before` holding every word, newest
+        first: in `rooms` and user's own private messages, nobody else's."""
+        match = " ".join('"%s"' % w for w in words)  # each a quoted word: FTS5 syntax cannot sneak in
+        marks = ",".join("?" * len(rooms)) or "NULL"
+        return self._rows(
+            f"SELECT m.id, m.frame, m.sender, m.recipient, m.delivered FROM search JOIN messages m ON m.id = search.rowid"
+            f" WHERE search MATCH ? AND search.rowid < ? AND (m.room IN ({marks})"
+            " OR (m.room IS NULL AND (m.sender = ? OR m.recipient = ?))) ORDER BY search.rowid DESC LIMIT ?",
+            (match, before or 2**63 - 1, *rooms, user, user, limit))
 
     def mail(self, user: str, limit: int) -> list[Row]:
         """The newest `limit` private messages still waiting for user, newest first."""
@@ -1044,17 +1177,13 @@ class History:
 
 
 class User:
-    """An owned name."""
+    """An owned name. Its tokens, one per device, are in Hub.devices."""
 
-    __slots__ = ("name", "token_hash", "rooms")
+    __slots__ = ("name", "rooms")
 
-    def __init__(self, name: str, token_hash: str) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name  # as first written
-        self.token_hash = token_hash
         self.rooms: set[str] = set()  # room keys; changed only by Hub.apply_member
-
-    def owns(self, token: Optional[str]) -> bool:
-        return token is not None and hmac.compare_digest(token_hash(token), self.token_hash)
 
 
 class Room:
@@ -1294,6 +1423,8 @@ class Hub:
     history: ClassVar[History]  # each room's recent messages, encoded
     budgets: ClassVar[Budgets]  # names per address, rooms per user, connects; changed by Budgets.take, sweep
     users: ClassVar[dict[str, User]] = {}  # user key -> owned name; changed by claim
+    devices: ClassVar[dict[str, tuple[str, int]]] = {}  # token hash -> (user key, device id); changed by claim, add_device, revoke
+    links: ClassVar[dict[str, tuple[str, float]]] = {}  # one-time code -> (user key, expiry); changed by link, use_link, sweep
     lookalikes: ClassVar[dict[str, str]] = {}  # skeleton(name) -> user key; changed by claim
     rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by room, claim, sweep
     online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections; changed by arrive, depart
@@ -1316,7 +1447,9 @@ class Hub:
         cls.conf, cls.store = conf, store
         cls.history = History(store, conf.history)
         cls.budgets = Budgets(conf)
-        cls.users = {k: User(name, h) for k, name, h in state["users"]}
+        cls.users = {k: User(name) for k, name in state["users"]}
+        cls.devices = {h: (user, id) for h, user, id in state["devices"]}
+        cls.links = {}
         cls.lookalikes = {}
         for k, user in cls.users.items():
             cls.lookalikes.setdefault(skeleton(user.name), k)
@@ -1343,20 +1476,75 @@ class Hub:
     # ---- names and connections
 
     @classmethod
-    def claim(cls, name: str, token: str) -> User:
-        """A free name becomes this person's; they start in the default room.
-        The name, the room (if new) and the membership commit together."""
-        user_key, room_key, hashed = key(name), key(cls.conf.default_room), token_hash(token)
+    def claim(cls, name: str, label: str) -> tuple[User, str, int]:
+        """A free name becomes this person's, with a first device (its token);
+        they start in the default room. The name, the device, the room (if
+        new) and the membership commit together. (user, token, device id)."""
+        user_key, room_key = key(name), key(cls.conf.default_room)
+        token = secrets.token_urlsafe(24)
+        hashed = token_hash(token)
         with cls.store.transaction():
             cls.store.add_user(user_key, name, hashed)
+            device = cls.store.add_device(user_key, hashed, label, utc_iso(time.time()))
             if room_key not in cls.rooms:
                 cls.store.add_room(room_key, cls.conf.default_room)
             cls.store.set_member(room_key, user_key, True)
-        user = cls.users[user_key] = User(name, hashed)
+        user = cls.users[user_key] = User(name)
+        cls.devices[hashed] = (user_key, device)
         cls.lookalikes.setdefault(skeleton(name), user_key)
         room = cls.rooms.get(room_key) or cls.rooms.setdefault(room_key, Room(cls.conf.default_room))
         cls.apply_member(room, user_key, True)
-        return user
+        return user, token, device
+
+    @classmethod
+    def device_of(cls, token: Any) -> Optional[tuple[str, int]]:
+        """(user key, device id) of a token, or None."""
+        return cls.devices.get(token_hash(token)) if isinstance(token, str) else None
+
+    @classmethod
+    def add_device(cls, user: str, label: str) -> tuple[str, int]:
+        """A new device for user: (its token, its id)."""
+        token = secrets.token_urlsafe(24)
+        hashed = token_hash(token)
+        device = cls.store.add_device(user, hashed, label, utc_iso(time.time()))
+        cls.devices[hashed] = (user, device)
+        return token, device
+
+    @classmethod
+    def revoke(cls, user: str, device: int) -> None:
+        """Sign a device out: its token stops working, its connections close (4401)."""
+        cls.store.drop_device(device)
+        for hashed in [h for h, (u, d) in cls.devices.items() if d == device]:
+            del cls.devices[hashed]
+        for connection in list(cls.online.get(user, ())):
+            if connection.device == device:
+                connection.refuse(ChatError("revoked", "this device was signed out"), 4401)
+
+    @classmethod
+    def link(cls, user: str) -> tuple[str, float]:
+        """A one-time code that signs a new device in as user within LINK_SECONDS.
+        A user has one code at a time: a new one replaces the last."""
+        for code in [c for c, (u, _) in cls.links.items() if u == user]:
+            del cls.links[code]
+        code = "".join(secrets.choice(LINK_ALPHABET) for _ in range(8))
+        code = code[:4] + "-" + code[4:]
+        expires = time.monotonic() + LINK_SECONDS
+        cls.links[code] = (user, expires)
+        return code, time.time() + LINK_SECONDS
+
+    @classmethod
+    def use_link(cls, code: Any, user: str) -> bool:
+        """Whether code is a live code for user; it is used up either way."""
+        if not isinstance(code, str):
+            return False
+        code = code.strip().upper().replace(" ", "")
+        if len(code) == 8:
+            code = code[:4] + "-" + code[4:]
+        found = cls.links.get(code)
+        if found is None or found[0] != user:
+            return False
+        del cls.links[code]
+        return found[1] > time.monotonic()
 
     @classmethod
     def arrive(cls, connection: ChatSocket, user: str, ip: str) -> None:
@@ -1376,7 +1564,7 @@ class Hub:
             if back is not None:  # gone and back within --offline_grace: nobody was told it left
                 tornado.ioloop.IOLoop.current().remove_timeout(back)
             else:
-                log.info("%s is online", cls.users[user].name)
+                log.debug("%s is online", cls.users[user].name)
                 cls.announce(user, "online")
 
     @classmethod
@@ -1397,7 +1585,7 @@ class Hub:
     def gone(cls, user: str) -> None:
         """The user's last connection closed and it has not come back."""
         cls.leaving.pop(user, None)
-        log.info("%s is offline", cls.users[user].name)
+        log.debug("%s is offline", cls.users[user].name)
         cls.announce(user, "offline")
 
     @classmethod
@@ -1507,6 +1695,8 @@ class Hub:
         good). The default room always stays."""
         now = time.monotonic() if now is None else now
         cls.budgets.sweep()
+        for code in [c for c, (_, expires) in cls.links.items() if expires <= now]:
+            del cls.links[code]
         for k, room in list(cls.rooms.items()):
             if (room.members or room.empty_since is None or now - room.empty_since < ROOM_IDLE
                     or k == key(cls.conf.default_room)):
@@ -1533,7 +1723,7 @@ class Hub:
         ts, local = stamp(cls.conf.timestamp_format)
         message = message_frame(cls.next_id(), room.name, cls.users[sender].name, text, ts, local)
         payload = encode(message)
-        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid)
+        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)
         cls.history.add(key(room.name), message["id"], payload)
         send_to(cls.members_online(room), message, payload)
         return message
@@ -1550,7 +1740,7 @@ class Hub:
         ts, local = stamp(cls.conf.timestamp_format)
         message = direct_frame(cls.next_id(), cls.users[sender].name, to.name, text, ts, local)
         payload = encode(message)
-        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid)
+        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)
         if waiting:
             cls.mailboxes[recipient] = kept + 1
         send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)
@@ -1586,6 +1776,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
 
     user: Optional[str] = None  # user key, set once the connection is accepted
+    device: Optional[int] = None  # the id of the device (token) it signed in with
+    _awaiting: Optional[tuple] = None  # (name, since, timer) while an auth frame is awaited
     _counted = False  # counted in sockets
     _dead = False  # closing: nothing more is read or written
     _departed = False
@@ -1610,42 +1802,88 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         try:
             name = check_name(self._query("username"), "bad_username")
         except ChatError as e:
-            return self._refuse(e, 4400)
-        token, since = self._query("token"), parse_since(self._query("since"))
+            return self.refuse(e, 4400)
+        token, link, since = self._query("token"), self._query("link"), parse_since(self._query("since"))
         if since is not None and self._query("epoch") not in (None, Hub.store.epoch):
             since = 0  # its ids are from another database: everything is new to it
-        ip, user = self.request.remote_ip, Hub.users.get(key(name))
-        twin = Hub.lookalikes.get(skeleton(name)) if user is None else None
+        ip = self.request.remote_ip
         if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
-            return self._refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
+            return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
         if not Hub.budgets.take("connect_ip", ip):
-            return self._refuse(ChatError("rate_limited", "too many connections from your address lately; wait a minute"), 4429)
-        if user is not None and not user.owns(token):
-            return self._refuse(ChatError("name_taken", f"{user.name} is taken; pick another name"), 4409)
-        if twin is not None:
-            return self._refuse(ChatError("bad_username", f"{name} is too close to the name {Hub.users[twin].name}; pick another"), 4400)
-        if user is not None and conf.max_tabs and len(Hub.online.get(key(name), ())) >= conf.max_tabs:
-            return self._refuse(ChatError("too_many_connections", f"{user.name} has too many tabs open"), 4429)
-        if user is not None and not Hub.budgets.take("connect", key(name)):
-            return self._refuse(ChatError("rate_limited", f"{user.name} connected too often lately; wait a minute"), 4429)
-        if user is None and conf.max_users and len(Hub.users) >= conf.max_users:
-            return self._refuse(ChatError("server_full", "this server has all the users it allows"), 4503)
-        if user is None and not Hub.budgets.take("name", ip):
-            return self._refuse(ChatError("rate_limited", "too many new names from your address; try later"), 4429)
+            return self.refuse(ChatError("rate_limited", "too many connections from your address lately; wait a minute"), 4429)
+        if self._query("auth") == "1" and token is None and link is None:
+            # The credentials come in the first frame, not the URL (which proxies log).
+            self._awaiting = (name, since, tornado.ioloop.IOLoop.current().call_later(AUTH_SECONDS, self._no_auth))
+            return
+        self._admit(name, token, link, since)
+
+    def _admit(self, name: str, token: Optional[str], link: Optional[str], since: Optional[int]) -> None:
+        """Let the connection in as name if its token or link code allows it
+        (or claim the name if it is free), then send the connect sequence."""
+        conf, ip, user_key = Hub.conf, self.request.remote_ip, key(name)
+        user, device = Hub.users.get(user_key), None
+        if user is not None:
+            if link is not None:
+                if not Hub.budgets.take("link", ip):
+                    return self.refuse(ChatError("rate_limited", "too many link codes from your address; try later"), 4429)
+                if not Hub.use_link(link, user_key):
+                    return self.refuse(ChatError("name_taken", f"{user.name} is taken, and that code is not valid"), 4409)
+            else:
+                found = Hub.device_of(token)
+                if found is None or found[0] != user_key:
+                    return self.refuse(ChatError("name_taken", f"{user.name} is taken; pick another name"), 4409)
+                device = found[1]
+            if conf.max_tabs and len(Hub.online.get(user_key, ())) >= conf.max_tabs:
+                return self.refuse(ChatError("too_many_connections", f"{user.name} has too many tabs open"), 4429)
+            if not Hub.budgets.take("connect", user_key):
+                return self.refuse(ChatError("rate_limited", f"{user.name} connected too often lately; wait a minute"), 4429)
+        else:
+            twin = Hub.lookalikes.get(skeleton(name))
+            if twin is not None:
+                return self.refuse(ChatError("bad_username", f"{name} is too close to the name {Hub.users[twin].name}; pick another"), 4400)
+            if conf.max_users and len(Hub.users) >= conf.max_users:
+                return self.refuse(ChatError("server_full", "this server has all the users it allows"), 4503)
+            if not Hub.budgets.take("name", ip):
+                return self.refuse(ChatError("rate_limited", "too many new names from your address; try later"), 4429)
+        label = device_label(self.request.headers.get("User-Agent", ""))
         try:
             if user is None:
-                token = secrets.token_urlsafe(24)
-                user = Hub.claim(name, token)
+                user, token, device = Hub.claim(name, label)
+            elif device is None:
+                token, device = Hub.add_device(user_key, label)
         except sqlite3.Error as e:
-            log.error("could not store the new user %s: %s", name, e)
-            return self._refuse(ChatError("server_error", "the server could not save your name; try again"), 1011)
-        self.user = key(name)
+            log.error("could not store the new name or device of %s: %s", name, e)
+            return self.refuse(ChatError("server_error", "the server could not save your name; try again"), 1011)
+        else:
+            with contextlib.suppress(sqlite3.Error):  # only a date for the device list: never worth refusing
+                Hub.store.touch_device(device, utc_iso(time.time()))
+        self.user, self.device = user_key, device
         Hub.arrive(self, self.user, ip)
         try:
             self._greet(user, token, since)
         except Exception:  # a bug, not the client's doing: never leave a ghost online
             log.exception("could not greet %s", user.name)
             self._close(1011, "server error")
+
+    def _auth(self, data: str | bytes) -> None:
+        """The first frame of a connection opened with auth=1:
+        {"type":"auth","token":"..."} or {"type":"auth","link":"K7QF-2MXD"}."""
+        name, since, timer = self._awaiting
+        self._awaiting = None
+        tornado.ioloop.IOLoop.current().remove_timeout(timer)
+        try:
+            frame = parse_frame(data)
+        except ChatError:
+            frame = {}
+        token, link = frame.get("token"), frame.get("link")
+        if frame.get("type") != "auth" or not isinstance(token or link, str):
+            return self.refuse(ChatError("name_taken", "the first frame must be an auth frame with a token or a link"), 4409)
+        self._admit(name, token if isinstance(token, str) else None, link if isinstance(link, str) else None, since)
+
+    def _no_auth(self) -> None:
+        if self._awaiting is not None and not self._dead:
+            self._awaiting = None
+            self.refuse(ChatError("name_taken", f"no auth frame came within {AUTH_SECONDS:g} seconds"), 4409)
 
     def get_websocket_protocol(self) -> Optional[tornado.websocket.WebSocketProtocol]:
         """Tornado's protocol, made stricter by Protocol."""
@@ -1661,7 +1899,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except tornado.web.HTTPError:
             return None
 
-    def _refuse(self, error: ChatError, code: int) -> None:
+    def refuse(self, error: ChatError, code: int) -> None:
         Metrics.count("refused", error.code)
         self.send(error_frame(error.code, error.message))
         self._close(code, error.code)
@@ -1675,11 +1913,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         directs, cut = self._owed_directs(since, conf.max_queue // 2)
         my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
         roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
-        welcome = welcome_payload(user.name, token, roster, online_count, my_rooms, conf, Hub.store.epoch, cut)
+        reads = Hub.store.reads(self.user)
+        read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
+        welcome = welcome_payload(user.name, token, self.device, roster, online_count, my_rooms, read_with, conf,
+                                  Hub.store.epoch, cut)
         self.send_payload(welcome)
         budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))
         for r in sorted(user.rooms):
-            joined, budget = self._joined(Hub.rooms[r], since, budget)
+            joined, budget = self._joined(Hub.rooms[r], since, budget, reads.get("#" + r, 0))
             self.send_payload(joined)
         for _, payload in directs:
             self.send_payload(payload)
@@ -1721,7 +1962,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return payload
         return flagged(payload, "buffered" if recipient == self.user else "queued")
 
-    def _joined(self, room: Room, since: Optional[int], budget: int) -> tuple[bytes, int]:
+    def _joined(self, room: Room, since: Optional[int], budget: int, read: int) -> tuple[bytes, int]:
         """The joined frame for room, holding only messages after since and
         only the newest that fit in budget bytes; and what is left of it.
         It says "truncated" when messages after since were left out: cut
@@ -1742,10 +1983,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         truncated = truncated or fits < len(newer)
         kept = [payload for _, payload in newer[len(newer) - fits:]]
         roster, member_count = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
-        return joined_payload(room.name, roster, member_count, kept, truncated), budget
+        return joined_payload(room.name, roster, member_count, read, kept, truncated), budget
 
     def on_close(self) -> None:
         self._dead = True
+        if self._awaiting is not None:  # closed before its auth frame came
+            tornado.ioloop.IOLoop.current().remove_timeout(self._awaiting[2])
+            self._awaiting = None
         if self._counted:
             self._counted = False
             ChatSocket.sockets -= 1
@@ -1802,6 +2046,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- client frames: on_message dispatches to do_<type>
 
     def on_message(self, data: str | bytes) -> None:
+        if self._awaiting is not None:
+            return self._auth(data)
         ref = None
         try:
             try:
@@ -1865,7 +2111,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._flood_last = now
         if now - self._flood_start >= FLOOD_CLOSE_AFTER and not self._dead:
             log.info("closing a connection of %s: it kept sending too fast", self.user)
-            self._refuse(ChatError("rate_limited", "you kept sending too fast; reconnect in a while"), 4429)
+            self.refuse(ChatError("rate_limited", "you kept sending too fast; reconnect in a while"), 4429)
 
     def _ack(self, ref: Any, **fields: Any) -> None:
         if ref is not None:
@@ -1911,14 +2157,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # {"type":"join","room":"python"}
         name = check_room(frame.get("room"))
         room = Hub.rooms.get(key(name))
+        read = Hub.store.reads(self.user).get("#" + key(name), 0)
         if room is not None and self.user in room.members:
-            self.send_payload(self._joined(room, None, Hub.conf.max_queue)[0])  # a fresh copy
+            self.send_payload(self._joined(room, None, Hub.conf.max_queue, read)[0])  # a fresh copy
         else:
             if len(Hub.users[self.user].rooms) >= ROOMS_PER_USER:
                 raise ChatError("too_many_rooms", f"you are in {ROOMS_PER_USER} rooms; leave one first")
             room = Hub.room(name, self.user)
             Hub.set_member(room, self.user, True)
-            send_to(Hub.online[self.user], None, self._joined(room, None, Hub.conf.max_queue)[0], bulk=True)
+            send_to(Hub.online[self.user], None, self._joined(room, None, Hub.conf.max_queue, read)[0], bulk=True)
         self._ack(ref)
 
     def do_leave(self, frame: dict, ref: Any) -> None:
@@ -1971,11 +2218,69 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             budget -= len(payload)
             kept.append((row, payload))
         kept.reverse()
-        self.send_payload(history_payload(head, [p for _, p in kept], more))
+        self.send_payload(listing_payload("history", head, [p for _, p in kept], more))
         mail = [row for row, _ in kept if row[3] == self.user and not row[4]]
         if mail:
             Hub.deliver(self.user, mail)
         self._ack(ref)
+
+    def do_search(self, frame: dict, ref: Any) -> None:
+        # {"type":"search","q":"deploy logs","before":230}
+        q = frame.get("q")
+        if not isinstance(q, str) or len(q) > MAX_QUERY:
+            raise ChatError("bad_request", f"'q' must be a search of at most {MAX_QUERY} characters")
+        words = WORD.findall(q)[:20]
+        if not words:
+            raise ChatError("bad_request", "search for at least one word")
+        before, _ = check_page({"before": frame.get("before")})
+        rooms = sorted(Hub.users[self.user].rooms)  # the rooms it is in now, and its own private messages
+        rows = Hub.store.search(self.user, rooms, words, before, SEARCH_PAGE + 1)
+        found = [self._dressed(row) for row in rows[:SEARCH_PAGE]]
+        self.send_payload(listing_payload("results", {"q": q}, found, len(rows) > SEARCH_PAGE))
+        self._ack(ref)
+
+    def do_read(self, frame: dict, ref: Any) -> None:
+        # {"type":"read","room":"general","id":150}  or  {"type":"read","with":"UserB","id":140}
+        id = frame.get("id")
+        if not (is_int(id) and 0 < id <= Hub.last_id):
+            raise ChatError("bad_request", "'id' must be a message id")
+        if frame.get("room") is not None:
+            room = self._my_room(frame["room"])
+            conv, head = "#" + key(room.name), {"room": room.name}
+        elif frame.get("with") is not None:
+            other = self._known_user(frame["with"])
+            conv, head = "@" + key(other.name), {"with": other.name}
+        else:
+            raise ChatError("bad_request", "read needs a 'room' or a 'with'")
+        if Hub.store.set_read(self.user, conv, id):  # forward only: the same or an older id changes nothing
+            send_to([c for c in Hub.online[self.user] if c is not self], read_frame(head, id))
+        self._ack(ref)
+
+    def do_link(self, frame: dict, ref: Any) -> None:
+        # {"type":"link"}
+        code, expires = Hub.link(self.user)
+        self.send(link_frame(code, utc_iso(expires)))
+        self._ack(ref)
+
+    def do_devices(self, frame: dict, ref: Any) -> None:
+        # {"type":"devices"}
+        listing = [{"id": id, "label": label, "last_used": used, "current": id == self.device}
+                   for id, label, used in Hub.store.devices(self.user)]
+        self.send(devices_frame(listing))
+        self._ack(ref)
+
+    def do_revoke(self, frame: dict, ref: Any) -> None:
+        # {"type":"revoke","device":3}
+        device = frame.get("device")
+        if not is_int(device) or device not in [id for id, _, _ in Hub.store.devices(self.user)]:
+            raise ChatError("bad_request", "'device' must be the id of one of your devices")
+        self._ack(ref)
+        Hub.revoke(self.user, device)
+
+    def do_logout(self, frame: dict, ref: Any) -> None:
+        # {"type":"logout"}
+        self._ack(ref)
+        Hub.revoke(self.user, self.device)
 
     def do_typing(self, frame: dict, ref: Any) -> None:
         # {"type":"typing","room":"general"}  or  {"type":"typing","to":"UserB"}
@@ -2012,6 +2317,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def _close(self, code: int, reason: str) -> None:
         """Close after whatever is queued (an error frame explaining why)."""
+        if self._awaiting is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self._awaiting[2])
+            self._awaiting = None
         self.outbox.close(drain=not self._dead)
         self._dead = True
         self.close(code, reason)
@@ -2159,9 +2467,11 @@ def redact(uri: str) -> str:
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log line, with tokens blotted out of the URL."""
+    """Tornado's access log line, with tokens blotted out of the URL. An
+    accepted WebSocket (101) is a debug line: a storm would log thousands."""
     status = handler.get_status()
-    write = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    write = (access_log.debug if status == 101 else access_log.info if status < 400
+             else access_log.warning if status < 500 else access_log.error)
     write("%d %s %s (%s) %.2fms", status, handler.request.method, redact(handler.request.uri or ""),
           handler.request.remote_ip, 1000.0 * handler.request.request_time())
 
@@ -2337,6 +2647,33 @@ def parse_args(argv: list) -> None:
         logging.getLogger().setLevel(logging.DEBUG)
 
 
+def release(name: str, db: str) -> int:
+    """python chat.py --release NAME: free a name whose devices are all lost.
+    Run it with the server stopped: a running server keeps the name in RAM."""
+    try:
+        store = Store(db)
+    except StoreError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        found = store.release(key(name))
+    finally:
+        store.close()
+    print(f"released {name}: its devices and rooms are gone, its messages stay" if found
+          else f"nobody called {name} in {db}", file=sys.stderr)
+    return 0 if found else 1
+
+
+def device_label(agent: str) -> str:
+    """What a device list calls a browser: its family, from the User-Agent."""
+    for needle, label in (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
+                          ("Chromium/", "Chromium"), ("Safari/", "Safari"), ("curl/", "curl"),
+                          ("Python", "Python"), ("websockets", "Python")):
+        if needle in agent:
+            return label
+    return "Browser" if "Mozilla" in agent else "Other"
+
+
 def raise_file_limit() -> None:
     """Each connection is a file descriptor: allow as many as the system lets us."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -2351,12 +2688,16 @@ async def main() -> int:
     except UsageError as e:
         print(f"chat.py: {e} (see python chat.py --help)", file=sys.stderr)
         return 2
+    if options.release:
+        return release(options.release, options.db)
     raise_file_limit()
     try:
         app = make_app()
         server = Listener(app, idle_connection_timeout=options.header_timeout, body_timeout=options.header_timeout)
         server.max_conns = options.max_conns
-        server.listen(options.port, options.host)
+        # A reconnect storm is thousands of connects at once: Tornado's default
+        # backlog of 128 overflows, and the kernel drops the rest for seconds.
+        server.listen(options.port, options.host, backlog=LISTEN_BACKLOG)
     except (StoreError, OSError) as e:
         log.error("%s", e)
         return 1

@@ -569,7 +569,7 @@ class RoomTest(ChatTestCase):
         a2, _ = await self.connect("UserA", self.tokens["UserA"])
         joined = await self.reply(a, "joined", type="join", room="python")
         self.assertEqual(joined, {"type": "joined", "room": "python", "members": ["UserA"], "member_count": 1,
-                                  "history": []})
+                                  "read": 0, "history": []})
         self.assertEqual(await self.read(a2), joined)  # the other tab too
         await self.quiet(b, "UserB, not in python")
         await self.ack(b, type="join", room="python")
@@ -3179,3 +3179,299 @@ class LongPingTimeoutTest(ChatTestCase):
                 self.fail("Ghost still online 2 s after it stopped answering pings")
         finally:
             ghost.close()
+
+
+################ Conversations that last: scroll-back, search, read markers, devices (issue 11)
+
+
+class ScrollBackTest(ChatTestCase):
+    app_options = {"history": 20}
+
+    @gen_test(timeout=60)
+    async def test_scroll_back_to_the_first_of_a_thousand_messages(self):
+        a, _ = await self.connect("UserA")
+        sent = []
+        for i in range(1000):
+            frame = {"type": "message", "text": "m%d" % i, "ref": i}
+            self.send(a, **frame)
+        for i in range(1000):
+            ack, _ = await self.answer(a, i)
+            sent.append(ack["id"])
+        again, _ = await self.connect("UserA", self.tokens["UserA"])
+        shown = [m["id"] for m in again.joined["general"]["history"]]
+        self.assertEqual(shown, sent[-20:])
+        while True:
+            page = await self.reply(again, "history", type="history", room="general", before=shown[0], limit=200)
+            ids = [m["id"] for m in page["messages"]]
+            self.assertTrue(ids, "an empty page while more was promised")
+            shown = ids + shown
+            if not page["more"]:
+                break
+        self.assertEqual(shown, sent, "every message once, in order, back to the first")
+        self.assertEqual(page["messages"][0]["text"], "m0")
+
+
+class SearchTest(ChatTestCase):
+
+    def get_app(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        return chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0,
+                             presence_window=0)
+
+    async def search(self, ws, q, **more):
+        return await self.reply(ws, "results", type="search", q=q, **more)
+
+    @async_test
+    async def test_search_finds_words_in_your_rooms_and_your_own_private_messages_only(self):
+        a, b = await self.pair()
+        c, _ = await self.connect("UserC")
+        await self.ack(c, type="join", room="secret")
+        room = await self.say(a, "the deploy logs are in /var/log")
+        mine = await self.say(b, "@UserA deploy logs attached")
+        await self.say(c, "@UserB deploy logs for your eyes only")  # UserB's, not UserA's
+        await self.say(c, "deploy logs of the secret room", room="secret")
+        await self.say(a, "deployment is not a word match")
+        found = await self.search(a, "Deploy LOGS")
+        self.assertEqual(found["q"], "Deploy LOGS")
+        self.assertEqual([m["id"] for m in found["messages"]], [mine["id"], room["id"]], "newest first")
+        self.assertIs(found["more"], False)
+        self.assertEqual((await self.search(a, "deploy logs eyes"))["messages"], [])
+        self.assertEqual((await self.search(b, "eyes"))["messages"][0]["text"], "deploy logs for your eyes only")
+        await self.ack(a, type="leave", room="general")
+        found = await self.search(a, "deploy logs")
+        self.assertEqual([m["id"] for m in found["messages"]], [mine["id"]], "only the rooms it is in now")
+
+    @async_test
+    async def test_search_pages_back_with_before(self):
+        a, _ = await self.connect("UserA")
+        ids = [(await self.say(a, "needle %d" % i))["id"] for i in range(chat.SEARCH_PAGE + 5)]
+        first = await self.search(a, "needle")
+        self.assertEqual(len(first["messages"]), chat.SEARCH_PAGE)
+        self.assertIs(first["more"], True)
+        rest = await self.search(a, "needle", before=first["messages"][-1]["id"])
+        self.assertEqual([m["id"] for m in first["messages"] + rest["messages"]], ids[::-1])
+        self.assertIs(rest["more"], False)
+
+    @async_test
+    async def test_search_syntax_is_only_words(self):
+        a, b = await self.pair()
+        await self.say(a, "NEAR OR AND quoted")
+        await self.sync(b)
+        for q in ('"unbalanced', "NEAR(a b)", "a OR b*", "col:umn", "^start", "-minus"):
+            with self.subTest(q=q):
+                await self.reply(a, "results", type="search", q=q)  # answered, never a server_error
+        for frame in ({"q": ""}, {"q": "  !!! "}, {"q": 5}, {"q": "x" * 201}, {"q": "ok", "before": "x"}, {}):
+            with self.subTest(frame=frame):
+                await self.error(a, "bad_request", type="search", **frame)
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_messages_from_before_search_are_indexed_at_the_first_start(self):
+        a, _ = await self.connect("UserA")
+        old = await self.say(a, "written before the upgrade")
+        db = sqlite3.connect(self.db)
+        db.execute("DROP TABLE search")  # as a database from before search
+        db.commit()
+        db.close()
+        self.http_server.request_callback = chat.make_app(db=self.db, rate=0, names_per_hour=0,
+                                                          connects_per_minute=0, offline_grace=0, presence_window=0)
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        found = await self.search(a, "upgrade")
+        self.assertEqual([m["id"] for m in found["messages"]], [old["id"]])
+
+
+class ReadMarkerTest(ChatTestCase):
+
+    def get_app(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        return chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0,
+                             presence_window=0)
+
+    @async_test
+    async def test_read_markers_reach_the_other_devices_move_forward_and_survive_a_restart(self):
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        room = [(await self.say(b, "r%d" % i))["id"] for i in range(3)]
+        dm = await self.say(b, "@UserA private")
+        await self.sync(a)
+        await self.sync(a2)
+        await self.ack(a, type="read", room="general", id=room[1])
+        self.assertEqual(await self.read(a2), {"type": "read", "room": "general", "id": room[1]})
+        await self.quiet(a, "the tab that sent it")
+        await self.ack(a, type="read", room="general", id=room[0])  # backwards: nothing changes
+        await self.ack(a2, type="read", **{"with": "userb", "id": dm["id"]})
+        self.assertEqual(await self.read(a), {"type": "read", "with": "UserB", "id": dm["id"]})
+        await self.quiet(a2)
+        self.http_server.request_callback = chat.make_app(db=self.db, rate=0, names_per_hour=0,
+                                                          connects_per_minute=0, offline_grace=0, presence_window=0)
+        again, welcome = await self.connect("UserA", self.tokens["UserA"])
+        self.assertEqual(again.joined["general"]["read"], room[1])
+        self.assertEqual(welcome["read_with"], {"UserB": dm["id"]})
+        b2, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertEqual((welcome["read_with"], b2.joined["general"]["read"]), ({}, 0), "markers are per user")
+
+    @async_test
+    async def test_bad_read_markers(self):
+        a, b = await self.pair()
+        ack = await self.say(a, "x")
+        await self.sync(b)
+        for frame in ({"room": "general"}, {"room": "general", "id": 0}, {"room": "general", "id": ack["id"] + 99},
+                      {"room": "general", "id": "1"}, {"id": ack["id"]}):
+            with self.subTest(frame=frame):
+                await self.error(a, "bad_request", type="read", **frame)
+        await self.error(a, "not_in_room", type="read", room="elsewhere", id=ack["id"])
+        await self.error(a, "unknown_user", type="read", id=ack["id"], **{"with": "Nobody"})
+        await self.still_serving(a, b)
+
+
+class DeviceTest(ChatTestCase):
+    """One name on many devices: a one-time code links a new one, each has
+    its own token, and any can be signed out."""
+
+    async def link_code(self, ws):
+        return await self.reply(ws, "link", type="link")
+
+    @async_test
+    async def test_a_code_links_a_second_device_once(self):
+        a, welcome = await self.connect("Ana")
+        link = await self.link_code(a)
+        self.assertRegex(link["code"], r"^[A-HJ-NP-Z2-9]{4}-[A-HJ-NP-Z2-9]{4}$")
+        self.assertRegex(link["expires"], TS)
+        ws = await self.open_ws("Ana")
+        ws.close()
+        phone = await websocket_connect(self.url(username="Ana", link=link["code"].lower().replace("-", "")))
+        self.sockets.append(phone)
+        second = await self.read(phone)
+        self.assertEqual((second["type"], second["user"]), ("welcome", "Ana"))
+        self.assertNotEqual(second["token"], welcome["token"], "a token of its own")
+        self.assertNotEqual(second["device"], welcome["device"])
+        await self.refused("name_taken", 4409, username="Ana", link=link["code"])  # used up
+        devices = await self.reply(a, "devices", type="devices")
+        self.assertEqual([(d["id"], d["current"]) for d in devices["devices"]],
+                         [(welcome["device"], True), (second["device"], False)])
+        self.assertTrue(all(d["label"] and TS.match(d["last_used"]) for d in devices["devices"]))
+
+    @async_test
+    async def test_revoking_a_device_closes_it_4401_and_its_token_stops_working(self):
+        a, first = await self.connect("Ana")
+        link = await self.link_code(a)
+        phone = await websocket_connect(self.url(username="Ana", link=link["code"]))
+        self.sockets.append(phone)
+        second = await self.read(phone)
+        await self.ack(a, type="revoke", device=second["device"])
+        closing = await self.expect(phone, "error")
+        self.assertEqual((closing["type"], closing["code"]), ("error", "revoked"))
+        self.assertIsNone(await self.raw_read(phone, "the close"))
+        self.assertEqual(phone.close_code, 4401)
+        await self.refused("name_taken", 4409, username="Ana", token=second["token"])
+        await self.connect("Ana", first["token"])  # the other device is still signed in
+        await self.error(a, "bad_request", type="revoke", device=second["device"])  # gone
+        b, _ = await self.connect("Bob")
+        await self.error(b, "bad_request", type="revoke", device=first["device"])  # not Bob's
+
+    @async_test
+    async def test_logout_signs_this_device_out_and_the_name_stays_owned(self):
+        a, welcome = await self.connect("Ana")
+        await self.ack(a, type="logout")
+        self.assertEqual((await self.read(a))["code"], "revoked")
+        self.assertIsNone(await self.raw_read(a, "the close"))
+        self.assertEqual(a.close_code, 4401)
+        await self.refused("name_taken", 4409, username="Ana", token=welcome["token"])
+        await self.refused("name_taken", 4409, username="Ana")
+
+    @async_test
+    async def test_wrong_link_codes_are_budgeted_per_address(self):
+        await self.connect("Ana")
+        for _ in range(chat.AT_ONCE):
+            await self.refused("name_taken", 4409, username="Ana", link="AAAA-AAAA")
+        await self.refused("rate_limited", 4429, username="Ana", link="AAAA-AAAA")
+    test_wrong_link_codes_are_budgeted_per_address.app_options = {"names_per_hour": 1}
+
+    def get_app(self):
+        options = getattr(getattr(self, self._testMethodName), "app_options", {})
+        return chat.make_app(**{**dict(db=":memory:", rate=0, names_per_hour=0, connects_per_minute=0,
+                                       offline_grace=0, presence_window=0), **options})
+
+
+class AuthFrameTest(ChatTestCase):
+    """Tokens out of URLs: with auth=1 the credentials come in the first frame."""
+
+    async def auth(self, name, frame):
+        ws = await websocket_connect(self.url(username=name, auth=1))
+        self.sockets.append(ws)
+        ws.write_message(json.dumps(frame))
+        return ws
+
+    @async_test
+    async def test_a_token_in_the_first_frame_signs_in_and_nothing_comes_before(self):
+        a, welcome = await self.connect("Ana")
+        ws = await self.auth("Ana", {"type": "auth", "token": welcome["token"]})
+        first = await self.read(ws)
+        self.assertEqual((first["type"], first["user"], first["device"]), ("welcome", "Ana", welcome["device"]))
+
+    @async_test
+    async def test_a_link_code_in_the_first_frame_signs_a_new_device_in(self):
+        a, welcome = await self.connect("Ana")
+        code = (await self.reply(a, "link", type="link"))["code"]
+        ws = await self.auth("Ana", {"type": "auth", "link": code})
+        first = await self.read(ws)
+        self.assertEqual((first["type"], first["user"]), ("welcome", "Ana"))
+        self.assertNotEqual(first["token"], welcome["token"])
+
+    @async_test
+    async def test_a_wrong_or_missing_credential_is_name_taken(self):
+        await self.connect("Ana")
+        for frame in ({"type": "auth", "token": "wrong"}, {"type": "auth"}, {"type": "message", "text": "hi"},
+                      {"type": "auth", "token": 7}):
+            with self.subTest(frame=frame):
+                ws = await self.auth("Ana", frame)
+                err = await self.read(ws)
+                self.assertEqual((err["type"], err["code"]), ("error", "name_taken"))
+                self.assertIsNone(await self.raw_read(ws, "the close"))
+                self.assertEqual(ws.close_code, 4409)
+
+    @async_test
+    async def test_no_auth_frame_in_time_is_name_taken(self):
+        await self.connect("Ana")
+        with mock.patch.object(chat, "AUTH_SECONDS", 0.2):
+            ws = await websocket_connect(self.url(username="Ana", auth=1))
+            self.sockets.append(ws)
+            err = await self.read(ws)
+        self.assertEqual((err["type"], err["code"]), ("error", "name_taken"))
+        self.assertIsNone(await self.raw_read(ws, "the close"))
+        self.assertEqual(ws.close_code, 4409)
+        self.assertEqual(sum(len(tabs) for tabs in chat.Hub.online.values()), 1, "only the first connection")
+
+    @async_test
+    async def test_a_free_name_with_auth_is_claimed(self):
+        ws = await self.auth("Newbie", {"type": "auth", "token": "from a name since released"})
+        first = await self.read(ws)
+        self.assertEqual((first["type"], first["user"]), ("welcome", "Newbie"))
+
+
+class ReleaseTest(ProcessCase):
+
+    @gen_test(timeout=30)
+    async def test_release_frees_a_lost_name_and_keeps_its_messages(self):
+        proc, port, _ = await self.start()
+        a, welcome = await self.connect("Ana", port=port)
+        said = await self.say(a, "still here after release")
+        proc.terminate()
+        self.assertEqual(await asyncio.wait_for(proc.wait(), 10), 0)
+        await proc.drain
+        release = await asyncio.create_subprocess_exec(
+            sys.executable, CHAT_PY, "--db", self.db, "--release", "ana", stderr=asyncio.subprocess.PIPE)
+        err = (await release.stderr.read()).decode()
+        self.assertEqual(await release.wait(), 0, err)
+        self.assertIn("released", err)
+        proc, port, _ = await self.start()
+        lost = welcome["token"]
+        ana, welcome = await self.connect("Ana", port=port)  # anyone may claim it now
+        self.assertNotEqual(welcome["token"], lost)
+        self.assertIn(said["id"], [m["id"] for m in ana.joined["general"]["history"]])
+        again = await asyncio.create_subprocess_exec(
+            sys.executable, CHAT_PY, "--db", self.db, "--release", "nobody", stderr=asyncio.subprocess.PIPE)
+        await again.stderr.read()
+        self.assertEqual(await again.wait(), 1)
