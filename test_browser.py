@@ -926,7 +926,17 @@ def test_axe_audit_finds_no_serious_issues(browser, server, scheme):
     expect(dm_row(pa, b).locator(".badge")).to_have_text("1")
     pa.locator("#input").fill(f"@{b} private draft")
     expect(pa.locator("#private-chip")).to_be_visible()
-    for phase in ("room", "completion", "dm"):
+    for phase in ("room", "completion", "dm", "search", "devices"):
+        if phase == "search":
+            pa.locator("#search-input").fill("private")
+            pa.locator("#search-input").press("Enter")
+            expect(pa.locator("#search-results .result mark")).to_have_text("private")
+        if phase == "devices":
+            pa.locator("#devices-btn").click()
+            pa.locator("#link-make").click()
+            expect(pa.locator("#link-code")).to_have_text(re.compile(r"\S"))
+            pa.locator("#logout-start").click()
+            expect(pa.locator("#logout-confirm")).to_be_visible()
         if phase == "completion":
             pa.locator("#input").fill("")
             pa.locator("#input").press_sequentially("@")
