@@ -926,7 +926,17 @@ def test_axe_audit_finds_no_serious_issues(browser, server, scheme):
     expect(dm_row(pa, b).locator(".badge")).to_have_text("1")
     pa.locator("#input").fill(f"@{b} private draft")
     expect(pa.locator("#private-chip")).to_be_visible()
-    for phase in ("room", "completion", "dm"):
+    for phase in ("room", "completion", "dm", "search", "devices"):
+        if phase == "search":
+            pa.locator("#search-input").fill("private")
+            pa.locator("#search-input").press("Enter")
+            expect(pa.locator("#search-results .result mark")).to_have_text("private")
+        if phase == "devices":
+            pa.locator("#devices-btn").click()
+            pa.locator("#link-make").click()
+            expect(pa.locator("#link-code")).to_have_text(re.compile(r"\S"))
+            pa.locator("#logout-start").click()
+            expect(pa.locator("#logout-confirm")).to_be_visible()
         if phase == "completion":
             pa.locator("#input").fill("")
             pa.locator("#input").press_sequentially("@")
@@ -1261,6 +1271,254 @@ def srv_online(srv) -> int:
     with urllib.request.urlopen(srv.url + "/healthz", timeout=5) as r:
         return json.loads(r.read())["users_online"]
 
+
+
+################ Tests: conversations that last (issue 11)
+
+
+def acked(ws, ref) -> None:
+    """Read a bot's frames until the ack (or error) of `ref`."""
+    while True:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame.get("ref") == ref and frame["type"] in ("ack", "error"):
+            assert frame["type"] == "ack", frame
+            return
+
+
+def bot_say(ws, room: str, texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        ws.send(json.dumps({"type": "message", "room": room, "text": text, "ref": f"s{i}"}))
+    acked(ws, f"s{len(texts) - 1}")
+
+
+def list_top(page, message_id: str) -> float:
+    """Where a message is, in px below the top edge of the message list."""
+    return page.evaluate("""(id) => {
+        const li = document.querySelector('#msg-list > li[data-id="' + id + '"]');
+        return li.getBoundingClientRect().top - document.getElementById('messages').getBoundingClientRect().top;
+    }""", message_id)
+
+
+def test_scrolling_to_the_top_loads_older_messages_in_place(browser, tmp_path):
+    """With --history 20 and 120 messages, the page opens with the last 20;
+    each scroll to the top brings the page before, and the message that was
+    at the top stays where it was, until "Beginning of the conversation".
+    Then every message is there once, in order."""
+    srv = Server(tmp_path / "chat.db", "--rate", "0", "--names_per_hour", "0", "--history", "20")
+    srv.start()
+    stack = contextlib.ExitStack()
+    try:
+        texts = [f"line {i:03d} of the story" for i in range(120)]
+        bot_say(connect_bot(stack, srv, "Teller"), "general", texts)
+        page = open_chat(browser, srv, "Reader")
+        lines = page.locator("#messages .msg .text")
+        expect(lines).to_have_count(20)
+        beginning = page.locator("#messages .beginning")
+        for _ in range(10):
+            if beginning.count():
+                break
+            n = lines.count()
+            first = page.locator("#messages .msg").first.get_attribute("data-id")
+            # Where the first message will be when the list is scrolled to its top.
+            at_top = list_top(page, first) + page.evaluate("document.getElementById('messages').scrollTop")
+            scroll_top(page, 0)
+            expect(lines).not_to_have_count(n)
+            expect(page.locator("#older-loading")).to_be_hidden()
+            # Older messages came in above it, and it stayed where it was.
+            assert abs(list_top(page, first) - at_top) <= 2, (list_top(page, first), at_top)
+        expect(beginning).to_have_text("Beginning of the conversation in #general")
+        assert lines.all_inner_texts() == texts
+        ids = [int(i) for i in page.eval_on_selector_all("#messages .msg", "els => els.map(e => e.dataset.id)")]
+        assert ids == sorted(set(ids)), ids
+        assert not page.js_errors
+        page.context.close()
+    finally:
+        stack.close()
+        srv.stop()
+
+
+def test_search_opens_the_message_in_its_conversation(browser, tmp_path):
+    """A word typed in the search box lists the messages with that word
+    (whole words, not parts of words), with who, where and the word marked;
+    a click opens the conversation at the message, lit up, fetched first
+    when the page did not hold it; the messages between it and the newest
+    come with a click, none twice."""
+    srv = Server(tmp_path / "chat.db", "--rate", "0", "--names_per_hour", "0", "--history", "20")
+    srv.start()
+    stack = contextlib.ExitStack()
+    try:
+        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = open_chat(browser, srv, "Ana", context=ctx)
+        join(page, "ops")
+        room_row(page, "general").locator(".side-item").click()
+        ben = connect_bot(stack, srv, "Ben")
+        ben.send(json.dumps({"type": "join", "room": "ops", "ref": "j"}))
+        acked(ben, "j")
+        fillers = [f"filler {i:02d}\nwith more lines\nso that 20 fill the screen" for i in range(30)]
+        bot_say(ben, "ops", ["the deploy logs are in /var/log/app", "a deployment is not a match"] + fillers)
+        page.close()
+        page = open_chat(browser, srv, "Ana", context=ctx)        # holds only the last 20 of #ops
+        expect(page.locator("#conv-title")).to_have_text("# general")
+        expect(shown(page, "deploy logs")).to_have_count(0)
+
+        page.locator("#search-input").fill("deplo")               # part of a word finds nothing
+        page.locator("#search-input").press("Enter")
+        expect(page.locator("#search-status")).to_contain_text("Nothing found")
+        page.locator("#search-input").fill("deploy logs")
+        page.locator("#search-input").press("Enter")
+        result = page.locator("#search-results .result")
+        expect(result).to_have_count(1)
+        expect(result.locator(".from")).to_have_text("Ben")
+        expect(result.locator(".where")).to_have_text("#ops")
+        expect(result.locator("mark")).to_have_text(["deploy", "logs"])
+        expect(page.locator("#messages")).to_be_hidden()           # results stand in for the conversation
+
+        result.click()
+        expect(page.locator("#conv-title")).to_have_text("# ops")
+        found = page.locator("#messages .msg").filter(has_text="the deploy logs")
+        expect(found).to_be_in_viewport()
+        expect(found).to_have_class(re.compile(r"\bfound\b"))
+        expect(found).to_be_focused()
+        gap = page.locator("#messages .note.gap")
+        expect(gap).to_have_count(1)                               # the newest 20 are further down
+        gap.get_by_role("button").click()
+        expect(gap).to_have_count(0)
+        texts = page.locator("#messages .msg .text").all_inner_texts()
+        assert texts[-32:] == ["the deploy logs are in /var/log/app", "a deployment is not a match"] + fillers, texts
+        assert len(texts) == len(set(texts)), texts
+        assert not page.js_errors
+        ctx.close()
+    finally:
+        stack.close()
+        srv.stop()
+
+
+def make_link(page) -> str:
+    page.locator("#devices-btn").click()
+    expect(page.locator("#devices-dialog")).to_be_visible()
+    page.locator("#link-make").click()
+    expect(page.locator("#link-code")).to_have_text(re.compile(r"\S"))
+    link = page.locator("#link-url").input_value()
+    code = page.locator("#link-code").inner_text()
+    assert link.endswith("link=" + code), (link, code)
+    expect(page.locator("#link-expiry")).to_contain_text("until")
+    return link
+
+
+def unread(page, row) -> str:
+    """A sidebar row's unread count, "0" for none."""
+    badge = row.locator(".unread-badge")
+    return badge.inner_text() if badge.count() else "0"
+
+
+def test_a_device_linked_by_code_shows_the_same_unread_counts(browser, own_server):
+    """Another browser opens the link made in the first one: it is signed in
+    as the same name, with the same unread counts; reading in the first one
+    clears the count in the second; "Sign out" on the first signs the second
+    out, and it says so."""
+    stack = contextlib.ExitStack()
+    try:
+        first = open_chat(browser, own_server, "Ana")
+        join(first, "side")
+        room_row(first, "general").locator(".side-item").click()
+        ben = connect_bot(stack, own_server, "Ben")
+        ben.send(json.dumps({"type": "join", "room": "side", "ref": "j"}))
+        acked(ben, "j")
+        bot_say(ben, "side", ["one", "two", "three"])
+        ben.send(json.dumps({"type": "message", "text": "@Ana a private word", "ref": "d"}))
+        acked(ben, "d")
+        expect(room_row(first, "side").locator(".unread-badge")).to_have_text("3")
+        expect(dm_row(first, "Ben").locator(".unread-badge")).to_have_text("1")
+
+        link = make_link(first)
+        first.locator("#devices-dialog").get_by_role("button", name="Done").click()
+        second = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        second.js_errors = []
+        second.on("pageerror", lambda e: second.js_errors.append(e))
+        second.goto(link)
+        expect(second.locator("#conn-state")).to_have_attribute("data-state", "online")
+        expect(second.locator("#me-name")).to_have_text("Ana")
+        assert "link=" not in second.url                       # used up: not kept in the address bar
+        expect(room_row(second, "side").locator(".unread-badge")).to_have_text("3")
+        expect(dm_row(second, "Ben").locator(".unread-badge")).to_have_text("1")
+        for row in ("general", "side"):
+            assert unread(first, room_row(first, row)) == unread(second, room_row(second, row))
+
+        room_row(first, "side").locator(".side-item").click()   # read on the first device
+        expect(room_row(second, "side").locator(".unread-badge")).to_have_count(0)
+        expect(dm_row(second, "Ben").locator(".unread-badge")).to_have_text("1")
+        second.reload()                                         # and after a reload
+        expect(second.locator("#conn-state")).to_have_attribute("data-state", "online")
+        expect(dm_row(second, "Ben").locator(".unread-badge")).to_have_text("1")
+        expect(room_row(second, "side").locator(".unread-badge")).to_have_count(0)
+
+        first.locator("#devices-btn").click()
+        devices = first.locator("#device-list li.device")
+        expect(devices).to_have_count(2)
+        expect(devices.filter(has_text="this device")).to_have_count(1)
+        devices.filter(has_not_text="this device").get_by_role("button", name=re.compile("^Sign out")).click()
+        expect(devices).to_have_count(1)
+        expect(second.locator("#login")).to_be_visible()
+        expect(second.locator("#login-err")).to_contain_text("signed out")
+        expect(first.locator("#conn-state")).to_have_attribute("data-state", "online")
+        assert not first.js_errors and not second.js_errors
+        first.context.close(), second.context.close()
+    finally:
+        stack.close()
+
+
+def test_logout_warns_first_then_asks_for_a_name(browser, server):
+    """"Log out" on the only device says first what it costs: the name stays
+    taken until an admin runs --release. After it, the page forgets its key
+    and asks for a name, and the old name is still taken."""
+    a = unique("A")
+    page = open_chat(browser, server, a)
+    page.locator("#devices-btn").click()
+    expect(page.locator("#device-list li.device")).to_have_count(1)
+    page.locator("#logout-start").click()
+    warning = page.locator("#logout-confirm")
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text("only device")
+    expect(warning).to_contain_text(f"python chat.py --release {a}")
+    expect(warning).to_contain_text("Link another device first")
+    warning.get_by_role("button", name="Cancel").click()
+    expect(warning).to_be_hidden()
+    expect(page.locator("#conn-state")).to_have_attribute("data-state", "online")
+
+    page.locator("#logout-start").click()
+    warning.get_by_role("button", name="Log out").click()
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#login-err")).to_contain_text("logged out")
+    assert page.evaluate("(k) => localStorage.getItem(k)", f"chat.token.{a.lower()}") is None
+    page.locator("#login-form").get_by_role("button").click()    # the same name again: still owned
+    expect(page.locator("#login-err")).to_contain_text("taken")
+    page.context.close()
+
+
+def test_the_token_never_travels_in_the_socket_url(browser, server):
+    """Proxies log URLs: the page sends its token as the first frame on a
+    socket opened with auth=1, never as token= in the address."""
+    ctx = browser.new_context()
+    sockets: list = []
+
+    def on_ws(ws) -> None:
+        entry = {"url": ws.url, "sent": []}
+        sockets.append(entry)
+        ws.on("framesent", lambda payload: entry["sent"].append(json.loads(payload)))
+
+    ctx.on("page", lambda p: p.on("websocket", on_ws))
+    a = unique("A")
+    page = open_chat(browser, server, a, context=ctx)
+    page.reload()                                       # now with a saved token
+    expect(page.locator("#conn-state")).to_have_attribute("data-state", "online")
+    expect(page.locator("#me-name")).to_have_text(a)
+    token = page.evaluate("(k) => localStorage.getItem(k)", f"chat.token.{a.lower()}")
+    assert token and len(sockets) == 2, sockets
+    assert all("token" not in s["url"] for s in sockets), sockets
+    assert "auth=1" not in sockets[0]["url"]             # a new name: nothing to show yet
+    assert "auth=1" in sockets[1]["url"]
+    assert sockets[1]["sent"][0] == {"type": "auth", "token": token}
+    ctx.close()
 
 
 ################ Screenshots for the README (opt-in)
