@@ -586,16 +586,22 @@ def test_background_tab_counts_unread_in_title_and_favicon(browser, server):
     pa.context.close(), pb.context.close()
 
 
+# The stub also counts on <html data-notes data-sounds>, so that tests wait
+# with expect() (Playwright's wait_for_function compiles its predicate in the
+# page, which the page's CSP, without 'unsafe-eval', refuses).
 NOTIFICATION_STUB = """
 window.__notes = []; window.__asked = 0; window.__sounds = 0;
+const __count = (name, n) => { document.documentElement.dataset[name] = String(n); };
 window.Notification = class {
-  constructor(title, opts) { this.title = title; this.body = opts.body; window.__notes.push(this); }
+  constructor(title, opts) {
+    this.title = title; this.body = opts.body; window.__notes.push(this); __count('notes', window.__notes.length);
+  }
   close() {}
   static requestPermission() { window.__asked += 1; this.permission = 'granted'; return Promise.resolve('granted'); }
 };
 window.Notification.permission = 'default';
 window.AudioContext = class {
-  constructor() { window.__sounds += 1; this.currentTime = 0; this.destination = {}; }
+  constructor() { window.__sounds += 1; __count('sounds', window.__sounds); this.currentTime = 0; this.destination = {}; }
   createGain() { return { connect() {}, gain: { setValueAtTime() {}, exponentialRampToValueAtTime() {} } }; }
   createOscillator() { return { connect() {}, start() {}, stop() {}, frequency: { setValueAtTime() {} } }; }
   close() {}
@@ -626,13 +632,13 @@ def test_notifications_are_opt_in_and_open_the_conversation(browser, server):
     set_away(pa, True)
     text = "ping " + "y" * 120
     say(pb, text)                                       # B is in the conversation with A now
-    pa.wait_for_function("window.__notes.length === 1")
+    expect(pa.locator("html")).to_have_attribute("data-notes", "1")
     note = pa.evaluate("({title: __notes[0].title, body: __notes[0].body})")
     assert note == {"title": b, "body": text[:100]}
     room_row(pb, "general").locator(".side-item").click()
     say(pb, "just chatting, nobody named")              # a plain room message: no notification
     say(pb, f"hello @{a}, a mention")                   # a mention of you: one
-    pa.wait_for_function("window.__notes.length === 2")
+    expect(pa.locator("html")).to_have_attribute("data-notes", "2")
     expect(shown(pa, "just chatting")).to_have_count(1)
     assert pa.evaluate("__notes[1].title") == f"{b} in #general"
     pa.evaluate("__notes[0].onclick()")                 # clicking opens the conversation
@@ -643,7 +649,7 @@ def test_notifications_are_opt_in_and_open_the_conversation(browser, server):
     expect(pa.locator("#sound-btn")).to_have_attribute("aria-pressed", "true")
     sounds = pa.evaluate("window.__sounds")
     say(pb, f"@{a} with sound")
-    pa.wait_for_function(f"window.__sounds > {sounds}")
+    expect(pa.locator("html")).to_have_attribute("data-sounds", str(sounds + 1))
     ctx.close(), pb.context.close()
 
 

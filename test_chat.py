@@ -2635,8 +2635,8 @@ class ListenerTest(ProcessCase):
         for _ in range(200):
             try:
                 return await self.health(port)
-            except (HTTPClientError, OSError):
-                await gen.moment
+            except (HTTPClientError, OSError):  # refused (503) until the closes are seen: ask again
+                pass
         self.fail("/healthz never answered")
 
     @gen_test(timeout=30)
