@@ -1096,8 +1096,10 @@ class Store:
                 try:
                     if not self._erase(db):
                         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.OperationalError as e:  # locked by another process: the next turn tries again
-                    log.warning("checkpoint of %s put off: %s", self.path, e)
+                except sqlite3.OperationalError as e:
+                    if e.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                        raise
+                    log.warning("checkpoint of %s put off: %s", self.path, e)  # the next turn tries again
                 if self.stopping.is_set():
                     break
         except sqlite3.Error as e:
