@@ -60,7 +60,13 @@ On connect the server sends, in order:
 3. private messages, oldest first: those kept while the user was offline
    (``"buffered": true``), and with ``since=ID`` also those to or from the
    user with a larger id (one the user sent that still waits says
-   ``"queued": true``).
+   ``"queued": true``);
+4. with ``since=ID``, the changes (``edited``, ``deleted``, ``reaction``,
+   below) with a larger id to messages up to ID in the conversations the
+   user can see now, oldest first, as they were sent live. Messages are
+   always sent in their current state, so a newer message's changes are
+   not sent again, and a message edited twice, or edited then deleted,
+   comes as its last change only.
 
 What one connect sequence carries is bounded by ``--max_queue`` bytes, so
 that a client that never reads costs little. Private messages take the
@@ -71,8 +77,11 @@ one where more were missed than the history keeps, says ``"truncated":
 true``. With ``since=ID`` (the highest id the client has seen) each
 ``history`` holds only messages with a larger id. A ``since`` that is not a
 number is ignored, and one sent with another database's ``epoch=`` counts
-as 0. The sequence is not in id order, so a client should move its resume
-point only after it has all of it: the answer to its first frame comes after.
+as 0. Changes take the newest that fit in what is left, at most 1,000; a
+client that gets that many (or was away long) should ask for its open
+conversations again with ``history``. The sequence is not in id order, so a
+client should move its resume point only after it has all of it: the answer
+to its first frame comes after.
 
 Presence changes (a user's first connection opens, its last one closes)
 are gathered for ``--presence_window`` seconds and go to everyone as one
@@ -94,12 +103,40 @@ Client to server, and what comes back::
            own id for the message: a repeat with a cid already stored for
            this user is not posted again but acked with the first id, so a
            page may re-send safely after a reconnect.
+           "reply_to":101 (optional) names a message of the same room, or of
+           the same two users: the message then carries "reply_to":101 and
+           "quote", the first 100 characters of 101's current text (null
+           once 101 is deleted); bad_request for any other id.
     {"type":"message","text":"@UserB hi"}   a direct message ("@name" + ASCII
                                             white space starts one)
         -> to both users: {"type":"direct","id":102,"from":"UserA",
            "to":"UserB","text":"hi","ts":...,"time":...}. If UserB has no
            connection it is kept for them, the ack says "queued": true, and
            the sender later gets {"type":"delivered","id":102,"to":"UserB"}.
+    {"type":"edit","id":101,"text":"fixed"}   (its author only)
+        -> to everyone who sees 101 (the room's members, or both sides of a
+           private message): {"type":"edited","id":230,"target":101,
+           "room":"general","text":"fixed","ts":...,"time":...} ("from" and
+           "to" of 101 instead of "room" for a private message); to the
+           sender also {"type":"ack","ref":...,"id":230}. From then on 101
+           carries the new text and "edited":"<ts>" in every answer, and
+           replies to it quote the new text. Text rules as for a message; a
+           room message may not start with "@name ".
+    {"type":"delete","id":101}    (its author only)
+        -> {"type":"deleted","id":231,"target":101,"room":"general"} (or
+           "from"/"to"), to the same people. From then on 101 is a tombstone
+           in every answer: {"type":"message","id":101,"room":"general",
+           "from":"UserA","ts":...,"time":...,"deleted":true} (a private one
+           stays "direct", with "from" and "to"), with no text, reply or
+           reactions, and search cannot find it. Its text is erased from the
+           database within seconds, and before a clean shutdown ends.
+    {"type":"react","id":101,"emoji":"👍"}
+        -> toggles the user's reaction: {"type":"reaction","id":232,
+           "target":101,"room":"general","emoji":"👍","user":"UserA",
+           "on":true} (or "from"/"to"), to the same people. A message with
+           reactions carries "reactions":{"👍":["UserA","UserB"]} (names in
+           the order they reacted) in every answer; without any, no key.
+    Each change has an id of its own, from the same sequence as messages.
     {"type":"join","room":"python"}     -> {"type":"joined",...}; the room
                                            gets a member batch
     {"type":"leave","room":"python"}    -> {"type":"left","room":"python"};
@@ -147,7 +184,10 @@ Errors
 connection stays open and nothing else changes. Codes: ``bad_json`` (also for
 binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 ``unknown_user``, ``mailbox_full``, ``rate_limited``, ``too_many_rooms``,
-``server_error`` (nothing was stored: try again); at connect
+``not_found`` (edit, delete or react: no such message, an event's id, a
+deleted message, or one the user cannot see now; the same answer in every
+case, so it tells nothing), ``forbidden`` (not the author), ``too_late``
+(past ``--edit_window``), ``server_error`` (nothing was stored: try again); at connect
 ``bad_username`` (close 4400), ``name_taken`` (4409), ``too_many_connections``
 and ``rate_limited`` (4429: also for link codes tried past
 ``--names_per_hour``), ``server_full`` (4503), ``server_error`` (1011);
@@ -176,6 +216,11 @@ address (``rate_limited``, close 4429). A client that stops answering pings
 only if it echoes it; a write the kernel had to hold back and then took
 counts too) is dropped after ``--ping_interval`` + ``--ping_timeout``
 seconds. A room with no members for a day is forgotten, with its messages.
+``--edit_window`` seconds (0: no limit) after sending, a message may still be
+edited or deleted; reactions have no limit in time. An emoji is one emoji
+(a single grapheme: with its skin tone, flag or keycap, or parts joined by
+U+200D) of at most 16 bytes of UTF-8; a message holds at most 20 different
+emoji.
 
 Storage
 -------

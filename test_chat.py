@@ -3545,8 +3545,9 @@ class ChangeCase(ChatTestCase):
 
     async def erased(self):
         """Wait, off the event loop, until the Store says the deletes so far are erased."""
-        done = await asyncio.get_running_loop().run_in_executor(None, chat.Hub.store.wait_erased, READ_TIMEOUT)
-        self.assertTrue(done, "the erasure did not finish")
+        # A busy checkpoint is tried again each second: allow a loaded machine a few.
+        done = await asyncio.get_running_loop().run_in_executor(None, chat.Hub.store.wait_erased, 10)
+        self.assertTrue(done, "the erasure did not finish within 10 s")
 
 
 class ChangeTest(ChangeCase):
