@@ -60,7 +60,13 @@ On connect the server sends, in order:
 3. private messages, oldest first: those kept while the user was offline
    (``"buffered": true``), and with ``since=ID`` also those to or from the
    user with a larger id (one the user sent that still waits says
-   ``"queued": true``).
+   ``"queued": true``);
+4. with ``since=ID``, the changes (``edited``, ``deleted``, ``reaction``,
+   below) with a larger id to messages up to ID in the conversations the
+   user can see now, oldest first, as they were sent live. Messages are
+   always sent in their current state, so a newer message's changes are
+   not sent again, and a message edited twice, or edited then deleted,
+   comes as its last change only.
 
 What one connect sequence carries is bounded by ``--max_queue`` bytes, so
 that a client that never reads costs little. Private messages take the
@@ -71,8 +77,11 @@ one where more were missed than the history keeps, says ``"truncated":
 true``. With ``since=ID`` (the highest id the client has seen) each
 ``history`` holds only messages with a larger id. A ``since`` that is not a
 number is ignored, and one sent with another database's ``epoch=`` counts
-as 0. The sequence is not in id order, so a client should move its resume
-point only after it has all of it: the answer to its first frame comes after.
+as 0. Changes take the newest that fit in what is left, at most 1,000; a
+client that gets that many (or was away long) should ask for its open
+conversations again with ``history``. The sequence is not in id order, so a
+client should move its resume point only after it has all of it: the answer
+to its first frame comes after.
 
 Presence changes (a user's first connection opens, its last one closes)
 are gathered for ``--presence_window`` seconds and go to everyone as one
@@ -94,12 +103,40 @@ Client to server, and what comes back::
            own id for the message: a repeat with a cid already stored for
            this user is not posted again but acked with the first id, so a
            page may re-send safely after a reconnect.
+           "reply_to":101 (optional) names a message of the same room, or of
+           the same two users: the message then carries "reply_to":101 and
+           "quote", the first 100 characters of 101's current text (null
+           once 101 is deleted); bad_request for any other id.
     {"type":"message","text":"@UserB hi"}   a direct message ("@name" + ASCII
                                             white space starts one)
         -> to both users: {"type":"direct","id":102,"from":"UserA",
            "to":"UserB","text":"hi","ts":...,"time":...}. If UserB has no
            connection it is kept for them, the ack says "queued": true, and
            the sender later gets {"type":"delivered","id":102,"to":"UserB"}.
+    {"type":"edit","id":101,"text":"fixed"}   (its author only)
+        -> to everyone who sees 101 (the room's members, or both sides of a
+           private message): {"type":"edited","id":230,"target":101,
+           "room":"general","text":"fixed","ts":...,"time":...} ("from" and
+           "to" of 101 instead of "room" for a private message); to the
+           sender also {"type":"ack","ref":...,"id":230}. From then on 101
+           carries the new text and "edited":"<ts>" in every answer, and
+           replies to it quote the new text. Text rules as for a message; a
+           room message may not start with "@name ".
+    {"type":"delete","id":101}    (its author only)
+        -> {"type":"deleted","id":231,"target":101,"room":"general"} (or
+           "from"/"to"), to the same people. From then on 101 is a tombstone
+           in every answer: {"type":"message","id":101,"room":"general",
+           "from":"UserA","ts":...,"time":...,"deleted":true} (a private one
+           stays "direct", with "from" and "to"), with no text, reply or
+           reactions, and search cannot find it. Its text is erased from the
+           database within seconds, and before a clean shutdown ends.
+    {"type":"react","id":101,"emoji":"👍"}
+        -> toggles the user's reaction: {"type":"reaction","id":232,
+           "target":101,"room":"general","emoji":"👍","user":"UserA",
+           "on":true} (or "from"/"to"), to the same people. A message with
+           reactions carries "reactions":{"👍":["UserA","UserB"]} (names in
+           the order they reacted) in every answer; without any, no key.
+    Each change has an id of its own, from the same sequence as messages.
     {"type":"join","room":"python"}     -> {"type":"joined",...}; the room
                                            gets a member batch
     {"type":"leave","room":"python"}    -> {"type":"left","room":"python"};
@@ -147,7 +184,10 @@ Errors
 connection stays open and nothing else changes. Codes: ``bad_json`` (also for
 binary frames), ``bad_request``, ``bad_room``, ``not_in_room``, ``too_long``,
 ``unknown_user``, ``mailbox_full``, ``rate_limited``, ``too_many_rooms``,
-``server_error`` (nothing was stored: try again); at connect
+``not_found`` (edit, delete or react: no such message, an event's id, a
+deleted message, or one the user cannot see now; the same answer in every
+case, so it tells nothing), ``forbidden`` (not the author), ``too_late``
+(past ``--edit_window``), ``server_error`` (nothing was stored: try again); at connect
 ``bad_username`` (close 4400), ``name_taken`` (4409), ``too_many_connections``
 and ``rate_limited`` (4429: also for link codes tried past
 ``--names_per_hour``), ``server_full`` (4503), ``server_error`` (1011);
@@ -176,6 +216,11 @@ address (``rate_limited``, close 4429). A client that stops answering pings
 only if it echoes it; a write the kernel had to hold back and then took
 counts too) is dropped after ``--ping_interval`` + ``--ping_timeout``
 seconds. A room with no members for a day is forgotten, with its messages.
+``--edit_window`` seconds (0: no limit) after sending, a message may still be
+edited or deleted; reactions have no limit in time. An emoji is one emoji
+(a single grapheme: with its skin tone, flag or keycap, or parts joined by
+U+200D) of at most 16 bytes of UTF-8; a message holds at most 20 different
+emoji.
 
 Storage
 -------
@@ -193,6 +238,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import calendar
 import collections
 import contextlib
 import dataclasses
@@ -213,8 +259,9 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional
 
 import tornado.httpserver
 import tornado.httputil
@@ -263,6 +310,7 @@ define("roster", default=1000, help="names of users online, or of a room's membe
 define("metrics_from", type=str, multiple=True, default=[], help="addresses besides loopback that may read /metrics")
 define("ping_interval", default=20.0, help="seconds between pings")
 define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most ping_interval)")
+define("edit_window", default=0.0, help="seconds after sending that a message may still be edited or deleted (0: no limit)")
 
 MAX_FRAME = 64 * 1024  # bytes in one client frame; larger closes with 1009
 MAX_REF = 100  # characters in a string ref
@@ -285,6 +333,10 @@ MAX_QUERY = 200  # characters in a search
 WORD = re.compile(r"\w+")  # what search matches: words, not substrings
 LISTEN_BACKLOG = 4096  # connects the kernel may hold before they are accepted (a reconnect storm)
 HISTORY_CACHE = 64 << 20  # bytes of encoded room histories kept in RAM (the least recently used are dropped)
+QUOTE = 100  # characters of its target a reply quotes
+MAX_EMOJI = 16  # bytes (UTF-8) in one reaction's emoji
+MAX_REACTIONS = 20  # distinct emoji on one message
+MAX_CHANGES = 1000  # change events a connect sequence carries at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +372,7 @@ class Config:
     metrics_from: list
     ping_interval: float
     ping_timeout: float
+    edit_window: float
 
 
 SETTINGS = [field.name for field in dataclasses.fields(Config)]  # what make_app() may override
@@ -424,6 +477,40 @@ def check_page(frame: dict) -> tuple[Optional[int], int]:
     if not (is_int(limit) and 1 <= limit <= HISTORY_PAGE[1]):
         raise ChatError("bad_request", f"'limit' must be 1-{HISTORY_PAGE[1]}")
     return before, limit
+
+
+def check_id(value: Any, field: str = "id") -> int:
+    """A message id from a frame (whether it exists is for the caller to say)."""
+    if not (is_int(value) and 0 < value < 2**63):
+        raise ChatError("bad_request", f"'{field}' must be a message id")
+    return value
+
+
+# What may follow an emoji's first code point within one grapheme: variation
+# selectors, skin tones, the combining keycap, and tag characters (subdivision
+# flags). A zero-width joiner (U+200D) starts another part of the same emoji.
+EMOJI_EXTEND = re.compile("[\ufe0e\ufe0f\U0001f3fb-\U0001f3ff\u20e3\U000e0020-\U000e007f]*")
+FLAG = re.compile("[\U0001f1e6-\U0001f1ff]{2}")  # two regional indicators: a flag
+KEYCAP = re.compile("[0-9#*]\ufe0f?\u20e3")  # 1️⃣ #️⃣: the one place ASCII may appear
+
+
+def check_emoji(value: Any) -> str:
+    """A reaction: one emoji (one grapheme cluster) of at most MAX_EMOJI bytes.
+
+    Graphemes are approximated, not fully segmented (Unicode's rules need
+    tables Python lacks): a flag, a keycap, or parts joined by U+200D, each
+    part a symbol (no letter, digit, mark, space or control, nothing ASCII)
+    followed only by EMOJI_EXTEND characters. So 👍, 👍🏽, ❤️, 🇫🇷, 1️⃣ and
+    🧑‍💻 pass; "a", "1", "👍👍" and "é" do not."""
+    if not isinstance(value, str) or not is_unicode(value) or not 0 < len(value.encode()) <= MAX_EMOJI:
+        raise ChatError("bad_request", f"'emoji' must be one emoji of at most {MAX_EMOJI} bytes")
+    if FLAG.fullmatch(value) or KEYCAP.fullmatch(value):
+        return value
+    for part in value.split("\u200d"):
+        if (not part or part[0].isascii() or FLAG.match(part[0] * 2)
+                or unicodedata.category(part[0])[0] in "LNZCM" or not EMOJI_EXTEND.fullmatch(part, 1)):
+            raise ChatError("bad_request", "'emoji' must be one emoji")
+    return value
 
 
 def reject_constant(name: str) -> None:
@@ -600,6 +687,11 @@ def utc_iso(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
+def parse_ts(ts: str) -> float:
+    """A ts (utc_iso) as a time.time()."""
+    return calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000
+
+
 def welcome_payload(user: str, token: str, device: int, roster: bytes, online_count: int, rooms: list,
                     read_with: dict, conf: Config, epoch: str, directs_truncated: bool) -> bytes:
     """The welcome frame; `roster` is the online list, encoded once for every welcome."""
@@ -632,12 +724,49 @@ def flagged(payload: bytes, flag: str) -> bytes:
     return b'%s,"%s":true}' % (payload[:-1], flag.encode())
 
 
-def message_frame(id: int, room: str, sender: str, text: str, ts: str, local: str) -> dict:
-    return {"type": "message", "id": id, "room": room, "from": sender, "text": text, "ts": ts, "time": local}
+def message_frame(id: int, room: str, sender: str, text: str, ts: str, local: str,
+                  reply: Optional[tuple[int, Optional[str]]] = None) -> dict:
+    frame = {"type": "message", "id": id, "room": room, "from": sender, "text": text, "ts": ts, "time": local}
+    if reply is not None:
+        frame["reply_to"], frame["quote"] = reply
+    return frame
 
 
-def direct_frame(id: int, sender: str, to: str, text: str, ts: str, local: str) -> dict:
-    return {"type": "direct", "id": id, "from": sender, "to": to, "text": text, "ts": ts, "time": local}
+def direct_frame(id: int, sender: str, to: str, text: str, ts: str, local: str,
+                 reply: Optional[tuple[int, Optional[str]]] = None) -> dict:
+    frame = {"type": "direct", "id": id, "from": sender, "to": to, "text": text, "ts": ts, "time": local}
+    if reply is not None:
+        frame["reply_to"], frame["quote"] = reply
+    return frame
+
+
+def tombstone_frame(message: dict) -> dict:
+    """What a deleted message becomes: its place and time, no text, nothing
+    else (no reply, no reactions)."""
+    kept = ("type", "id", "room", "from", "to", "ts", "time")
+    return {**{k: message[k] for k in kept if k in message}, "deleted": True}
+
+
+def where(message: dict) -> dict:
+    """The conversation of a message, as change events name it: its room,
+    or the from/to of a private one."""
+    if message["type"] == "message":
+        return {"room": message["room"]}
+    return {"from": message["from"], "to": message["to"]}
+
+
+def edited_frame(id: int, message: dict, text: str, ts: str, local: str) -> dict:
+    return {"type": "edited", "id": id, "target": message["id"], **where(message), "text": text, "ts": ts,
+            "time": local}
+
+
+def deleted_frame(id: int, message: dict) -> dict:
+    return {"type": "deleted", "id": id, "target": message["id"], **where(message)}
+
+
+def reaction_frame(id: int, message: dict, emoji: str, user: str, on: bool) -> dict:
+    return {"type": "reaction", "id": id, "target": message["id"], **where(message), "emoji": emoji,
+            "user": user, "on": on}
 
 
 def delivered_frame(id: int, to: str) -> dict:
@@ -820,6 +949,16 @@ class StoreError(Exception):
 Row = tuple  # (id, frame JSON as bytes, sender key, recipient key or None, delivered)
 
 
+class Stored(NamedTuple):
+    """One stored message, looked up by id to be changed or replied to."""
+
+    id: int
+    room: Optional[str]  # room key, None for a private message
+    sender: str  # user key
+    recipient: Optional[str]  # user key of a private message
+    frame: dict  # its current frame, decoded
+
+
 class Store:
     """The durable copy of the state: users, rooms, memberships and messages.
 
@@ -844,6 +983,19 @@ class Store:
     is 0) and nowhere else: the live state keeps only how many each user
     has. Every read the server makes per connect or request is an indexed
     search: its cost does not grow with the number of stored messages.
+
+    A message's row holds its current state: an edit, a delete or a
+    reaction rewrites ``frame`` in place (and the frames of its replies,
+    whose quotes follow it), and the change itself is a row of ``events``,
+    in the same id sequence, for clients that resume with ``since``.
+    A delete erases the text for real. ``secure_delete`` makes SQLite zero
+    what it frees, in the same transaction; but FTS5 (SQLite 3.40) keeps a
+    deleted row's words in its index segments until they merge, and the WAL
+    keeps old copies of pages until it is checkpointed. So erase_soon()
+    asks the checkpointer thread to merge the index ('optimize') and
+    checkpoint with TRUNCATE: off the event loop, once for many deletes,
+    within about CHECKPOINT_EVERY, and always before close() returns.
+    wait_erased() waits for that (tests use it).
     """
 
     CHECKPOINT_EVERY = 1.0  # seconds
@@ -863,14 +1015,29 @@ class Store:
             frame TEXT NOT NULL,         -- the message frame as JSON, exactly as relayed
             cid TEXT                     -- the sender's client id for it, if it gave one
         )""",
-        # Added after the first release: a database from before gets it here.
+        # Added after the first release: a database from before gets them here.
         "ALTER TABLE messages ADD COLUMN cid TEXT",
+        "ALTER TABLE messages ADD COLUMN reply_to INTEGER",  # the id a reply quotes
         "CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id) WHERE room IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS directs_by_sender ON messages (sender, id) WHERE room IS NULL",
         "CREATE INDEX IF NOT EXISTS directs_by_recipient ON messages (recipient, id) WHERE room IS NULL",
         "CREATE INDEX IF NOT EXISTS directs_by_pair ON messages (sender, recipient, id) WHERE room IS NULL",
         "CREATE INDEX IF NOT EXISTS mail ON messages (recipient, id) WHERE delivered = 0",
         "CREATE INDEX IF NOT EXISTS messages_by_cid ON messages (sender, cid) WHERE cid IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS messages_by_reply ON messages (reply_to) WHERE reply_to IS NOT NULL",
+        # Changes to messages (edited, deleted, reaction), in the id sequence of messages.
+        """CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY,      -- the event id clients see
+            room TEXT,                   -- room key, NULL for a change to a private message
+            party1 TEXT,                 -- its sender's user key (private messages)
+            party2 TEXT,                 -- its recipient's user key (private messages)
+            target INTEGER NOT NULL,     -- the message it changes
+            frame TEXT NOT NULL          -- the event frame as JSON, exactly as relayed
+        )""",
+        "CREATE INDEX IF NOT EXISTS events_by_room ON events (room, id) WHERE room IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS events_by_party1 ON events (party1, id) WHERE room IS NULL",
+        "CREATE INDEX IF NOT EXISTS events_by_party2 ON events (party2, id) WHERE room IS NULL",
+        "CREATE INDEX IF NOT EXISTS events_by_target ON events (target)",
         # One row per device a user is signed in on: its own token, by hash.
         """CREATE TABLE IF NOT EXISTS devices (
             id INTEGER PRIMARY KEY,
@@ -909,9 +1076,11 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+            self.db.execute("PRAGMA secure_delete=ON")  # what a delete frees is zeroed, not left behind
             with self.transaction():  # proves we can write, now rather than mid-chat
                 for statement in self.SCHEMA:
-                    if statement.startswith("ALTER") and self._has_column("messages", "cid"):
+                    added = re.match(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", statement)
+                    if added and self._has_column(*added.groups()):
                         continue
                     self.db.execute(statement)
                 if not self._has_column("search", "conv"):
@@ -928,6 +1097,10 @@ class Store:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use database {path!r}: {e}") from None
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # the checkpointer's alarm: stopping, or text to erase
+        self.erasing = threading.Condition()  # guards asked and erased
+        self.asked = 0  # deletes committed that want erasing
+        self.erased = 0  # of those, how many are erased from the index and the WAL
         self.checkpointer: Optional[threading.Thread] = None
         if path != ":memory:":
             self.checkpointer = threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True)
@@ -965,15 +1138,57 @@ class Store:
 
     def _checkpoints(self) -> None:
         """In its own thread and connection: fold the WAL into the database
-        now and then. PASSIVE never blocks the server's writes."""
+        now and then (PASSIVE never blocks the server's writes), and erase
+        deleted text when asked. Runs once more when stopping."""
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
-            while not self.stopping.wait(self.CHECKPOINT_EVERY):
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            db.execute("PRAGMA secure_delete=ON")
+            while True:
+                self.wake.wait(self.CHECKPOINT_EVERY)
+                self.wake.clear()
+                try:
+                    if not self._erase(db):
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError as e:
+                    if e.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                        raise
+                    log.warning("checkpoint of %s put off: %s", self.path, e)  # the next turn tries again
+                if self.stopping.is_set():
+                    break
         except sqlite3.Error as e:
             log.warning("checkpoints of %s stopped: %s", self.path, e)
         finally:
             db.close()
+
+    def _erase(self, db: sqlite3.Connection) -> bool:
+        """If deletes wait to be erased: merge the search index (which drops
+        their words) and checkpoint the WAL away. Whether it tried."""
+        with self.erasing:
+            asked = self.asked
+        if asked <= self.erased:
+            return False
+        db.execute("INSERT INTO search (search) VALUES ('optimize')")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:  # else a reader held old pages: the next turn tries again
+            with self.erasing:
+                self.erased = asked
+                self.erasing.notify_all()
+        return True
+
+    def erase_soon(self) -> None:
+        """A delete was committed: erase its text from the index and the WAL
+        in the background (many deletes in a moment cost one merge)."""
+        with self.erasing:
+            self.asked += 1
+            if self.checkpointer is None:  # :memory: has no file to erase from
+                self.erased = self.asked
+        self.wake.set()
+
+    def wait_erased(self, timeout: Optional[float] = None) -> bool:
+        """Block until every delete committed so far is erased; False on timeout."""
+        with self.erasing:
+            asked = self.asked
+            return self.erasing.wait_for(lambda: self.erased >= asked, timeout)
 
     def load(self) -> dict:
         """Everything the live state starts from (room histories are read when needed)."""
@@ -984,8 +1199,10 @@ class Store:
             "rooms": dict(q("SELECT key, name FROM rooms").fetchall()),
             "members": q("SELECT room, user FROM members").fetchall(),
             "mail": dict(q("SELECT recipient, count(*) FROM messages WHERE delivered = 0 GROUP BY recipient")),
-            "last_id": max(q("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0],
-                           int(q("SELECT value FROM meta WHERE key = 'last_id'").fetchone()[0])),
+            # Ids never go back: the newest may have been forgotten with their room.
+            "last_id": q("SELECT max(coalesce((SELECT max(id) FROM messages), 0),"
+                         " coalesce((SELECT max(id) FROM events), 0),"
+                         " (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_id'))").fetchone()[0],
         }
 
     # ---- writes
@@ -1029,8 +1246,9 @@ class Store:
             found = self.db.execute("DELETE FROM users WHERE key = ?", (user,)).rowcount > 0
             for table, column in (("devices", "user"), ("members", "user"), ("reads", "user")):
                 self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (user,))
-            for column in ("sender", "recipient"):
-                self.db.execute(f"UPDATE messages SET {column} = ? WHERE {column} = ?", (former, user))
+            for table, column in (("messages", "sender"), ("messages", "recipient"), ("events", "party1"),
+                                  ("events", "party2")):
+                self.db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (former, user))
             self.db.execute("UPDATE search SET conv = replace(conv, ?, ?)", (conv_word("u", user), conv_word("u", former)))
         return found
 
@@ -1041,9 +1259,10 @@ class Store:
         """Forget a room and its messages (it has no members)."""
         with self.transaction():
             self.db.execute("UPDATE meta SET value = max(CAST(value AS INTEGER), (SELECT coalesce(max(id), 0)"
-                            " FROM messages)) WHERE key = 'last_id'")
+                            " FROM messages), (SELECT coalesce(max(id), 0) FROM events)) WHERE key = 'last_id'")
             self.db.execute("DELETE FROM search WHERE rowid IN (SELECT id FROM messages WHERE room = ?)", (room,))
             self.db.execute("DELETE FROM messages WHERE room = ?", (room,))
+            self.db.execute("DELETE FROM events WHERE room = ?", (room,))
             self.db.execute("DELETE FROM members WHERE room = ?", (room,))
             self.db.execute("DELETE FROM rooms WHERE key = ?", (room,))
 
@@ -1054,14 +1273,40 @@ class Store:
             self.write("DELETE FROM members WHERE room = ? AND user = ?", (room, user))
 
     def add_message(self, id: int, room: Optional[str], sender: str, recipient: Optional[str],
-                    delivered: bool, payload: bytes, cid: Optional[str], text: str) -> None:
+                    delivered: bool, payload: bytes, cid: Optional[str], text: str,
+                    reply_to: Optional[int] = None) -> None:
         """A message, and its words for search: together."""
         with self.transaction():
-            self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (id, room, sender, recipient, int(delivered), payload.decode(), cid))
+            self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid, reply_to)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (id, room, sender, recipient, int(delivered), payload.decode(), cid, reply_to))
             conv = conv_word("r", room) if room is not None else f"{conv_word('u', sender)} {conv_word('u', recipient)}"
             self.db.execute("INSERT INTO search (rowid, text, conv) VALUES (?, ?, ?)", (id, text, conv))
+
+    # ---- changes to a message: call them inside transaction(), with add_event
+
+    def rewrite(self, id: int, payload: bytes, text: Optional[str] = None) -> None:
+        """A message's new current state (and its new words, for an edit)."""
+        self.write("UPDATE messages SET frame = ? WHERE id = ?", (payload.decode(), id))
+        if text is not None:
+            self.write("UPDATE search SET text = ? WHERE rowid = ?", (text, id))
+
+    def erase(self, id: int, payload: bytes) -> None:
+        """A message becomes its tombstone: the text goes from its row, from
+        search, and from the events that carried it (all its earlier ones:
+        a client that missed them needs only the deletion)."""
+        self.write("UPDATE messages SET frame = ?, reply_to = NULL WHERE id = ?", (payload.decode(), id))
+        self.write("DELETE FROM search WHERE rowid = ?", (id,))
+        self.write("DELETE FROM events WHERE target = ?", (id,))
+
+    def drop_edits(self, target: int) -> None:
+        """Forget a message's earlier edits (a new one holds all a client needs)."""
+        self.write("DELETE FROM events WHERE target = ? AND json_extract(frame, '$.type') = 'edited'", (target,))
+
+    def add_event(self, id: int, message: Stored, payload: bytes) -> None:
+        self.write("INSERT INTO events (id, room, party1, party2, target, frame) VALUES (?, ?, ?, ?, ?, ?)",
+                   (id, message.room, message.sender if message.room is None else None, message.recipient,
+                    message.id, payload.decode()))
 
     def mark_delivered(self, ids: list) -> None:
         with self.transaction():  # one commit for a whole mailbox, not one per message
@@ -1071,6 +1316,31 @@ class Store:
 
     def _rows(self, sql: str, args: tuple) -> list[Row]:
         return [(i, f.encode(), s, r, d) for i, f, s, r, d in self.db.execute(sql, args)]
+
+    def message(self, id: int) -> Optional[Stored]:
+        found = self.db.execute("SELECT id, room, sender, recipient, frame FROM messages WHERE id = ?",
+                                (id,)).fetchone()
+        return Stored(*found[:4], json.loads(found[4])) if found else None
+
+    def replies(self, id: int) -> list[tuple[int, dict]]:
+        """(id, frame) of the messages that reply to message id."""
+        return [(i, json.loads(f)) for i, f in
+                self.db.execute("SELECT id, frame FROM messages WHERE reply_to = ?", (id,))]
+
+    def changes(self, user: str, rooms: list[str], since: int, limit: int) -> list[bytes]:
+        """The newest `limit` change events after since, newest first, to
+        messages up to since (a newer message is sent in its current state):
+        in `rooms`, and to user's own private messages."""
+        marks = ",".join("?" * len(rooms)) or "NULL"
+        # Three indexed searches rather than one OR, which SQLite may answer by scanning.
+        return [f.encode() for _, f in self.db.execute(
+            f"SELECT * FROM (SELECT id, frame FROM events WHERE room IN ({marks}) AND id > ? AND target <= ?"
+            " ORDER BY id DESC LIMIT ?)"
+            " UNION SELECT * FROM (SELECT id, frame FROM events WHERE room IS NULL AND party1 = ? AND id > ?"
+            " AND target <= ? ORDER BY id DESC LIMIT ?)"
+            " UNION SELECT * FROM (SELECT id, frame FROM events WHERE room IS NULL AND party2 = ? AND id > ?"
+            " AND target <= ? ORDER BY id DESC LIMIT ?) ORDER BY id DESC LIMIT ?",
+            (*rooms, since, since, limit, user, since, since, limit, user, since, since, limit, limit))]
 
     def by_cid(self, sender: str, cid: str) -> Optional[Row]:
         rows = self._rows(f"SELECT {self.COLUMNS} FROM messages WHERE sender = ? AND cid = ?", (sender, cid))
@@ -1126,12 +1396,14 @@ class Store:
                                (user,)).fetchone()[0]
 
     def close(self) -> None:
-        """Fold the WAL back into the database file and close it."""
+        """Finish erasing, fold the WAL back into the database file and close it."""
         self.stopping.set()
+        self.wake.set()
         if self.checkpointer is not None:
             self.checkpointer.join()
         try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self._erase(self.db):  # the thread could not finish: do it here
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             log.warning("checkpoint of %s failed: %s", self.path, e)
         self.db.close()
@@ -1187,6 +1459,17 @@ class History:
         while len(held) > self.size:
             self.bytes -= len(held.pop(0)[1])
         self._evict()
+
+    def replace(self, room: str, id: int, payload: bytes) -> None:
+        """A held message changed (edited, deleted, reacted to): its new payload."""
+        held = self.rooms.get(room)
+        if not held:
+            return
+        at = bisect.bisect_left(held, id, key=lambda m: m[0])  # held in id order
+        if at < len(held) and held[at][0] == id:
+            self.bytes += len(payload) - len(held[at][1])
+            held[at] = (id, payload)
+            self._evict()
 
     def drop(self, room: str) -> None:
         held = self.rooms.pop(room, None)
@@ -1746,18 +2029,22 @@ class Hub:
         return cls.last_id
 
     @classmethod
-    def post(cls, sender: str, room: Room, text: str, cid: Optional[str]) -> dict:
-        """A new room message: stored, kept in history, sent to every member."""
+    def post(cls, sender: str, room: Room, text: str, cid: Optional[str],
+             reply: Optional[tuple[int, Optional[str]]] = None) -> dict:
+        """A new room message: stored, kept in history, sent to every member.
+        A reply carries (the id it replies to, its quote)."""
         ts, local = stamp(cls.conf.timestamp_format)
-        message = message_frame(cls.next_id(), room.name, cls.users[sender].name, text, ts, local)
+        message = message_frame(cls.next_id(), room.name, cls.users[sender].name, text, ts, local, reply)
         payload = encode(message)
-        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)
+        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,
+                              reply and reply[0])
         cls.history.add(key(room.name), message["id"], payload)
         send_to(cls.members_online(room), message, payload)
         return message
 
     @classmethod
-    def direct(cls, sender: str, to: User, text: str, cid: Optional[str]) -> tuple[dict, bool]:
+    def direct(cls, sender: str, to: User, text: str, cid: Optional[str],
+               reply: Optional[tuple[int, Optional[str]]] = None) -> tuple[dict, bool]:
         """A new direct message: stored, then sent, or kept in the Store for
         its reader (then the second value is True)."""
         recipient = key(to.name)
@@ -1766,13 +2053,82 @@ class Hub:
         if waiting and kept >= cls.conf.mailbox:
             raise ChatError("mailbox_full", f"{to.name} has {kept} messages waiting; try later")
         ts, local = stamp(cls.conf.timestamp_format)
-        message = direct_frame(cls.next_id(), cls.users[sender].name, to.name, text, ts, local)
+        message = direct_frame(cls.next_id(), cls.users[sender].name, to.name, text, ts, local, reply)
         payload = encode(message)
-        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)
+        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,
+                              reply and reply[0])
         if waiting:
             cls.mailboxes[recipient] = kept + 1
         send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)
         return message, waiting
+
+    # ---- changes to messages: each an event with an id of its own
+
+    @classmethod
+    def edit(cls, target: Stored, text: str) -> dict:
+        """A message's new text: its frame says "edited", its replies quote
+        the new text, and whoever sees it gets an edited event."""
+        ts, local = stamp(cls.conf.timestamp_format)
+        event = edited_frame(cls.next_id(), target.frame, text, ts, local)
+        cls._change(target, {**target.frame, "text": text, "edited": ts}, event, text)
+        return event
+
+    @classmethod
+    def delete(cls, target: Stored) -> dict:
+        """A message becomes a tombstone; its text is erased everywhere."""
+        event = deleted_frame(cls.next_id(), target.frame)
+        cls._change(target, tombstone_frame(target.frame), event, None)
+        cls.store.erase_soon()
+        return event
+
+    @classmethod
+    def react(cls, user: str, target: Stored, emoji: str) -> dict:
+        """Toggle user's reaction: on if it had none with this emoji, else off."""
+        name = cls.users[user].name
+        reactions = {e: list(names) for e, names in target.frame.get("reactions", {}).items()}
+        names = reactions.setdefault(emoji, [])
+        on = not any(key(n) == user for n in names)
+        if on:
+            if len(reactions) > MAX_REACTIONS:  # this emoji is new, and one too many
+                raise ChatError("bad_request", f"a message holds at most {MAX_REACTIONS} different emoji")
+            names.append(name)
+        else:
+            names[:] = [n for n in names if key(n) != user]
+        message = {k: v for k, v in target.frame.items() if k != "reactions"}
+        kept = {e: names for e, names in reactions.items() if names}
+        if kept:
+            message["reactions"] = kept
+        event = reaction_frame(cls.next_id(), target.frame, emoji, name, on)
+        cls._change(target, message, event, None)
+        return event
+
+    @classmethod
+    def _change(cls, target: Stored, message: dict, event: dict, text: Optional[str]) -> None:
+        """Store a message's new state with its event, in one transaction;
+        then history, then whoever can see the message. An edit (text) or a
+        delete (a tombstone) also changes the quotes of its replies."""
+        payload, told = encode(message), encode(event)
+        deleted = message.get("deleted", False)
+        replies = []
+        if text is not None or deleted:
+            quote = None if deleted else text[:QUOTE]
+            replies = [(id, encode({**frame, "quote": quote})) for id, frame in cls.store.replies(target.id)]
+        with cls.store.transaction():
+            if deleted:
+                cls.store.erase(target.id, payload)
+            else:
+                if text is not None:
+                    cls.store.drop_edits(target.id)
+                cls.store.rewrite(target.id, payload, text)
+            for id, reply in replies:
+                cls.store.rewrite(id, reply)
+            cls.store.add_event(event["id"], target, told)
+        if target.room is not None:
+            for id, changed in ((target.id, payload), *replies):
+                cls.history.replace(target.room, id, changed)
+            send_to(cls.members_online(cls.rooms[target.room]), event, told)
+        else:
+            send_to(cls.online.get(target.sender, set()) | cls.online.get(target.recipient, set()), event, told)
 
     @classmethod
     def deliver(cls, user: str, rows: list[Row]) -> None:
@@ -1955,6 +2311,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.send_payload(joined)
         for _, payload in directs:
             self.send_payload(payload)
+        if since:  # what changed since, to messages it has (newer ones came in their current state)
+            for payload in self._owed_changes(since, sorted(user.rooms), budget):
+                self.send_payload(payload)
         mail = [row for row, _ in directs if row[3] == self.user and not row[4]]
         if mail and not self._dead:
             Hub.deliver(self.user, mail)
@@ -1984,6 +2343,19 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             chosen.append((rows[id], payload))
         chosen.reverse()
         return chosen, cut
+
+    def _owed_changes(self, since: int, rooms: list[str], budget: int) -> list[bytes]:
+        """The change events after since, oldest first: the newest that fit
+        in budget bytes, at most MAX_CHANGES. A client that missed more asks
+        for its conversations again with history (see the manual)."""
+        chosen = []
+        for payload in Hub.store.changes(self.user, rooms, since, MAX_CHANGES):
+            if len(payload) > budget:
+                break
+            budget -= len(payload)
+            chosen.append(payload)
+        chosen.reverse()
+        return chosen
 
     def _dressed(self, row: Row) -> bytes:
         """A stored message as this user is sent it: a private one that
@@ -2183,12 +2555,69 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             to = self._known_user(direct[1])
             if BLANK.fullmatch(direct[2]):
                 raise ChatError("bad_request", "the message is empty")
-            message, queued = Hub.direct(self.user, to, direct[2], cid)
+            pair = {self.user, key(to.name)}
+            reply = self._reply(frame.get("reply_to"), lambda m: m.room is None and {m.sender, m.recipient} == pair)
+            message, queued = Hub.direct(self.user, to, direct[2], cid, reply)
             self._ack(ref, id=message["id"], queued=queued)
         else:
             room = frame.get("room")
-            message = Hub.post(self.user, self._my_room(Hub.conf.default_room if room is None else room), text, cid)
+            room = self._my_room(Hub.conf.default_room if room is None else room)
+            reply = self._reply(frame.get("reply_to"), lambda m: m.room == key(room.name))
+            message = Hub.post(self.user, room, text, cid, reply)
             self._ack(ref, id=message["id"])
+
+    def _reply(self, reply_to: Any, same: Callable[[Stored], bool]) -> Optional[tuple[int, Optional[str]]]:
+        """(id, quote) for a message's "reply_to", which must name a message
+        of the same conversation; None without one. One answer for every
+        other id, so nobody learns what exists elsewhere."""
+        if reply_to is None:
+            return None
+        target = Hub.store.message(check_id(reply_to, "reply_to"))
+        if target is None or not same(target):
+            raise ChatError("bad_request", "'reply_to' must be a message of this conversation")
+        return target.id, None if target.frame.get("deleted") else target.frame["text"][:QUOTE]
+
+    def _target(self, frame: dict, author: bool) -> Stored:
+        """The message a change names: one this user can see now, not
+        deleted, and (for author) its own, sent within --edit_window."""
+        target = Hub.store.message(check_id(frame.get("id")))
+        if target is None or target.frame.get("deleted") or not self._sees(target):
+            # The same answer for a message that does not exist (or an event's
+            # id), one in a room the user is not in, someone else's private
+            # one, or a deleted one: it tells nothing.
+            raise ChatError("not_found", "there is no such message that you can see")
+        if author:
+            if target.sender != self.user:
+                raise ChatError("forbidden", "only its author may change a message")
+            window = Hub.conf.edit_window
+            if window > 0 and time.time() - parse_ts(target.frame["ts"]) > window:
+                raise ChatError("too_late", f"messages may be changed for {window:g} seconds after sending")
+        return target
+
+    def _sees(self, message: Stored) -> bool:
+        """Whether the user may see a message now: one of a room it is in, or
+        a private one it sent or received."""
+        if message.room is not None:
+            return message.room in Hub.users[self.user].rooms
+        return self.user in (message.sender, message.recipient)
+
+    def do_edit(self, frame: dict, ref: Any) -> None:
+        # {"type":"edit","id":101,"text":"fixed"}
+        text = check_text(frame.get("text"), Hub.conf.max_text)
+        target = self._target(frame, author=True)
+        if target.room is not None and DIRECT.match(text):
+            # A room message never starts like a private one: pages rely on it.
+            raise ChatError("bad_request", "a room message cannot start with @name")
+        self._ack(ref, id=Hub.edit(target, text)["id"])
+
+    def do_delete(self, frame: dict, ref: Any) -> None:
+        # {"type":"delete","id":101}
+        self._ack(ref, id=Hub.delete(self._target(frame, author=True))["id"])
+
+    def do_react(self, frame: dict, ref: Any) -> None:
+        # {"type":"react","id":101,"emoji":"👍"}
+        emoji = check_emoji(frame.get("emoji"))
+        self._ack(ref, id=Hub.react(self.user, self._target(frame, author=False), emoji)["id"])
 
     def do_join(self, frame: dict, ref: Any) -> None:
         # {"type":"join","room":"python"}

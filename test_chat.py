@@ -3527,3 +3527,400 @@ class ReviewFixesTest(FileCase):
         options = getattr(getattr(self, self._testMethodName, None), "app_options", {})
         self.app_options = options
         return super().get_app()
+################ Messages that change (issue 12)
+
+
+class WallClock:
+    """chat's view of the time module with time() `ahead` seconds later:
+    as if every message had been sent that long ago."""
+
+    def __init__(self, ahead):
+        self.ahead = ahead
+
+    def time(self):
+        return time.time() + self.ahead
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class ChangeCase(ChatTestCase):
+    """A server on a file (erasure is about bytes on disk), and words for changes."""
+
+    def get_app(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        return self.make_app()
+
+    def make_app(self):
+        # Debian's SQLite zeroes what it frees by default; other builds do not.
+        # Start from theirs, so the server must ask for it.
+        real = sqlite3.connect
+
+        def connect(*args, **kwargs):
+            db = real(*args, **kwargs)
+            db.execute("PRAGMA secure_delete=OFF")
+            return db
+
+        with mock.patch.object(sqlite3, "connect", connect):
+            return chat.make_app(**{**dict(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0,
+                                           offline_grace=0, presence_window=0), **self.app_options})
+
+    async def change(self, ws, **frame):
+        """Send an edit, delete or react; it must be acked with the id of its
+        event, which the sender's connection got just before."""
+        ack, before = await self.ack(ws, **frame)
+        events = [f for f in before if f.get("id") == ack["id"]]
+        self.assertEqual(len(events), 1, "the sender's own copy of the event, once: %r" % before)
+        return events[0]
+
+    async def post(self, ws, text, **frame):
+        """Post a message (with reply_to, say); return the sender's copy."""
+        ack, before = await self.ack(ws, type="message", text=text, **frame)
+        found = [f for f in before if f.get("id") == ack["id"]]
+        return found[0] if found else await self.expect(ws, "direct" if text.startswith("@") else "message",
+                                                       id=ack["id"])
+
+    async def history(self, ws, **frame):
+        return (await self.reply(ws, "history", type="history", **frame))["messages"]
+
+    def on_disk(self):
+        """Every byte of the database: the file and its WAL."""
+        stored = b""
+        for suffix in ("", "-wal", "-journal"):
+            if os.path.exists(self.db + suffix):
+                with open(self.db + suffix, "rb") as f:
+                    stored += f.read()
+        return stored
+
+    async def erased(self):
+        """Wait, off the event loop, until the Store says the deletes so far are erased."""
+        # A busy checkpoint is tried again each second: allow a loaded machine a few.
+        done = await asyncio.get_running_loop().run_in_executor(None, chat.Hub.store.wait_erased, 10)
+        self.assertTrue(done, "the erasure did not finish within 10 s")
+
+
+class ChangeTest(ChangeCase):
+
+    @async_test
+    async def test_edit_and_delete_reach_who_sees_the_message_and_nobody_else(self):
+        """A room message's changes go to the room's members; a private
+        one's to both sides, with from/to instead of room. Others online
+        (not in the room, or not a side) get nothing."""
+        a, b = await self.pair()
+        c, _ = await self.connect("UserC")  # in general, not a side of the private message
+        d, _ = await self.connect("UserD")
+        await self.reply(d, "left", type="leave", room="general")  # online, not in the room
+        for ws in (a, b, c):
+            await self.sync(ws)
+        said = await self.post(a, "typo")
+        await self.expect(b, "message", id=said["id"])
+        await self.expect(c, "message", id=said["id"])
+        edited = await self.change(a, type="edit", id=said["id"], text="fixed")
+        self.assertEqual(set(edited), {"type", "id", "target", "room", "text", "ts", "time"}, edited)
+        self.assertEqual((edited["type"], edited["target"], edited["room"], edited["text"]),
+                         ("edited", said["id"], "general", "fixed"))
+        self.assert_stamps(edited)
+        self.assertGreater(edited["id"], said["id"], "a new id from the messages' sequence")
+        deleted = await self.change(a, type="delete", id=said["id"])
+        self.assertEqual(deleted, {"type": "deleted", "id": deleted["id"], "target": said["id"], "room": "general"})
+        self.assertGreater(deleted["id"], edited["id"])
+        for ws in (b, c):
+            self.assertEqual([await self.read(ws), await self.read(ws)], [edited, deleted])
+        await self.quiet(d, "UserD, not in the room")
+
+        dm = await self.post(a, "@UserB secret typo")
+        await self.expect(b, "direct", id=dm["id"])
+        edited = await self.change(a, type="edit", id=dm["id"], text="secret fixed")
+        self.assertEqual({k: edited[k] for k in ("type", "target", "from", "to", "text")},
+                         {"type": "edited", "target": dm["id"], "from": "UserA", "to": "UserB", "text": "secret fixed"})
+        self.assertNotIn("room", edited)
+        deleted = await self.change(a, type="delete", id=dm["id"])
+        self.assertEqual(deleted, {"type": "deleted", "id": deleted["id"], "target": dm["id"],
+                                   "from": "UserA", "to": "UserB"})
+        self.assertEqual([await self.read(b), await self.read(b)], [edited, deleted])
+        await self.quiet(b)
+        await self.quiet(c, "UserC, not a side of the private message")
+        await self.quiet(d, "UserD")
+
+    @async_test
+    async def test_changes_made_while_away_arrive_on_resume_once_after_the_current_state(self):
+        """A client back with since=ID gets messages newer than ID in their
+        current state, then the changes after ID to the messages it had,
+        oldest first, each once: edit (the latest of a message's edits),
+        delete, reaction, private ones too."""
+        a, b = await self.pair()
+        old = await self.post(a, "old text")
+        gone = await self.post(a, "soon gone")
+        dm = await self.post(a, "@UserB private old")
+        seen = (await self.expect(b, "direct", id=dm["id"]))["id"]
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        await self.change(a, type="edit", id=old["id"], text="interim text")  # superseded: not replayed
+        e1 = await self.change(a, type="edit", id=old["id"], text="new text")
+        e2 = await self.change(a, type="delete", id=gone["id"])
+        e3 = await self.change(a, type="edit", id=dm["id"], text="private new")
+        e4 = await self.change(a, type="react", id=old["id"], emoji="👍")
+        newer = await self.post(a, "newer")
+        e5 = await self.change(a, type="edit", id=newer["id"], text="newer, edited")  # comes as current state
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=seen)
+        history = b.joined["general"]["history"]
+        self.assertEqual([(m["id"], m["text"]) for m in history], [(newer["id"], "newer, edited")])
+        self.assertEqual(history[0]["edited"], e5["ts"])
+        got = await self.sync(b)
+        self.assertEqual(got, [e1, e2, e3, e4], "each change once, oldest first, shaped as live")
+        await self.quiet(b)
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=e5["id"])
+        await self.quiet(b)  # caught up: nothing again
+
+        # A fresh page (no since) gets only the current state, no events.
+        fresh, _ = await self.connect("UserB", self.tokens["UserB"])
+        shown = {m["id"]: m for m in fresh.joined["general"]["history"]}
+        self.assertEqual((shown[old["id"]]["text"], shown[old["id"]]["edited"], shown[old["id"]]["reactions"]),
+                         ("new text", e1["ts"], {"👍": ["UserA"]}))
+        self.assertEqual(shown[gone["id"]], {"type": "message", "id": gone["id"], "room": "general",
+                                             "from": "UserA", "ts": gone["ts"], "time": gone["time"],
+                                             "deleted": True})
+        await self.quiet(fresh)
+
+    @async_test
+    async def test_a_deleted_message_leaves_no_text_in_the_file_history_search_or_replay(self):
+        """Edited, quoted, then deleted: the text (old and new) is gone from the
+        database file and its WAL once the erasure is done, and from every
+        answer; the tombstone keeps its type and place."""
+        a, b = await self.pair()
+        said = await self.post(a, "the password is hunter2xyzzy")
+        await self.change(a, type="edit", id=said["id"], text="the codeword is plughzork")
+        reply = await self.post(b, "noted", reply_to=said["id"])
+        self.assertEqual(reply["quote"], "the codeword is plughzork")
+        dm = await self.post(a, "@UserB whisperquux")
+        await self.sync(b)
+        for word in (b"hunter2xyzzy", b"plughzork", b"whisperquux"):
+            self.assertIn(word, self.on_disk(), "the check below could not fail")
+        await self.change(a, type="delete", id=said["id"])
+        await self.change(a, type="delete", id=dm["id"])
+        await self.erased()
+        stored = self.on_disk()
+        for word in (b"hunter2xyzzy", b"plughzork", b"whisperquux"):
+            self.assertNotIn(word, stored)
+
+        tombstone = {"type": "message", "id": said["id"], "room": "general", "from": "UserA",
+                     "ts": said["ts"], "time": said["time"], "deleted": True}
+        room = await self.history(b, room="general")
+        self.assertEqual(room, [tombstone, {**reply, "quote": None}])
+        directs = await self.history(b, directs=True)
+        self.assertEqual(directs, [{"type": "direct", "id": dm["id"], "from": "UserA", "to": "UserB",
+                                    "ts": dm["ts"], "time": dm["time"], "deleted": True}])
+        for word in ("hunter2xyzzy", "plughzork", "whisperquux", "password"):
+            found = await self.reply(b, "results", type="search", q=word)
+            self.assertEqual(found["messages"], [], word)
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        ws = await self.open_ws("UserB", self.tokens["UserB"], since=0)  # replay of everything
+        everything = json.dumps(await self.sync(ws), ensure_ascii=False)
+        for word in ("hunter2xyzzy", "plughzork", "whisperquux"):
+            self.assertNotIn(word, everything)
+        self.assertIn('"deleted": true', everything)
+
+    @async_test
+    async def test_shutting_down_finishes_the_erasure(self):
+        """Store.close() erases what the background thread has not: here it
+        never runs, and the text is still gone after the restart."""
+        with mock.patch.object(chat.Store, "_checkpoints", lambda store: None):
+            self.http_server.request_callback = self.make_app()
+        a, _ = await self.connect("UserA")
+        said = await self.post(a, "erase me zyzzyvaquux")
+        await self.change(a, type="delete", id=said["id"])
+        self.assertIn(b"zyzzyvaquux", self.on_disk(), "nothing erased it yet")
+        self.assertFalse(chat.Hub.store.wait_erased(0))
+        self.http_server.request_callback = self.make_app()  # closes the old Store
+        self.assertNotIn(b"zyzzyvaquux", self.on_disk())
+
+    @async_test
+    async def test_after_a_restart_ids_go_on_past_the_last_change(self):
+        """Changes take ids from the messages' sequence, so a restart must
+        count them too, or a new message could reuse an event's id."""
+        a, _ = await self.connect("UserA")
+        said = await self.post(a, "first")
+        edited = await self.change(a, type="edit", id=said["id"], text="second")
+        a.close()
+        await self.wait_health(connections=0)
+        self.http_server.request_callback = self.make_app()
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        self.assertGreater((await self.post(a, "third"))["id"], edited["id"])
+
+    @async_test
+    async def test_nobody_changes_what_they_cannot_see_and_the_answer_never_tells_if_it_exists(self):
+        """Someone else's private message, a message of a room one is not in,
+        an event's id and an id never used: the same not_found, word for
+        word, and nothing changes."""
+        a, b = await self.pair()
+        c, _ = await self.connect("UserC")
+        await self.sync(a)
+        await self.sync(b)
+        dm = await self.post(a, "@UserB between us")
+        await self.expect(b, "direct", id=dm["id"])
+        await self.ack(a, type="join", room="inner")
+        inner = await self.post(a, "inner circle", room="inner")
+        event = await self.change(a, type="react", id=inner["id"], emoji="🎉")
+        await self.sync(b)
+        await self.sync(c)
+        answers = []
+        for id in (dm["id"], inner["id"], event["id"], chat.Hub.last_id + 1000):
+            for frame in ({"type": "edit", "text": "mine now"}, {"type": "delete"}, {"type": "react", "emoji": "👍"}):
+                with self.subTest(id=id, frame=frame):
+                    err = await self.error(c, "not_found", id=id, **frame)
+                    answers.append((err["code"], err["message"]))
+        self.assertEqual(len(set(answers)), 1, "the answers differ: %r" % set(answers))
+        await self.quiet(c)
+        said = await self.post(a, "in general")
+        await self.expect(b, "message", id=said["id"])
+        await self.reply(b, "left", type="leave", room="general")
+        await self.error(b, "not_found", type="react", id=said["id"], emoji="👍")  # not in the room now
+        await self.change(a, type="delete", id=said["id"])
+        for frame in ({"type": "edit", "text": "again"}, {"type": "delete"}, {"type": "react", "emoji": "👍"}):
+            await self.error(a, "not_found", id=said["id"], **frame)  # deleted: gone for changes
+        self.assertEqual([m["text"] for m in await self.history(a, directs=True)], ["between us"])
+        self.assertEqual(await self.history(a, room="inner"), [{**inner, "reactions": {"🎉": ["UserA"]}}])
+        await self.quiet(a)
+        await self.quiet(b)
+
+
+class ChangeRulesTest(ChangeCase):
+    app_options = {"max_text": 10, "edit_window": 60}
+
+    @async_test
+    async def test_only_the_author_changes_a_message_with_a_new_messages_text_rules(self):
+        a, b = await self.pair()
+        said = await self.post(a, "mine")
+        await self.expect(b, "message", id=said["id"])
+        await self.error(b, "forbidden", type="edit", id=said["id"], text="yours")
+        await self.error(b, "forbidden", type="delete", id=said["id"])
+        for text, code in (("x" * 11, "too_long"), ("", "bad_request"), (" \u200b", "bad_request"),
+                           ("\ud800", "bad_request"), (5, "bad_request"), (None, "bad_request"),
+                           ("@UserB hi", "bad_request")):  # a room message never starts like a private one
+            with self.subTest(text=text):
+                await self.error(a, code, type="edit", id=said["id"], text=text)
+        for id in ("1", 0, -1, True, None, 2**63, 1.5):
+            with self.subTest(id=id):
+                await self.error(a, "bad_request", type="delete", id=id)
+        await self.quiet(b, "the other user")
+        self.assertEqual(await self.history(a, room="general"), [said], "nothing changed")
+        edited = await self.change(a, type="edit", id=said["id"], text="x" * 10)
+        self.assertEqual(edited["text"], "x" * 10)
+        dm = await self.post(a, "@UserB @C")
+        self.assertEqual((await self.change(a, type="edit", id=dm["id"], text="@C hey"))["text"], "@C hey")
+
+    @async_test
+    async def test_edit_and_delete_are_too_late_past_the_edit_window_and_reactions_never_are(self):
+        a, b = await self.pair()
+        said = await self.post(a, "hi")
+        with mock.patch.object(chat, "time", WallClock(61)):
+            await self.error(a, "too_late", type="edit", id=said["id"], text="late")
+            await self.error(a, "too_late", type="delete", id=said["id"])
+            await self.change(b, type="react", id=said["id"], emoji="👍")
+        with mock.patch.object(chat, "time", WallClock(59)):
+            await self.change(a, type="edit", id=said["id"], text="in time")
+            await self.change(a, type="delete", id=said["id"])
+
+
+class ReactionTest(ChangeCase):
+
+    @async_test
+    async def test_a_reaction_toggles_and_every_answer_shows_who_reacted(self):
+        a, b = await self.pair()
+        said = await self.post(a, "react to me")
+        await self.expect(b, "message", id=said["id"])
+        on = await self.change(b, type="react", id=said["id"], emoji="👍")
+        self.assertEqual(on, {"type": "reaction", "id": on["id"], "target": said["id"], "room": "general",
+                              "emoji": "👍", "user": "UserB", "on": True})
+        self.assertEqual(await self.read(a), on)
+        await self.change(a, type="react", id=said["id"], emoji="👍")
+        await self.change(a, type="react", id=said["id"], emoji="🎉")
+        shown = (await self.history(b, room="general"))[0]
+        self.assertEqual(shown["reactions"], {"👍": ["UserB", "UserA"], "🎉": ["UserA"]})
+        off = await self.change(b, type="react", id=said["id"], emoji="👍")
+        self.assertEqual((off["user"], off["on"]), ("UserB", False))
+        joined = await self.reply(b, "joined", type="join", room="general")
+        self.assertEqual(joined["history"][0]["reactions"], {"👍": ["UserA"], "🎉": ["UserA"]})
+        await self.change(a, type="react", id=said["id"], emoji="👍")
+        await self.change(a, type="react", id=said["id"], emoji="🎉")
+        self.assertEqual(await self.history(b, room="general"), [said], "no reactions: no key")
+        dm = await self.post(a, "@UserB psst")
+        on = await self.change(b, type="react", id=dm["id"], emoji="❤️")
+        self.assertEqual((on["from"], on["to"], on["on"]), ("UserA", "UserB", True))
+        self.assertEqual((await self.expect(a, "reaction", id=on["id"])), on)
+
+    @async_test
+    async def test_twenty_different_emoji_at_most_and_only_emoji(self):
+        a, b = await self.pair()
+        said = await self.post(a, "many")
+        twenty = [chr(0x1F600 + i) for i in range(chat.MAX_REACTIONS)]
+        for emoji in twenty:
+            await self.change(b, type="react", id=said["id"], emoji=emoji)
+        await self.sync(a)
+        await self.error(a, "bad_request", type="react", id=said["id"], emoji="🙂")  # a 21st
+        await self.change(a, type="react", id=said["id"], emoji=twenty[0])  # one of the twenty: fine
+        for emoji in ("👍🏽", "🇫🇷", "1️⃣", "🧑\u200d💻", "❤️"):
+            with self.subTest(emoji=emoji):
+                other = await self.post(a, "x")
+                await self.change(a, type="react", id=other["id"], emoji=emoji)
+        fresh = await self.post(a, "no reactions yet")
+        for emoji in ("a", "1", " ", "\n", "", "👍👍", "👍 ", "é", "日", "\u200d", "👍\u200d", "\ufe0f",
+                      "🇫🇷🇩🇪", "x" * 17, "\ud83d", 5, None, ["👍"]):
+            with self.subTest(emoji=emoji):
+                await self.error(a, "bad_request", type="react", id=fresh["id"], emoji=emoji)
+        self.assertNotIn("reactions", (await self.history(a, room="general"))[-1])
+        shown = (await self.history(a, room="general", limit=1, before=said["id"] + 1))[0]
+        self.assertEqual(list(shown["reactions"]), twenty)
+
+
+class ReplyTest(ChangeCase):
+
+    @async_test
+    async def test_a_reply_quotes_the_current_text_of_a_message_in_its_own_conversation(self):
+        a, b = await self.pair()
+        long = await self.post(a, "q" * 99 + "é and more")
+        reply = await self.post(b, "yes", reply_to=long["id"])
+        self.assertEqual((reply["reply_to"], reply["quote"]), (long["id"], "q" * 99 + "é"))
+        self.assertEqual(await self.expect(a, "message", id=reply["id"]), reply)
+        await self.change(a, type="edit", id=long["id"], text="short now")
+        self.assertEqual((await self.history(b, room="general"))[-1]["quote"], "short now")
+        await self.change(a, type="delete", id=long["id"])
+        self.assertIsNone((await self.history(b, room="general"))[-1]["quote"])
+        late = await self.post(b, "replying to a tombstone", reply_to=long["id"])
+        self.assertIsNone(late["quote"])
+        dm = await self.post(a, "@UserB private")
+        back = await self.post(b, "@UserA private back", reply_to=dm["id"])
+        self.assertEqual((back["reply_to"], back["quote"]), (dm["id"], "private"))
+
+    @async_test
+    async def test_a_reply_to_another_conversation_or_to_nothing_is_bad_request_alike(self):
+        """reply_to must name a message of the same room, or of the same two
+        people: anything else gets the same bad_request, and nothing is posted."""
+        a, b = await self.pair()
+        c, _ = await self.connect("UserC")
+        await self.sync(a)
+        await self.sync(b)
+        await self.ack(a, type="join", room="python")
+        elsewhere = await self.post(a, "in python", room="python")
+        theirs = await self.post(c, "@UserA between C and A")
+        mine = await self.post(a, "@UserB between A and B")
+        event = await self.change(a, type="react", id=mine["id"], emoji="👍")
+        await self.sync(b)
+        answers = set()
+        for frame in ({"text": "hi", "reply_to": elsewhere["id"]},  # another room
+                      {"text": "hi", "reply_to": mine["id"]},  # a private message, from a room
+                      {"text": "@UserA hi", "reply_to": theirs["id"]},  # another pair's
+                      {"text": "@UserA hi", "reply_to": event["id"]},  # an event
+                      {"text": "hi", "reply_to": chat.Hub.last_id + 100}):  # nothing
+            with self.subTest(frame=frame):
+                err = await self.error(b, "bad_request", type="message", **frame)
+                answers.add(err["message"])
+        self.assertEqual(len(answers), 1, answers)
+        for bad in ("1", 0, True, [1]):
+            await self.error(b, "bad_request", type="message", text="hi", reply_to=bad)
+        await self.quiet(a)
+        await self.quiet(b)
