@@ -3,7 +3,8 @@
 Run them with ``python -m pytest -q test_chat.py``.
 
 Every test builds a fresh server with ``chat.make_app(db=":memory:", ...)``
-(``make_app`` resets ChatSocket's class-level state), talks to it through
+(``make_app`` resets the Hub's class-level state; ``FileCase`` uses a database
+file and can ``restart()``), talks to it through
 ``websocket_connect`` as a page would, and awaits frames instead of sleeping.
 To show that something did NOT arrive, a test sends a later frame with a
 ``ref`` (``{"type":"rooms","ref":...}``) and checks that its answer is the next
@@ -12,7 +13,11 @@ thing received: the server answers each connection's frames in order.
 Sections: helpers; connecting and names; rooms; direct messages; errors and
 limits; origin, Unicode, HTTP; the property test; persistence and resume
 (issue 3, including subprocess tests of SIGKILL/SIGTERM); slow consumers,
-liveness and connection caps (issue 5).
+liveness and connection caps (issue 5); hardening (issue 8: locks, floods,
+pings, Host, the listener, budgets, client ids); connect cost (issue 9:
+batches, rosters, storms, /metrics); guards found by mutation (``mutate.py``);
+scroll-back, search, read markers, devices and auth frames (issue 11);
+messages that change (issue 12).
 """
 
 import asyncio
