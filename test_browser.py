@@ -927,12 +927,30 @@ def test_axe_audit_finds_no_serious_issues(browser, server, scheme):
     pa = open_chat(browser, server, a, context=ctx)
     pb = open_chat(browser, server, b)
     say(pb, f"hello @{a}, see https://example.org")
-    say(pb, "a second one, grouped")
+    second, reply = unique("a second one, grouped "), unique("a reply ")
+    say(pb, second)
     say(pb, f"@{a} and a private one")
     expect(dm_row(pa, b).locator(".badge")).to_have_text("1")
+    expect(pb.locator("#conv-title")).to_have_text(a)         # the private message opened its conversation
+    room_row(pb, "general").locator(".side-item").click()
+    act(pb, second, "React")                                 # a reaction chip, a reply's quote, an edit
+    pb.get_by_role("button", name="React with party").click()
+    act(pb, second, "Reply")
+    say(pb, reply)
+    act(pb, reply, "Edit")
+    pb.locator("#input").fill(reply + ", edited")
+    pb.locator("#input").press("Enter")
+    expect(msg_row(pa, reply + ", edited").locator(".edited")).to_be_visible()
+    expect(msg_row(pa, second).locator(".chip")).to_have_count(1)
     pa.locator("#input").fill(f"@{b} private draft")
     expect(pa.locator("#private-chip")).to_be_visible()
-    for phase in ("room", "completion", "dm", "search", "devices"):
+    for phase in ("room", "actions", "completion", "dm", "search", "devices"):
+        if phase == "actions":
+            pa.locator("#input").fill("")
+            act(pa, reply + ", edited", "Reply")
+            expect(pa.locator("#compose-bar")).to_be_visible()
+            act(pa, second, "React")
+            expect(pa.locator("#emoji-picker")).to_be_visible()
         if phase == "search":
             pa.locator("#search-input").fill("private")
             pa.locator("#search-input").press("Enter")
