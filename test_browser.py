@@ -1895,20 +1895,35 @@ def test_screenshots(browser, own_server):
         expect(shown(alice, text)).to_have_count(1)
     for page in (bob, carol):
         room_row(page, "general").locator(".side-item").click()
-    for page, text in [
+    for page, text, *rest in [
         (carol, "Morning all, standup in 10 minutes"),
         (bob, "On my way."),
         (bob, "Running two minutes late, start without me"),
         (carol, "No rush. Agenda: the 2.4 release, the phone app, and lunch plans."),
-        (bob, "Back. I read the notes from yesterday, looks good."),
+        (bob, "Back. I red the notes from yesterday, looks good."),
         (carol, "Dana from the Tel Aviv office joins us today; she says:"),
         (carol, "שלום לכולם, נתראה בפגישה!"),
         (bob, "Can someone share the release notes?"),
-        (carol, "Thanks! The reconnect fix is a big one for the phone app."),
+        (carol, "Thanks! The reconnect fix is a big one for the phone app.", "I red the notes"),
         (bob, "Agreed, no more lost messages on flaky Wi-Fi. @Alice is it in 2.4?"),
     ]:
+        if len(rest) == 1:
+            act(page, rest[0], "Reply")
         say(page, text)
         expect(shown(bob, text.split("\n")[0])).to_have_count(1)
+    # Messages that change: a typo fixed, reactions, one taken back.
+    act(bob, "I red the notes", "Edit")
+    bob.locator("#input").fill("Back. I read the notes from yesterday, looks good.")
+    bob.locator("#input").press("Enter")
+    expect(msg_row(carol, "I read the notes").locator(".edited")).to_be_visible()
+    for page, text, emoji in [(bob, "The reconnect fix", "party"), (carol, "The reconnect fix", "party"),
+                              (carol, "On my way", "thumbs up")]:
+        act(page, text, "React")
+        page.get_by_role("button", name=f"React with {emoji}").click()
+    expect(msg_row(bob, "The reconnect fix").locator(".chip-count")).to_have_text("2")
+    act(bob, "Running two minutes late", "Delete")
+    bob.locator("#delete-dialog").get_by_role("button", name="Delete").click()
+    expect(shown(carol, "Running two minutes late")).to_have_count(0)
     expect(room_row(alice, "general").locator(".mention-badge")).to_have_text("@1")
     room_row(alice, "general").locator(".side-item").click()     # opens at the New divider
     expect(alice.locator("#new-divider")).to_be_visible()
@@ -1922,6 +1937,8 @@ def test_screenshots(browser, own_server):
     expect(alice.locator("#typing")).to_contain_text("Bob is typing")
     alice.locator("#input").fill("@Bob yes, it is in 2.4: I will send you the notes")
     expect(alice.locator("#private-chip")).to_be_visible()
+    msg_row(alice, "No rush. Agenda").hover()               # a message's actions
+    expect(alice.locator("#msg-actions")).to_be_visible()
     alice.screenshot(path=str(docs / "desktop.png"))
 
     # Bob on a phone, reading back while the room goes on.
