@@ -927,12 +927,30 @@ def test_axe_audit_finds_no_serious_issues(browser, server, scheme):
     pa = open_chat(browser, server, a, context=ctx)
     pb = open_chat(browser, server, b)
     say(pb, f"hello @{a}, see https://example.org")
-    say(pb, "a second one, grouped")
+    second, reply = unique("a second one, grouped "), unique("a reply ")
+    say(pb, second)
     say(pb, f"@{a} and a private one")
     expect(dm_row(pa, b).locator(".badge")).to_have_text("1")
+    expect(pb.locator("#conv-title")).to_have_text(a)         # the private message opened its conversation
+    room_row(pb, "general").locator(".side-item").click()
+    act(pb, second, "React")                                 # a reaction chip, a reply's quote, an edit
+    pb.get_by_role("button", name="React with party").click()
+    act(pb, second, "Reply")
+    say(pb, reply)
+    act(pb, reply, "Edit")
+    pb.locator("#input").fill(reply + ", edited")
+    pb.locator("#input").press("Enter")
+    expect(msg_row(pa, reply + ", edited").locator(".edited")).to_be_visible()
+    expect(msg_row(pa, second).locator(".chip")).to_have_count(1)
     pa.locator("#input").fill(f"@{b} private draft")
     expect(pa.locator("#private-chip")).to_be_visible()
-    for phase in ("room", "completion", "dm", "search", "devices"):
+    for phase in ("room", "actions", "completion", "dm", "search", "devices"):
+        if phase == "actions":
+            pa.locator("#input").fill("")
+            act(pa, reply + ", edited", "Reply")
+            expect(pa.locator("#compose-bar")).to_be_visible()
+            act(pa, second, "React")
+            expect(pa.locator("#emoji-picker")).to_be_visible()
         if phase == "search":
             pa.locator("#search-input").fill("private")
             pa.locator("#search-input").press("Enter")
@@ -1527,6 +1545,332 @@ def test_the_token_never_travels_in_the_socket_url(browser, server):
     ctx.close()
 
 
+################ Tests: messages that change (issue 12)
+
+
+def msg_row(page, text: str):
+    """The message on screen whose text contains `text`."""
+    return page.locator("#msg-list > li.msg").filter(has=page.locator(".text", has_text=text))
+
+
+def act(page, text: str, action: str) -> None:
+    """Point at a message and click one of its actions (Reply, React, Edit, Delete)."""
+    msg_row(page, text).hover()
+    page.locator("#msg-actions").get_by_role("button", name=action, exact=True).click()
+
+
+def say_acked(ws, frame: dict) -> int:
+    """A bot's frame, sent; the id its ack gives."""
+    ref = uuid.uuid4().hex[:8]
+    ws.send(json.dumps({**frame, "ref": ref}))
+    while True:
+        got = json.loads(ws.recv(timeout=10))
+        if got.get("ref") == ref:
+            assert got["type"] == "ack", got
+            return got["id"]
+
+
+def test_an_edit_and_a_delete_in_one_window_show_in_the_other(browser, server):
+    """The author edits through the message's actions: both windows show the
+    new text marked "edited" (the time in its title). Delete asks first; once
+    confirmed both windows say "message deleted", and the old text is nowhere
+    in the other window's page. Others' messages offer no Edit or Delete."""
+    a, b = unique("A"), unique("B")
+    pa, pb = open_chat(browser, server, a), open_chat(browser, server, b)
+    draft, doomed = unique("first draft "), unique("regret this ")
+    for text in (draft, doomed):
+        say(pa, text)
+        expect(shown(pb, text)).to_have_count(1)
+
+    act(pa, draft, "Edit")
+    expect(pa.locator("#compose-label")).to_have_text("Editing:")
+    expect(pa.locator("#compose-quote")).to_have_text(draft)
+    expect(pa.locator("#input")).to_have_value(draft)
+    expect(pa.locator("#send-label")).to_have_text("Save")
+    fixed = unique("fixed text ")
+    pa.locator("#input").fill(fixed)
+    pa.locator("#input").press("Enter")
+    for p in (pa, pb):
+        edited = msg_row(p, fixed).locator(".edited")
+        expect(edited).to_have_text("edited")
+        expect(edited).to_have_attribute("title", re.compile(r"^Edited \d"))
+        expect(shown(p, draft)).to_have_count(0)
+    expect(pa.locator("#compose-bar")).to_be_hidden()
+    expect(pa.locator("#input")).to_have_value("")
+
+    msg_row(pb, fixed).hover()                               # B may reply and react, not edit
+    expect(pb.locator("#msg-actions")).to_be_visible()
+    expect(pb.locator('#msg-actions [data-act="reply"]')).to_be_visible()
+    expect(pb.locator('#msg-actions [data-act="edit"]')).to_be_hidden()
+    expect(pb.locator('#msg-actions [data-act="delete"]')).to_be_hidden()
+
+    dialog = pa.locator("#delete-dialog")
+    doomed_id = msg_row(pb, doomed).get_attribute("data-id")
+    act(pa, doomed, "Delete")
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Cancel").click()     # asked first: nothing happens
+    expect(dialog).to_be_hidden()
+    expect(shown(pb, doomed)).to_have_count(1)
+    act(pa, doomed, "Delete")
+    dialog.get_by_role("button", name="Delete").click()
+    for p in (pa, pb):
+        expect(p.locator(f'#msg-list > li.msg.deleted[data-id="{doomed_id}"] .text')).to_have_text("message deleted")
+        expect(shown(p, doomed)).to_have_count(0)
+    html = pb.content()
+    assert doomed not in html and draft not in html
+    assert not pa.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
+def test_a_reply_quotes_its_original_and_the_quote_leads_there(browser, tmp_path):
+    """A reply shows its quote above its text. With --history 20 and 60
+    messages between them, the original is not loaded: clicking the quote
+    fetches it and lights it up in view. Replying from the page, the composer
+    says "Replying to NAME: quote", and the message sent carries reply_to.
+    When the original is deleted, its replies say "message deleted"."""
+    srv = Server(tmp_path / "chat.db", "--rate", "0", "--names_per_hour", "0", "--history", "20")
+    srv.start()
+    stack = contextlib.ExitStack()
+    try:
+        teller = connect_bot(stack, srv, "Teller")
+        original = say_acked(teller, {"type": "message", "room": "general", "text": "the original question"})
+        bot_say(teller, "general", [f"filler {i:02d}" for i in range(60)])
+        say_acked(teller, {"type": "message", "room": "general", "text": "the answer", "reply_to": original})
+        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+        sent = frames_sent(ctx)
+        page = open_chat(browser, srv, "Reader", context=ctx)
+        quote = msg_row(page, "the answer").locator(".quote")
+        expect(quote).to_contain_text("the original question")
+        expect(shown(page, "the original question")).to_have_count(0)     # only its quote is here
+        quote.click()
+        found = msg_row(page, "the original question")
+        expect(found).to_be_in_viewport()
+        expect(found).to_have_class(re.compile(r"\bfound\b"))
+        expect(quote).to_contain_text("Teller: the original question")   # held now: the quote names its author
+
+        act(page, "filler 59", "Reply")
+        bar = page.locator("#compose-bar")
+        expect(page.locator("#compose-label")).to_have_text("Replying to Teller:")
+        expect(page.locator("#compose-quote")).to_have_text("filler 59")
+        expect(page.locator("#input")).to_be_focused()
+        say(page, "my own reply")
+        expect(msg_row(page, "my own reply").locator(".quote")).to_contain_text("filler 59")
+        expect(bar).to_be_hidden()
+        filler_id = int(msg_row(page, "filler 59").get_attribute("data-id"))
+        assert [f.get("reply_to") for f in sent if f.get("text") == "my own reply"] == [filler_id], sent
+
+        teller.send(json.dumps({"type": "delete", "id": original}))
+        expect(quote.locator(".gone")).to_have_text("message deleted")
+        expect(page.locator("body")).not_to_contain_text("the original question")
+        assert not page.js_errors
+        ctx.close()
+    finally:
+        stack.close()
+        srv.stop()
+
+
+def test_a_reaction_toggled_from_two_windows(browser, server):
+    """React opens eight emoji; a reaction shows as a chip with a count and,
+    in its tooltip, who reacted; your own is marked. Clicking a chip adds or
+    takes back yours: 1, 2, then 1 again, in both windows. The keyboard
+    reaches the same actions through the message's "…" button."""
+    a, b = unique("A"), unique("B")
+    pa, pb = open_chat(browser, server, a), open_chat(browser, server, b)
+    text = unique("react to me ")
+    say(pa, text)
+    expect(shown(pb, text)).to_have_count(1)
+
+    # A, by keyboard: the list, ↑ to the message, Tab to "…", Enter, → React, Enter, → ❤️, Enter.
+    pa.locator("#messages").focus()
+    pa.keyboard.press("ArrowUp")
+    expect(msg_row(pa, text)).to_be_focused()
+    pa.keyboard.press("Tab")
+    more = pa.locator("#msg-more")
+    expect(more).to_be_focused()
+    pa.keyboard.press("Enter")
+    expect(pa.locator('#msg-actions [data-act="reply"]')).to_be_focused()
+    pa.keyboard.press("Escape")                              # Esc closes, back on "…"
+    expect(more).to_be_focused()
+    expect(more).to_have_attribute("aria-expanded", "false")
+    pa.keyboard.press("Enter")
+    pa.keyboard.press("ArrowRight")
+    expect(pa.locator('#msg-actions [data-act="react"]')).to_be_focused()
+    pa.keyboard.press("Enter")
+    expect(pa.locator("#emoji-picker button")).to_have_count(8)
+    pa.keyboard.press("ArrowRight")
+    expect(pa.get_by_role("button", name="React with heart")).to_be_focused()
+    pa.keyboard.press("Enter")
+    heart = msg_row(pb, text).locator('.chip[data-emoji="❤️"]')
+    expect(heart.locator(".chip-count")).to_have_text("1")
+    expect(heart).to_have_attribute("title", a)
+
+    # B, by mouse: React, 👍.
+    act(pb, text, "React")
+    pb.get_by_role("button", name="React with thumbs up").click()
+    expect(pb.locator("#emoji-picker")).to_be_hidden()
+    chip = {p: msg_row(p, text).locator('.chip[data-emoji="👍"]') for p in (pa, pb)}
+    for p in (pa, pb):
+        expect(chip[p].locator(".chip-count")).to_have_text("1")
+        expect(chip[p]).to_have_attribute("title", b)
+    expect(chip[pb]).to_have_attribute("aria-pressed", "true")   # yours is marked
+    expect(chip[pa]).to_have_attribute("aria-pressed", "false")
+
+    chip[pa].click()                                         # A adds theirs
+    for p in (pa, pb):
+        expect(chip[p].locator(".chip-count")).to_have_text("2")
+        expect(chip[p]).to_have_attribute("title", f"{b}, {a}")
+    expect(chip[pa]).to_have_attribute("aria-pressed", "true")
+    chip[pb].click()                                         # B takes theirs back
+    for p in (pa, pb):
+        expect(chip[p].locator(".chip-count")).to_have_text("1")
+        expect(chip[p]).to_have_attribute("title", a)
+    expect(chip[pb]).to_have_attribute("aria-pressed", "false")
+    assert not pa.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
+def test_a_window_offline_during_an_edit_and_a_delete_shows_both_after_reconnect(browser, server):
+    """B's socket is dropped and held closed while A edits one message and
+    deletes another (which B had replied to). Back online, B resumes with
+    since=: it shows the edit and the deletion, its reply quotes "message
+    deleted", each message once, and neither old text is anywhere in its page."""
+    held = threading.Event()
+    routes: list = []
+
+    def gate(ws):
+        if held.is_set():
+            ws.close(code=1013, reason="held by the test")
+        else:
+            routes.append((ws, ws.connect_to_server()))
+
+    a, b = unique("A"), unique("B")
+    pa = open_chat(browser, server, a)
+    pb = open_chat(browser, server, b, route=gate)
+    old, doomed = unique("old wording "), unique("soon gone ")
+    for text in (old, doomed):
+        say(pa, text)
+        expect(shown(pb, text)).to_have_count(1)
+    act(pb, doomed, "Reply")
+    say(pb, "answering that")
+    expect(msg_row(pa, "answering that").locator(".quote")).to_contain_text(doomed)
+
+    doomed_id = msg_row(pb, doomed).get_attribute("data-id")
+    held.set()
+    page_side, server_side = routes[-1]
+    page_side.close(code=1001, reason="dropped by the test")
+    server_side.close()
+    expect(pb.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")
+
+    new = unique("new wording ")
+    act(pa, old, "Edit")
+    pa.locator("#input").fill(new)
+    pa.locator("#input").press("Enter")
+    expect(msg_row(pa, new).locator(".edited")).to_be_visible()
+    act(pa, doomed, "Delete")
+    pa.locator("#delete-dialog").get_by_role("button", name="Delete").click()
+    expect(msg_row(pa, "answering that").locator(".quote .gone")).to_have_text("message deleted")
+    expect(shown(pb, old)).to_have_count(1)                  # B was away: it could not know yet
+
+    held.clear()
+    pb.locator("#retry-now").click()
+    expect(pb.locator("#conn-state")).to_have_attribute("data-state", "online", timeout=40_000)
+    expect(msg_row(pb, new).locator(".edited")).to_have_text("edited")
+    expect(pb.locator(f'#msg-list > li.msg[data-id="{doomed_id}"]')).to_have_class(re.compile(r"\bdeleted\b"))
+    expect(msg_row(pb, "answering that").locator(".quote .gone")).to_have_text("message deleted")
+    ids = pb.eval_on_selector_all("#msg-list > li.msg", "els => els.map(e => e.dataset.id)")
+    assert len(ids) == len(set(ids)), ids
+    for p in (pa, pb):
+        html = p.content()
+        assert old not in html and doomed not in html
+    assert not pa.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
+def test_arrow_up_edits_your_last_message_and_esc_cancels(browser, server):
+    """↑ in an empty message box edits your last message in the open
+    conversation (not someone else's, not with a draft in the box): the
+    composer says "Editing" with its text; Esc gives the box back as it was;
+    Enter saves."""
+    a, b = unique("A"), unique("B")
+    pa, pb = open_chat(browser, server, a), open_chat(browser, server, b)
+    earlier, last, theirs = unique("earlier "), unique("my last "), unique("theirs ")
+    for page, text in ((pa, earlier), (pa, last), (pb, theirs)):
+        say(page, text)
+        expect(shown(pa, text)).to_have_count(1)
+    box, bar = pa.locator("#input"), pa.locator("#compose-bar")
+    box.fill("a draft")
+    box.press("ArrowUp")                                     # a draft in the box: ↑ only moves the caret
+    expect(bar).to_be_hidden()
+    box.fill("")
+    box.press("ArrowUp")
+    expect(pa.locator("#compose-label")).to_have_text("Editing:")
+    expect(pa.locator("#compose-quote")).to_have_text(last)
+    expect(box).to_have_value(last)
+    box.press("Escape")
+    expect(bar).to_be_hidden()
+    expect(box).to_have_value("")
+    expect(msg_row(pa, last).locator(".edited")).to_have_count(0)
+
+    box.press("ArrowUp")
+    changed = unique("changed ")
+    box.fill(changed)
+    box.press("Enter")
+    expect(msg_row(pb, changed).locator(".edited")).to_be_visible()
+    expect(shown(pb, last)).to_have_count(0)
+    expect(shown(pb, earlier)).to_have_count(1)
+    expect(shown(pb, theirs)).to_have_count(1)
+    expect(box).to_have_value("")
+    assert not pa.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
+def test_a_refused_change_is_told_in_a_plain_sentence(browser, server):
+    """not_found, forbidden and too_late each read as a sentence, never the
+    server's wording; a refused edit's text comes back to the box. (The
+    server's answers stand in here: the real ones need a deleted message, a
+    second author or an --edit_window.)"""
+    answer = {"code": ""}
+
+    def refuse(ws):
+        server_side = ws.connect_to_server()
+
+        def from_page(message):
+            frame = json.loads(message)
+            if frame.get("type") in ("edit", "delete", "react") and answer["code"]:
+                ws.send(json.dumps({"type": "error", "code": answer["code"], "message": "SERVER WORDS",
+                                    "ref": frame["ref"]}))
+            else:
+                server_side.send(message)
+        ws.on_message(from_page)
+
+    a = unique("A")
+    pa = open_chat(browser, server, a, route=refuse)
+    text = unique("try to change me ")
+    say(pa, text)
+    expect(msg_row(pa, text)).to_have_count(1)
+    box, error = pa.locator("#input"), pa.locator("#error")
+    for code, sentence in (("too_late", "It is too late to change that message"),
+                           ("forbidden", "Only the person who wrote a message can edit or delete it."),
+                           ("not_found", "That message is not there any more")):
+        answer["code"] = code
+        box.fill("")
+        box.press("ArrowUp")
+        box.fill(f"{code} attempt")
+        box.press("Enter")
+        expect(error).to_contain_text(sentence)
+        expect(error).to_contain_text("Your text is back in the message box.")
+        expect(box).to_have_value(f"{code} attempt")
+        expect(error).not_to_contain_text("SERVER WORDS")
+    answer["code"] = "too_late"
+    box.fill("")
+    act(pa, text, "React")
+    pa.get_by_role("button", name="React with eyes").click()
+    expect(error).to_have_text(re.compile(r"^It is too late to change that message"))
+    expect(shown(pa, text)).to_have_count(1)
+    assert not pa.js_errors
+    pa.context.close()
+
+
 ################ Screenshots for the README (opt-in)
 
 
@@ -1551,20 +1895,35 @@ def test_screenshots(browser, own_server):
         expect(shown(alice, text)).to_have_count(1)
     for page in (bob, carol):
         room_row(page, "general").locator(".side-item").click()
-    for page, text in [
+    for page, text, *rest in [
         (carol, "Morning all, standup in 10 minutes"),
         (bob, "On my way."),
         (bob, "Running two minutes late, start without me"),
         (carol, "No rush. Agenda: the 2.4 release, the phone app, and lunch plans."),
-        (bob, "Back. I read the notes from yesterday, looks good."),
+        (bob, "Back. I red the notes from yesterday, looks good."),
         (carol, "Dana from the Tel Aviv office joins us today; she says:"),
         (carol, "שלום לכולם, נתראה בפגישה!"),
         (bob, "Can someone share the release notes?"),
-        (carol, "Thanks! The reconnect fix is a big one for the phone app."),
+        (carol, "Thanks! The reconnect fix is a big one for the phone app.", "I red the notes"),
         (bob, "Agreed, no more lost messages on flaky Wi-Fi. @Alice is it in 2.4?"),
     ]:
+        if len(rest) == 1:
+            act(page, rest[0], "Reply")
         say(page, text)
         expect(shown(bob, text.split("\n")[0])).to_have_count(1)
+    # Messages that change: a typo fixed, reactions, one taken back.
+    act(bob, "I red the notes", "Edit")
+    bob.locator("#input").fill("Back. I read the notes from yesterday, looks good.")
+    bob.locator("#input").press("Enter")
+    expect(msg_row(carol, "I read the notes").locator(".edited")).to_be_visible()
+    for page, text, emoji in [(bob, "The reconnect fix", "party"), (carol, "The reconnect fix", "party"),
+                              (carol, "On my way", "thumbs up")]:
+        act(page, text, "React")
+        page.get_by_role("button", name=f"React with {emoji}").click()
+    expect(msg_row(bob, "The reconnect fix").locator(".chip-count")).to_have_text("2")
+    act(bob, "Running two minutes late", "Delete")
+    bob.locator("#delete-dialog").get_by_role("button", name="Delete").click()
+    expect(shown(carol, "Running two minutes late")).to_have_count(0)
     expect(room_row(alice, "general").locator(".mention-badge")).to_have_text("@1")
     room_row(alice, "general").locator(".side-item").click()     # opens at the New divider
     expect(alice.locator("#new-divider")).to_be_visible()
@@ -1578,6 +1937,8 @@ def test_screenshots(browser, own_server):
     expect(alice.locator("#typing")).to_contain_text("Bob is typing")
     alice.locator("#input").fill("@Bob yes, it is in 2.4: I will send you the notes")
     expect(alice.locator("#private-chip")).to_be_visible()
+    msg_row(alice, "No rush. Agenda").hover()               # a message's actions
+    expect(alice.locator("#msg-actions")).to_be_visible()
     alice.screenshot(path=str(docs / "desktop.png"))
 
     # Bob on a phone, reading back while the room goes on.
