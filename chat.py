@@ -332,6 +332,7 @@ SEARCH_PAGE = 50  # results a search answer holds
 MAX_QUERY = 200  # characters in a search
 WORD = re.compile(r"\w+")  # what search matches: words, not substrings
 LISTEN_BACKLOG = 4096  # connects the kernel may hold before they are accepted (a reconnect storm)
+INDEX_EVERY = 0.2  # seconds a new message's words may wait for the search index (written in batches)
 HISTORY_CACHE = 64 << 20  # bytes of encoded room histories kept in RAM (the least recently used are dropped)
 QUOTE = 100  # characters of its target a reply quotes
 MAX_EMOJI = 16  # bytes (UTF-8) in one reaction's emoji
@@ -1088,6 +1089,9 @@ class Store:
                     self.db.execute("DROP TABLE IF EXISTS search")
                     for statement in self.SEARCH:
                         self.db.execute(statement)
+                # Words of the newest messages may not have reached the index
+                # (they are written in batches, and the process was killed): now.
+                self.db.execute(self.SEARCH[1] + " WHERE id > (SELECT coalesce(max(rowid), 0) FROM search)")
                 # Ids never go back, even when the newest messages were forgotten with their room.
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('last_id', (SELECT coalesce(max(id), 0) FROM messages))")
                 # The epoch names this database: message ids count within it, so a
@@ -1096,6 +1100,8 @@ class Store:
             self.epoch: str = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot use database {path!r}: {e}") from None
+        self.unindexed: dict[int, tuple[Optional[str], str]] = {}  # message id -> (its words, its conversation)
+        self.indexing: Optional[object] = None  # the timer of the next index_pending
         self.stopping = threading.Event()
         self.wake = threading.Event()  # the checkpointer's alarm: stopping, or text to erase
         self.erasing = threading.Condition()  # guards asked and erased
@@ -1242,6 +1248,7 @@ class Store:
         stay, as written, but no longer belong to the key: whoever claims
         the name next can neither read its private messages nor edit them."""
         former = f"~released~{secrets.token_hex(4)}~{user}"  # not a name: nobody can ever claim it
+        self.index_pending()
         with self.transaction():
             found = self.db.execute("DELETE FROM users WHERE key = ?", (user,)).rowcount > 0
             for table, column in (("devices", "user"), ("members", "user"), ("reads", "user")):
@@ -1257,6 +1264,7 @@ class Store:
 
     def drop_room(self, room: str) -> None:
         """Forget a room and its messages (it has no members)."""
+        self.index_pending()
         with self.transaction():
             self.db.execute("UPDATE meta SET value = max(CAST(value AS INTEGER), (SELECT coalesce(max(id), 0)"
                             " FROM messages), (SELECT coalesce(max(id), 0) FROM events)) WHERE key = 'last_id'")
@@ -1275,13 +1283,35 @@ class Store:
     def add_message(self, id: int, room: Optional[str], sender: str, recipient: Optional[str],
                     delivered: bool, payload: bytes, cid: Optional[str], text: str,
                     reply_to: Optional[int] = None) -> None:
-        """A message, and its words for search: together."""
+        """A message, committed by itself. Its words go to the search index
+        within INDEX_EVERY, many messages in one transaction: one at a time,
+        FTS5 would cost a message 100 µs more (see index_pending)."""
+        self.write("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid, reply_to)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (id, room, sender, recipient, int(delivered), payload.decode(), cid, reply_to))
+        conv = conv_word("r", room) if room is not None else f"{conv_word('u', sender)} {conv_word('u', recipient)}"
+        self.unindexed[id] = (text, conv)
+        if self.indexing is None:
+            self.indexing = tornado.ioloop.IOLoop.current().call_later(INDEX_EVERY, self._index_later)
+
+    def index_pending(self) -> None:
+        """Write the words of the messages stored since the last time, in one
+        transaction. Whatever reads or changes the index calls this first, so
+        it never misses a stored message; if the process dies first, the
+        next start indexes what is missing."""
+        if not self.unindexed:
+            return
+        rows = [(id, text, conv) for id, (text, conv) in self.unindexed.items()]
         with self.transaction():
-            self.db.execute("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid, reply_to)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (id, room, sender, recipient, int(delivered), payload.decode(), cid, reply_to))
-            conv = conv_word("r", room) if room is not None else f"{conv_word('u', sender)} {conv_word('u', recipient)}"
-            self.db.execute("INSERT INTO search (rowid, text, conv) VALUES (?, ?, ?)", (id, text, conv))
+            self.db.executemany("INSERT INTO search (rowid, text, conv) VALUES (?, ?, ?)", rows)
+        self.unindexed.clear()
+
+    def _index_later(self) -> None:
+        self.indexing = None
+        try:
+            self.index_pending()
+        except sqlite3.Error as e:  # locked: they wait for the next message, search or close
+            log.warning("search index not updated yet: %s", e)
 
     # ---- changes to a message: call them inside transaction(), with add_event
 
@@ -1377,6 +1407,7 @@ class Store:
                limit: int) -> list[Row]:
         """The newest `limit` messages below `before` holding every word, newest
         first: in `rooms` and user's own private messages, nobody else's."""
+        self.index_pending()
         # Each word quoted, so FTS5 syntax cannot sneak in; the conversations
         # as their words, so the index only ever looks at the asker's.
         convs = " OR ".join([conv_word("r", r) for r in rooms] + [conv_word("u", user)])
@@ -1396,7 +1427,14 @@ class Store:
                                (user,)).fetchone()[0]
 
     def close(self) -> None:
-        """Finish erasing, fold the WAL back into the database file and close it."""
+        """Index what waits, finish erasing, fold the WAL back into the database file and close it."""
+        if self.indexing is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self.indexing)
+            self.indexing = None
+        try:
+            self.index_pending()
+        except sqlite3.Error as e:  # the next start indexes them
+            log.warning("search index not updated at shutdown: %s", e)
         self.stopping.set()
         self.wake.set()
         if self.checkpointer is not None:
@@ -2113,6 +2151,7 @@ class Hub:
         if text is not None or deleted:
             quote = None if deleted else text[:QUOTE]
             replies = [(id, encode({**frame, "quote": quote})) for id, frame in cls.store.replies(target.id)]
+        cls.store.index_pending()  # the words it changes or erases must be in the index first
         with cls.store.transaction():
             if deleted:
                 cls.store.erase(target.id, payload)

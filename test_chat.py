@@ -3246,6 +3246,18 @@ class SearchTest(FileCase):
         await self.still_serving(a, b)
 
     @async_test
+    async def test_words_that_did_not_reach_the_index_before_a_crash_are_indexed_at_start(self):
+        a, _ = await self.connect("UserA")
+        lost = await self.say(a, "written just before the crash")
+        store = chat.Hub.store
+        self.assertIn(lost["id"], store.unindexed, "words go to the index in batches")
+        store.unindexed.clear()  # as kill -9 would lose them
+        await self.restart()
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        found = await self.search(a, "crash")
+        self.assertEqual([m["id"] for m in found["messages"]], [lost["id"]])
+
+    @async_test
     async def test_messages_from_before_search_are_indexed_at_the_first_start(self):
         a, _ = await self.connect("UserA")
         old = await self.say(a, "written before the upgrade")
