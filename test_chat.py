@@ -2503,7 +2503,7 @@ class MailboxMemoryTest(ChatTestCase):
         self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
         self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
         self._app = chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0,
-                                  offline_grace=0, mailbox=5)
+                                  offline_grace=0, presence_window=0, mailbox=5)
         self.http_server.request_callback = self._app
         a, _ = await self.connect("Sender")
         names = ["Box%d" % i for i in range(50)]
@@ -2518,7 +2518,8 @@ class MailboxMemoryTest(ChatTestCase):
         self.assertEqual(chat.Hub.mailboxes, {chat.key(n): 5 for n in names})
         self.assertTrue(all(type(v) is int for v in chat.Hub.mailboxes.values()))
         self.http_server.request_callback = chat.make_app(db=self.db, rate=0, names_per_hour=0,
-                                                          connects_per_minute=0, offline_grace=0, mailbox=5)
+                                                          connects_per_minute=0, offline_grace=0,
+                                                          presence_window=0, mailbox=5)
         self.assertEqual(chat.Hub.mailboxes, {chat.key(n): 5 for n in names}, "counts come back from SQLite")
         ws, _ = await self.connect("Box7", self.tokens["Box7"])
         got = await self.sync(ws)
