@@ -51,7 +51,8 @@ TARGET = "chat.py"
 # What a copy of the project needs to run test_chat.py (missing ones are skipped).
 PROJECT_FILES = ["chat.py", "test_chat.py", "index.html", "requirements.txt", "requirements-test.txt",
                  "conftest.py", "pytest.ini", "pyproject.toml", "setup.cfg"]
-PYTEST = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_chat.py"]
+PYTEST = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+SUITE = "test_chat.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +226,7 @@ MUTANTS = [
       '"SELECT {self.COLUMNS} FROM messages WHERE room = ? AND id <= ?"'),
     M("history_of_any_room", "history of a room needs membership (not_in_room)",
       '            room = self._my_room(frame["room"])\n            head: dict = {"room": room.name}',
-      '            room = Hub.rooms[key(check_room(frame["room"]))]\n            head: dict = {"room": room.name}'),
+      '            room = (Hub.rooms.get(key(check_room(frame["room"]))) or self._my_room(frame["room"]))\n            head: dict = {"room": room.name}'),
     M("history_with_shows_theirs", '"with" is one private conversation of your own',
       "rows = Hub.store.direct_page(self.user, key(other.name), before, 0, limit + 1)",
       "rows = Hub.store.direct_page(key(other.name), None, before, 0, limit + 1)"),
@@ -573,7 +574,7 @@ MUTANTS = [
       "return names[start:start + size], start + size <= len(names)"),
     M("members_of_any_room", "members of a room needs membership",
       '            room = self._my_room(frame["room"])\n            names, more = page_after(',
-      '            room = Hub.rooms[key(check_room(frame["room"]))]\n            names, more = page_after('),
+      '            room = (Hub.rooms.get(key(check_room(frame["room"]))) or self._my_room(frame["room"]))\n            names, more = page_after('),
 
     # ---- metrics (issue 9)
     M("metrics_open_to_all", "/metrics is for loopback and --metrics_from only",
@@ -615,7 +616,7 @@ MUTANTS = [
       "read_with = {}"),
     M("read_any_room", "read of a room needs membership",
       '            room = self._my_room(frame["room"])\n            conv, head',
-      '            room = Hub.rooms[key(check_room(frame["room"]))]\n            conv, head'),
+      '            room = (Hub.rooms.get(key(check_room(frame["room"]))) or self._my_room(frame["room"]))\n            conv, head'),
     M("read_id_unbounded", "read: 'id' must be a message id",
       "if not (is_int(id) and 0 < id <= Hub.last_id):", "if not (is_int(id) and 0 < id):"),
 
@@ -731,9 +732,10 @@ def mutated(source: str, mutant: Mutant) -> str | None:
     return source.replace(mutant.old, mutant.new)
 
 
-def run_suite(source: str, python: str, timeout: float) -> tuple[bool, float, str]:
-    """Run test_chat.py against this chat.py in a fresh copy of the project:
-    (passed, seconds, the first failing test or what went wrong)."""
+def run_suite(source: str, python: str, timeout: float, tests: tuple = (SUITE,)) -> tuple[bool, float, str]:
+    """Run test_chat.py (or only `tests`, pytest node ids) against this
+    chat.py in a fresh copy of the project: (passed, seconds, the first
+    failing test or what went wrong)."""
     work = tempfile.mkdtemp(prefix="mutant-")
     try:
         for name in PROJECT_FILES:
@@ -744,7 +746,7 @@ def run_suite(source: str, python: str, timeout: float) -> tuple[bool, float, st
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         start = time.monotonic()
         # A session of its own, so that a timeout can end the chat.py processes the tests start too.
-        proc = subprocess.Popen([python, *PYTEST], cwd=work, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([python, *PYTEST, *tests], cwd=work, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=timeout)
@@ -772,6 +774,18 @@ def try_mutant(mutant: Mutant, source: str, python: str, timeout: float) -> Resu
     except SyntaxError as e:
         return Result(mutant, "invalid", detail="does not compile: %s" % e)
     passed, seconds, detail = run_suite(changed, python, timeout)
+    if not passed and "::" in detail:
+        # A test that failed by chance (a timing test on a loaded machine)
+        # must not count a mutant killed: the failing test alone must fail
+        # again. If it passes, the whole suite decides once more.
+        again, more, _ = run_suite(changed, python, timeout, ("%s::%s" % (SUITE, detail),))
+        seconds += more
+        if again:
+            first = detail
+            passed, more, detail = run_suite(changed, python, timeout)
+            seconds += more
+            if not passed:
+                detail += " (%s had failed once, by chance)" % first
     return Result(mutant, "survived" if passed else "killed", seconds, detail)
 
 
@@ -805,6 +819,9 @@ def main() -> int:
 
     if not args.no_baseline:
         passed, seconds, detail = run_suite(source, args.python, args.timeout)
+        if not passed:  # a timing test may fail by chance on a loaded machine: one more try
+            print("baseline: %s failed on %s as it is; trying once more" % (detail, TARGET))
+            passed, seconds, detail = run_suite(source, args.python, args.timeout)
         if not passed:
             print("the suite fails on %s as it is (%s); fix that first" % (TARGET, detail))
             return 2
