@@ -3476,3 +3476,316 @@ class ReleaseTest(ProcessCase):
             sys.executable, CHAT_PY, "--db", self.db, "--release", "nobody", stderr=asyncio.subprocess.PIPE)
         await again.stderr.read()
         self.assertEqual(await again.wait(), 1)
+
+
+################ Guards found by the second mutation run
+# Each test here fails on a change to chat.py (a mutant, see mutate.py) that
+# broke a promise of README or chat.py's docstring, after the Hub/Outbox
+# restructuring and issues 8, 9 and 11, without any test noticing.
+
+
+class MovingClock:
+    """chat's view of the time module, with a monotonic() that stands still
+    until the test moves it (now += seconds)."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+
+    def monotonic(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class FloodTimeTest(ChatTestCase):
+    """README: a connection that keeps sending past its limits for 10 s is
+    closed with 4429; a pause of a second ends a flood. A broken frame costs
+    a token too. (A budget of one frame, refilled too slowly to matter.)"""
+    app_options = {"rate": 0.001, "burst": 1}
+
+    def setUp(self):
+        super().setUp()
+        self.clock = MovingClock()
+        patcher = mock.patch.object(chat, "time", self.clock)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    async def over(self, ws, seconds):
+        """A frame past the budget every half second for `seconds`: each is rate_limited."""
+        for _ in range(int(seconds * 2)):
+            self.clock.now += 0.5
+            await self.error(ws, "rate_limited", type="rooms")
+
+    @async_test
+    async def test_ten_seconds_past_the_limits_close_4429(self):
+        a, _ = await self.connect("Flooder")
+        await self.ack(a, type="rooms")  # the budget
+        await self.error(a, "rate_limited", type="rooms")  # the flood starts
+        await self.over(a, 9.5)
+        self.clock.now += 0.5
+        self.send(a, type="rooms", ref=self.ref())
+        await self.next_error(a, "rate_limited")  # without the ref: about the connection
+        self.assertIsNone(await self.raw_read(a, "the close"))
+        self.assertEqual(a.close_code, 4429)
+
+    @async_test
+    async def test_a_pause_of_a_second_starts_the_count_again(self):
+        a, _ = await self.connect("Flooder")
+        await self.ack(a, type="rooms")
+        await self.error(a, "rate_limited", type="rooms")
+        await self.over(a, 5)
+        self.clock.now += 2
+        await self.error(a, "rate_limited", type="rooms")  # a new flood
+        await self.over(a, 9.5)  # 16.5 s since the first, 9.5 s of this one: still open
+
+    @async_test
+    async def test_a_broken_frame_costs_a_token(self):
+        a, _ = await self.connect("Flooder")
+        a.write_message("not json")
+        await self.next_error(a, "bad_json")
+        await self.error(a, "rate_limited", type="rooms")
+
+
+class TypingBudgetTest(ChatTestCase):
+    """README: typing has its own small budget, 3 at once and one every 2 s;
+    extra ones are acked and dropped."""
+    app_options = {"rate": 5, "burst": 20}
+
+    @async_test
+    async def test_three_at_once_then_one_every_two_seconds(self):
+        clock = MovingClock()
+        with mock.patch.object(chat, "time", clock):
+            a, b = await self.pair()
+            for _ in range(5):
+                await self.ack(a, type="typing", room="general")
+            self.assertEqual([f["type"] for f in await self.sync(b)], ["typing"] * 3)
+            clock.now += 2
+            for _ in range(2):
+                await self.ack(a, type="typing", room="general")
+            self.assertEqual([f["type"] for f in await self.sync(b)], ["typing"])
+
+    @async_test
+    async def test_typing_to_yourself_reaches_none_of_your_tabs(self):
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        await self.ack(a, type="typing", to="usera")
+        await self.quiet(a2, "the other tab")
+        await self.quiet(a)
+        await self.quiet(b)
+
+
+class PageSizeTest(ChatTestCase):
+    """README: history holds at most limit (default 50) and search at most
+    50; "more" says older ones exist, "before" pages back (ids below it)."""
+
+    @async_test
+    async def test_pages_of_fifty_and_more_only_when_there_is_more(self):
+        a, _ = await self.connect("UserA")
+        ids = [(await self.say(a, "needle %d" % i))["id"] for i in range(50)]
+        found = await self.reply(a, "results", type="search", q="needle")
+        self.assertEqual((len(found["messages"]), found["more"]), (50, False), "exactly 50: no more")
+        page = await self.reply(a, "history", type="history", room="general", limit=50)
+        self.assertEqual((len(page["messages"]), page["more"]), (50, False), "exactly the limit: no more")
+        page = await self.reply(a, "history", type="history", room="general", limit=49)
+        self.assertEqual((len(page["messages"]), page["more"]), (49, True))
+        ids += [(await self.say(a, "needle %d" % i))["id"] for i in range(50, 55)]
+        page = await self.reply(a, "history", type="history", room="general")
+        self.assertEqual(([m["id"] for m in page["messages"]], page["more"]), (ids[5:], True),
+                         "the newest 50 by default")
+        found = await self.reply(a, "results", type="search", q="needle")
+        self.assertEqual(([m["id"] for m in found["messages"]], found["more"]), (ids[:4:-1], True))
+        found = await self.reply(a, "results", type="search", q="needle", before=ids[3])
+        self.assertEqual([m["id"] for m in found["messages"]], ids[2::-1])
+        page = await self.reply(a, "history", type="history", room="general", before=ids[3])
+        self.assertEqual([m["id"] for m in page["messages"]], ids[:3])
+
+
+class AuthGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_only_an_auth_frame_carries_credentials(self):
+        _, welcome = await self.connect("Ana")
+        ws = await websocket_connect(self.url(username="Ana", auth=1))
+        self.sockets.append(ws)
+        ws.write_message(json.dumps({"type": "message", "token": welcome["token"], "text": "hi"}))
+        err = await self.read(ws)
+        self.assertEqual((err["type"], err["code"]), ("error", "name_taken"))
+        self.assertIsNone(await self.raw_read(ws, "the close"))
+        self.assertEqual(ws.close_code, 4409)
+
+    @async_test
+    async def test_the_auth_frame_is_awaited_ten_seconds(self):
+        _, welcome = await self.connect("Ana")
+        loop = self.io_loop
+        real, delays = loop.call_later, []
+
+        def spy(delay, callback, *args, **kwargs):
+            if getattr(callback, "__name__", "") == "_no_auth":
+                delays.append(delay)
+            return real(delay, callback, *args, **kwargs)
+
+        with mock.patch.object(loop, "call_later", spy):
+            ws = await websocket_connect(self.url(username="Ana", auth=1))
+            self.sockets.append(ws)
+            ws.write_message(json.dumps({"type": "auth", "token": welcome["token"]}))
+            self.assertEqual((await self.read(ws))["type"], "welcome")
+        self.assertEqual(delays, [10])
+
+
+class LinkGuardTest(ChatTestCase):
+    """README: a one-time code, valid 10 minutes, one per user at a time,
+    for that user only; the new device gets an unguessable token of its own."""
+
+    async def code(self, ws):
+        return (await self.reply(ws, "link", type="link"))["code"]
+
+    @async_test
+    async def test_a_code_lasts_ten_minutes_and_a_new_one_replaces_the_last(self):
+        a, welcome = await self.connect("Ana")
+        await self.connect("Bob")
+        first = await self.code(a)
+        second = await self.code(a)
+        await self.refused("name_taken", 4409, username="Ana", link=first)  # replaced by the second
+        await self.refused("name_taken", 4409, username="Bob", link=second)  # Ana's, not Bob's
+        third = await self.code(a)
+        with mock.patch.object(chat, "time", Clock(595)):
+            phone = await websocket_connect(self.url(username="Ana", link=third))
+            self.sockets.append(phone)
+            hello = await self.read(phone)
+        self.assertEqual((hello["type"], hello["user"]), ("welcome", "Ana"))
+        self.assertGreaterEqual(len(hello["token"]), 32, "as unguessable as the first token")
+        late = await self.code(a)
+        with mock.patch.object(chat, "time", Clock(605)):
+            await self.refused("name_taken", 4409, username="Ana", link=late)
+
+
+class RestartGuardTest(ChatTestCase):
+    """What a restart must not undo: a revoked device, the lookalikes of
+    owned names, and what --release frees."""
+
+    def fresh_app(self):
+        return chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0,
+                             presence_window=0)
+
+    def get_app(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        return self.fresh_app()
+
+    def restart(self):
+        self.http_server.request_callback = self.fresh_app()
+
+    @async_test
+    async def test_a_revoked_device_and_a_lookalike_stay_refused_after_a_restart(self):
+        a, welcome = await self.connect("Ana.Lee")
+        code = (await self.reply(a, "link", type="link"))["code"]
+        phone = await websocket_connect(self.url(username="Ana.Lee", link=code))
+        self.sockets.append(phone)
+        second = await self.read(phone)
+        await self.ack(a, type="revoke", device=second["device"])
+        self.restart()
+        await self.refused("name_taken", 4409, username="Ana.Lee", token=second["token"])
+        await self.refused("bad_username", 4400, username="AnaLee")
+        await self.connect("Ana.Lee", welcome["token"])
+
+    @async_test
+    async def test_release_frees_the_name_however_written_and_its_old_tokens_stop_working(self):
+        a, welcome = await self.connect("Ana")
+        a.close()
+        await self.wait_health(connections=0)
+        with mock.patch("sys.stderr"):
+            self.assertEqual(chat.release("ANA", self.db), 0)
+            self.assertEqual(chat.release("Nobody", self.db), 1, "an unknown name exits 1")
+        self.restart()
+        _, claimed = await self.connect("Ana")  # a new owner
+        self.assertNotEqual(claimed["token"], welcome["token"])
+        await self.refused("name_taken", 4409, username="Ana", token=welcome["token"])
+
+
+class MetricsFromTest(ChatTestCase):
+    app_options = {"metrics_from": ["127.0.0.1"]}
+
+    @async_test
+    async def test_an_address_listed_in_metrics_from_may_read_metrics(self):
+        class Remote:
+            is_loopback = False
+        with mock.patch.object(chat.ipaddress, "ip_address", return_value=Remote()):
+            response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/metrics" % self.get_http_port())
+        self.assertEqual(response.code, 200)
+
+
+class HostGuardTest(ChatTestCase):
+    app_options = {"origins": ["https://Chat.Example.net/"]}
+
+    async def status(self, host):
+        try:
+            response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/" % self.get_http_port(),
+                                                     headers={"Host": host})
+            return response.code
+        except HTTPClientError as e:
+            return e.code
+
+    @async_test
+    async def test_a_host_named_in_origins_is_this_server(self):
+        self.assertEqual(await self.status("chat.example.net"), 200)
+        self.assertEqual(await self.status("elsewhere.example.net"), 403)
+
+    def test_listening_on_every_address_allows_addresses_not_names(self):
+        conf = chat.dataclasses.replace(chat.Hub.conf, host="0.0.0.0", hosts=set())
+        self.assertTrue(chat.host_allowed("10.1.2.3:5000", 5000, conf))
+        self.assertFalse(chat.host_allowed("10.1.2.3:5001", 5000, conf))
+        self.assertFalse(chat.host_allowed("rebind.attacker.example:5000", 5000, conf))
+
+
+class EmptyRoomGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_the_default_room_stays_and_a_forgotten_room_comes_back_empty(self):
+        a, b = await self.pair()
+        await self.reply(a, "joined", type="join", room="attic")
+        await self.say(a, "old words", room="attic")
+        await self.reply(a, "left", type="leave", room="attic")
+        await self.reply(a, "left", type="leave", room="general")
+        await self.reply(b, "left", type="leave", room="general")
+        chat.Hub.sweep(now=time.monotonic() + chat.ROOM_IDLE + 1)
+        self.assertIn("general", chat.Hub.rooms, "the default room always stays")
+        self.assertNotIn("attic", chat.Hub.rooms)
+        joined = await self.reply(a, "joined", type="join", room="attic")
+        self.assertEqual(joined["history"], [], "its messages went with it")
+
+
+class GraceRosterTest(ChatTestCase):
+    app_options = {"offline_grace": 30}
+
+    @async_test
+    async def test_a_user_within_the_grace_is_still_listed_online(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        await self.presence(a, "UserB", "online")
+        b.close()
+        await self.wait_health(connections=1)
+        await self.connect("UserC")
+        await self.presence(a, "UserC", "online")  # the online list is refreshed now
+        _, welcome = await self.connect("UserD")
+        self.assertEqual((welcome["online"], welcome["online_count"]), (["UserA", "UserB", "UserC", "UserD"], 4))
+
+
+class RefusedFrameGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_nothing_after_a_protocol_error_is_acted_on(self):
+        a, b = await self.pair()
+        sock, data = await raw_client(self.get_http_port(), "Sneak")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(sock, client_frame(0x1, b'{"type":"rooms"}', masked=False)
+                                    + client_frame(0x1, json.dumps({"type": "message", "text": "sneaky"}).encode())
+                                    + client_frame(0x8, struct.pack(">H", 1000)))
+            self.assertEqual(await read_close(sock, data), 1002)
+            while await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT):
+                pass  # until the server has read it all and hung up
+        finally:
+            sock.close()
+        got = await self.sync(b) + await self.sync(a)
+        self.assertNotIn("sneaky", [f.get("text") for f in got])
