@@ -3486,10 +3486,11 @@ class ReleaseTest(ProcessCase):
 
 class MovingClock:
     """chat's view of the time module, with a monotonic() that stands still
-    until the test moves it (now += seconds)."""
+    until the test moves it (now += seconds). It starts on a whole second,
+    so that adding halves and whole seconds is exact."""
 
     def __init__(self):
-        self.now = time.monotonic()
+        self.now = float(int(time.monotonic()) + 1)
 
     def monotonic(self):
         return self.now
@@ -3789,3 +3790,116 @@ class RefusedFrameGuardTest(ChatTestCase):
             sock.close()
         got = await self.sync(b) + await self.sync(a)
         self.assertNotIn("sneaky", [f.get("text") for f in got])
+
+
+class TokenGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_a_token_opens_only_the_name_it_was_issued_for(self):
+        await self.pair()
+        await self.refused("name_taken", 4409, username="UserA", token=self.tokens["UserB"])
+
+
+class ReplayLimitTest(ChatTestCase):
+    app_options = {"mailbox": 3}
+
+    @async_test
+    async def test_a_replay_as_long_as_the_mailbox_says_directs_truncated(self):
+        a, b = await self.pair()
+        for i in range(4):
+            await self.say(b, "@UserA dm %d" % i)
+        ws = await self.open_ws("UserA", self.tokens["UserA"], since=0)
+        welcome = await self.read(ws)
+        self.assertIs(welcome.get("directs_truncated"), True, "there may be more: the client asks with history")
+
+
+class WireFrameTest(ChatTestCase):
+    """README: every wire frame (pings too) counts against four times
+    --rate/--burst, and a connection past it for 10 s is closed (4429)."""
+    app_options = {"rate": 0.001, "burst": 1}
+
+    @async_test
+    async def test_pings_past_four_times_the_burst_for_ten_seconds_close_4429(self):
+        clock = MovingClock()
+        loop = asyncio.get_running_loop()
+        with mock.patch.object(chat, "time", clock):
+            sock, data = await raw_client(self.get_http_port(), "Pinger")
+            try:
+                async def ping():
+                    """A ping, answered by a pong (the server has counted it)."""
+                    nonlocal data
+                    await loop.sock_sendall(sock, client_frame(0x9, b"p"))
+                    while True:
+                        frames, data = frames_in(data)
+                        if any(op == 0xA for op, _ in frames):
+                            return
+                        self.assertNotIn(0x8, [op for op, _ in frames], "closed too soon")
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+                        self.assertTrue(chunk, "closed too soon")
+                        data += chunk
+
+                for _ in range(5):  # the fifth is past 4 x burst: the flood starts
+                    await ping()
+                for _ in range(19):  # 9.5 s more, never pausing a second
+                    clock.now += 0.5
+                    await ping()
+                clock.now += 0.5
+                await loop.sock_sendall(sock, client_frame(0x9, b"p"))
+                self.assertEqual(await read_close(sock, data), 4429)
+            finally:
+                sock.close()
+
+
+class RoomPrivacyTest(ChatTestCase):
+    """history, members and read of a room need membership, also when the room exists."""
+
+    @async_test
+    async def test_a_room_you_are_not_in_is_not_in_room(self):
+        a, b = await self.pair()
+        await self.reply(a, "joined", type="join", room="attic")
+        said = await self.say(a, "attic secret", room="attic")
+        await self.sync(b)
+        await self.error(b, "not_in_room", type="history", room="attic")
+        await self.error(b, "not_in_room", type="members", room="attic")
+        await self.error(b, "not_in_room", type="read", room="attic", id=said["id"])
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_a_room_empty_for_less_than_a_day_stays(self):
+        a, _ = await self.connect("UserA")
+        await self.reply(a, "joined", type="join", room="attic")
+        await self.reply(a, "left", type="leave", room="attic")
+        chat.Hub.sweep(now=time.monotonic() + chat.ROOM_IDLE - 60)
+        self.assertIn("attic", chat.Hub.rooms)
+
+
+class BatchGuardTest(ChatTestCase):
+    """Batches, flushed by hand (the window is long): a batch of several
+    users goes to each of them too, and a change undone within the window
+    is not told."""
+    app_options = {"presence_window": 30}
+
+    @async_test
+    async def test_users_arriving_in_one_window_learn_of_each_other(self):
+        a, _ = await self.connect("UserA")
+        chat.Hub.flush()
+        b, _ = await self.connect("UserB")
+        c, _ = await self.connect("UserC")
+        chat.Hub.flush()
+        frame = await self.expect(b, "presence")
+        self.assertEqual(frame, {"type": "presence", "online": ["UserB", "UserC"], "offline": []})
+        frame = await self.expect(b, "member", room="general")
+        self.assertEqual(frame["joined"], ["UserB", "UserC"])
+
+    @async_test
+    async def test_joining_and_leaving_within_the_window_is_not_told(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        await self.reply(b, "joined", type="join", room="attic")
+        chat.Hub.flush()
+        await self.sync(a)
+        await self.sync(b)
+        await self.reply(a, "joined", type="join", room="attic")
+        await self.reply(a, "left", type="leave", room="attic")
+        chat.Hub.flush()
+        await self.quiet(b, "UserB, while UserA joined and left within the window")
