@@ -3903,3 +3903,33 @@ class BatchGuardTest(ChatTestCase):
         await self.reply(a, "left", type="leave", room="attic")
         chat.Hub.flush()
         await self.quiet(b, "UserB, while UserA joined and left within the window")
+
+
+class HistoryDeliversTest(ChatTestCase):
+    """Kept messages left out of a connect sequence and read with history
+    are delivered then: the sender gets its receipts, and they do not come
+    again on the next connect."""
+    app_options = {"max_queue": 4000, "max_text": 1000}
+
+    @async_test
+    async def test_kept_messages_read_through_history_are_delivered_once(self):
+        a, b = await self.pair()
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        sent = [(await self.say(a, "@UserB %d %s" % (i, "d" * 900)))["id"] for i in range(6)]
+        again, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertIs(welcome.get("directs_truncated"), True)
+        seen = [f["id"] for f in await self.sync(again)]
+        while True:
+            page = await self.reply(again, "history", type="history", directs=True, before=seen[0], limit=2)
+            self.assertTrue(all(m.get("buffered") for m in page["messages"]), page)
+            seen = [m["id"] for m in page["messages"]] + seen
+            if not page["more"]:
+                break
+        self.assertEqual(seen, sent)
+        receipts = [f["id"] for f in await self.sync(a) if f["type"] == "delivered"]
+        self.assertEqual(sorted(receipts), sent)
+        again.close()
+        await self.presence(a, "UserB", "offline")
+        third, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(third, "UserB, who has read them all")
