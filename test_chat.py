@@ -3933,3 +3933,21 @@ class HistoryDeliversTest(ChatTestCase):
         await self.presence(a, "UserB", "offline")
         third, _ = await self.connect("UserB", self.tokens["UserB"])
         await self.quiet(third, "UserB, who has read them all")
+
+
+class MembersPageTest(ChatTestCase):
+    """members: "more" says more names follow, and only then."""
+    app_options = {"roster": 2}
+
+    @async_test
+    async def test_more_only_when_more_follow(self):
+        a, b = await self.pair()
+        for room in (None, "general"):
+            page = await self.reply(a, "members", type="members", **({"room": room} if room else {}))
+            self.assertEqual((page["members"], page["more"]), (["UserA", "UserB"], False), "exactly a page")
+        await self.connect("UserC")
+        await self.presence(a, "UserC", "online")  # the online list is refreshed now
+        page = await self.reply(a, "members", type="members")
+        self.assertEqual((page["members"], page["more"]), (["UserA", "UserB"], True))
+        page = await self.reply(a, "members", type="members", after="UserA")
+        self.assertEqual((page["members"], page["more"]), (["UserB", "UserC"], False))
