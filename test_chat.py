@@ -3703,6 +3703,25 @@ class RestartGuardTest(ChatTestCase):
         self.assertNotEqual(claimed["token"], welcome["token"])
         await self.refused("name_taken", 4409, username="Ana", token=welcome["token"])
 
+    @async_test
+    async def test_a_database_from_before_cids_gets_the_column(self):
+        a, _ = await self.connect("UserA")
+        await self.say(a, "written before the upgrade")
+        db = sqlite3.connect(self.db)
+        db.executescript("""
+            CREATE TABLE old (id INTEGER PRIMARY KEY, room TEXT, sender TEXT NOT NULL, recipient TEXT,
+                              delivered INTEGER NOT NULL, frame TEXT NOT NULL);
+            INSERT INTO old SELECT id, room, sender, recipient, delivered, frame FROM messages;
+            DROP TABLE messages;
+            ALTER TABLE old RENAME TO messages;
+        """)  # as a database from before cids
+        db.close()
+        self.restart()
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        first, _ = await self.ack(a, type="message", text="once", cid="c-1")
+        again, _ = await self.ack(a, type="message", text="once", cid="c-1")
+        self.assertEqual(again["id"], first["id"])
+
 
 class MetricsFromTest(ChatTestCase):
     app_options = {"metrics_from": ["127.0.0.1"]}
@@ -3951,3 +3970,33 @@ class MembersPageTest(ChatTestCase):
         self.assertEqual((page["members"], page["more"]), (["UserA", "UserB"], True))
         page = await self.reply(a, "members", type="members", after="UserA")
         self.assertEqual((page["members"], page["more"]), (["UserB", "UserC"], False))
+
+
+class AtomicMessageTest(ChatTestCase):
+    """A message and its words for search commit together, or neither does."""
+
+    @async_test
+    async def test_a_message_whose_search_words_failed_is_not_stored(self):
+        a, b = await self.pair()
+        store = chat.Hub.store
+        real = store.db
+
+        class Failing:  # the search index refuses the write
+            def execute(self, sql, *args):
+                if sql.startswith("INSERT INTO search"):
+                    raise sqlite3.OperationalError("disk I/O error")
+                return real.execute(sql, *args)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        store.db = Failing()
+        try:
+            with self.assertLogs("chat", "ERROR"):
+                await self.error(a, "server_error", type="message", text="half a message")
+        finally:
+            store.db = real
+        self.assertFalse(real.in_transaction)
+        page = await self.reply(a, "history", type="history", room="general")
+        self.assertEqual(page["messages"], [], "the message was stored without its words")
+        await self.still_serving(a, b)
