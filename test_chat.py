@@ -3953,6 +3953,15 @@ class HistoryDeliversTest(ChatTestCase):
         third, _ = await self.connect("UserB", self.tokens["UserB"])
         await self.quiet(third, "UserB, who has read them all")
 
+    @async_test
+    async def test_a_history_answer_holds_at_most_max_queue_bytes(self):
+        a, _ = await self.connect("UserA")
+        said = [(await self.say(a, "%d %s" % (i, "h" * 900)))["id"] for i in range(6)]
+        page = await self.reply(a, "history", type="history", room="general")
+        got = [m["id"] for m in page["messages"]]
+        self.assertTrue(0 < len(got) < 6, got)
+        self.assertEqual((got, page["more"]), (said[len(said) - len(got):], True), "the newest that fit")
+
 
 class MembersPageTest(ChatTestCase):
     """members: "more" says more names follow, and only then."""
