@@ -4009,3 +4009,51 @@ class AtomicMessageTest(ChatTestCase):
         page = await self.reply(a, "history", type="history", room="general")
         self.assertEqual(page["messages"], [], "the message was stored without its words")
         await self.still_serving(a, b)
+
+
+class MaxConnsTest(ChatTestCase):
+    """--max_conns connections in all, HTTP ones included: the one past it
+    gets a bare 503; a closed one frees its place. (The Listener in-process,
+    so the test can wait for its count.)"""
+
+    @async_test
+    async def test_max_conns_connections_and_not_one_more(self):
+        listening, port = bind_unused_port()
+        server = chat.Listener(self._app)
+        server.max_conns = 2
+        server.add_sockets([listening])
+        loop = asyncio.get_running_loop()
+        held = []
+
+        async def open_one():
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            held.append(sock)
+            return sock
+
+        async def count(n):
+            for _ in range(1000):
+                if server.http_open == n:
+                    return
+                await asyncio.sleep(0)  # one turn of the loop
+            self.fail("the server never counted %d connections (%d)" % (n, server.http_open))
+
+        try:
+            for _ in range(2):
+                await open_one()
+            await count(2)
+            extra = await open_one()
+            answer = await asyncio.wait_for(loop.sock_recv(extra, 4096), READ_TIMEOUT)
+            self.assertIn(b" 503 ", answer)
+            held.pop(0).close()
+            await count(1)
+            again = await open_one()
+            await loop.sock_sendall(again, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = await asyncio.wait_for(loop.sock_recv(again, 4096), READ_TIMEOUT)
+            self.assertIn(b" 200 ", answer)
+        finally:
+            for sock in held:
+                sock.close()
+            server.stop()
+            await server.close_all_connections()
