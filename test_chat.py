@@ -4057,3 +4057,24 @@ class MaxConnsTest(ChatTestCase):
                 sock.close()
             server.stop()
             await server.close_all_connections()
+
+
+class SlowWriteAliveTest(ChatTestCase):
+    """README: a write the kernel had to hold back and then took counts as
+    an answer to a ping (a reader busy with a big answer is alive, even if
+    its pong waits behind it). The ping round is run by hand: the time of
+    the last held-back write is set, as Outbox._written sets it."""
+
+    @async_test
+    async def test_a_held_back_write_taken_after_the_ping_counts_as_alive(self):
+        a, _ = await self.connect("Reader")
+        connection, = chat.Hub.online["reader"]
+        sent = time.monotonic()
+        connection._heard = sent - 100  # no pong since long before the ping
+        connection.outbox.written_at = sent + 1  # but a held-back write was taken after it
+        chat.ChatSocket._drop_silent([connection], sent)
+        self.assertFalse(connection._dead)
+        await self.ack(a, type="rooms")
+        connection.outbox.written_at = sent - 1  # nothing taken since the ping: gone
+        chat.ChatSocket._drop_silent([connection], sent)
+        self.assertTrue(connection._dead)
