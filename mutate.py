@@ -21,15 +21,19 @@ A run that times out (--timeout) counts as killed: a mutant that hangs
 the suite is noticed. The baseline run has the same timeout, so a timeout
 too short for the suite stops everything before any mutant is tried.
 
+A kill must repeat: the test that failed is run again alone against the
+mutant, and if it passes (a timing test that failed by chance on a loaded
+machine) the whole suite runs once more and decides. The baseline gets one
+more try too.
+
 The score is killed / (killed + survived). The exit code is 1 when the score
 is below --min (95 %) or a mutant is invalid, and 2 when the suite fails on
 chat.py as it is (then every mutant would look killed). Stale mutants are
 listed at the end but do not change the exit code.
 
-It is slow, so it is not part of CI: the suite takes 15-30 s, -x stops it at
-the first failure, and the whole list takes about 12 minutes with --jobs 2 on
-a 2-core machine. Timing tests (pings) may fail under load and count a
-mutant killed by chance: rerun a surprising result alone with -k.
+It is slow, so it is not part of CI: the suite takes 30-40 s, -x stops it at
+the first failure, and the whole list (about 240 mutants) takes about an
+hour with --jobs 2 on a 2-core machine that others share.
 """
 
 from __future__ import annotations
