@@ -3923,6 +3923,18 @@ class BatchGuardTest(ChatTestCase):
         chat.Hub.flush()
         await self.quiet(b, "UserB, while UserA joined and left within the window")
 
+    @async_test
+    async def test_leaving_and_coming_back_within_the_window_is_not_told(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        chat.Hub.flush()
+        await self.sync(a)
+        b.close()
+        await self.wait_health(connections=1)
+        await self.connect("UserB", self.tokens["UserB"])
+        chat.Hub.flush()
+        await self.quiet(a, "UserA, while UserB left and came back within the window")
+
 
 class HistoryDeliversTest(ChatTestCase):
     """Kept messages left out of a connect sequence and read with history
@@ -4078,3 +4090,22 @@ class SlowWriteAliveTest(ChatTestCase):
         connection.outbox.written_at = sent - 1  # nothing taken since the ping: gone
         chat.ChatSocket._drop_silent([connection], sent)
         self.assertTrue(connection._dead)
+
+
+class MailboxFailureTest(ChatTestCase):
+    """A private message the database refused is not counted as kept: the
+    recipient's mailbox still takes --mailbox messages."""
+    app_options = {"mailbox": 2}
+
+    @async_test
+    async def test_a_refused_message_leaves_the_mailbox_as_it_was(self):
+        a, b = await self.pair()
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        with mock.patch.object(chat.Hub.store, "add_message", side_effect=sqlite3.OperationalError("disk I/O error")), \
+                self.assertLogs("chat", "ERROR"):
+            await self.error(a, "server_error", type="message", text="@UserB lost")
+        for i in range(2):
+            ack, _ = await self.ack(a, type="message", text="@UserB kept %d" % i)
+            self.assertIs(ack.get("queued"), True)
+        await self.error(a, "mailbox_full", type="message", text="@UserB one too many")
