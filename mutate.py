@@ -21,15 +21,19 @@ A run that times out (--timeout) counts as killed: a mutant that hangs
 the suite is noticed. The baseline run has the same timeout, so a timeout
 too short for the suite stops everything before any mutant is tried.
 
+A kill must repeat: the test that failed is run again alone against the
+mutant, and if it passes (a timing test that failed by chance on a loaded
+machine) the whole suite runs once more and decides. The baseline gets one
+more try too.
+
 The score is killed / (killed + survived). The exit code is 1 when the score
 is below --min (95 %) or a mutant is invalid, and 2 when the suite fails on
 chat.py as it is (then every mutant would look killed). Stale mutants are
 listed at the end but do not change the exit code.
 
-It is slow, so it is not part of CI: the suite takes 15-30 s, -x stops it at
-the first failure, and the whole list takes about 12 minutes with --jobs 2 on
-a 2-core machine. Timing tests (pings) may fail under load and count a
-mutant killed by chance: rerun a surprising result alone with -k.
+It is slow, so it is not part of CI: the suite takes 30-40 s, -x stops it at
+the first failure, and the whole list (about 240 mutants) takes about an
+hour with --jobs 2 on a 2-core machine that others share.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ TARGET = "chat.py"
 # What a copy of the project needs to run test_chat.py (missing ones are skipped).
 PROJECT_FILES = ["chat.py", "test_chat.py", "index.html", "requirements.txt", "requirements-test.txt",
                  "conftest.py", "pytest.ini", "pyproject.toml", "setup.cfg"]
-PYTEST = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_chat.py"]
+PYTEST = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+SUITE = "test_chat.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,37 +71,56 @@ class Mutant:
 M = Mutant
 MUTANTS = [
     # ---- owned names and tokens
-    M("owned_name_without_token", "Owned names: a later connection must present the token (4409)",
-      "if user is not None and not user.owns(token):", "if user is not None and token is None:"),
+    M("owned_name_without_token", "Owned names: a later connection must present a token of its devices (4409)",
+      "                found = Hub.device_of(token)\n",
+      "                found = Hub.device_of(token) or (user_key, 0)\n"),
     M("any_token_owns", "Owned names: a wrong token is name_taken",
-      "return token is not None and hmac.compare_digest(token_hash(token), self.token_hash)",
-      "return token is not None"),
+      "                found = Hub.device_of(token)\n",
+      "                found = Hub.device_of(token) or ((user_key, 0) if token else None)\n"),
+    M("other_users_token_owns", "A token opens only the name it was issued for",
+      "if found is None or found[0] != user_key:", "if found is None:"),
     M("names_case_sensitive", "Names are matched case-insensitively",
-      "return name.lower()", "return name"),
+      '"""The case-insensitive identity of a user or room name."""\n    return name.lower()',
+      '"""The case-insensitive identity of a user or room name."""\n    return name'),
     M("name_33_chars", "User and room names are 1-32 characters",
       'NAME = re.compile(r"[A-Za-z0-9_.\\-]{1,32}")', 'NAME = re.compile(r"[A-Za-z0-9_.\\-]{1,33}")'),
     M("name_prefix_match", "Names use only A-Z a-z 0-9 _ - .",
       "not NAME.fullmatch(value)", "not NAME.match(value)"),
-    M("token_stored_in_clear", "Only a hash of each token is stored",
-      "self.store.add_user(key(name), name, user.token_hash)", "self.store.add_user(key(name), name, token)"),
+    M("token_stored_in_clear", "Only a hash of each token is stored (users table)",
+      "cls.store.add_user(user_key, name, hashed)", "cls.store.add_user(user_key, name, token)"),
+    M("device_token_stored_in_clear", "Only a hash of each token is stored (devices table)",
+      "device = cls.store.add_device(user_key, hashed, label, utc_iso(time.time()))",
+      "device = cls.store.add_device(user_key, token, label, utc_iso(time.time()))"),
     M("short_token", "The token is unguessable",
-      "token = secrets.token_urlsafe(24)", "token = secrets.token_urlsafe(4)"),
+      "        token = secrets.token_urlsafe(24)\n        hashed = token_hash(token)\n        with cls.store.transaction():",
+      "        token = secrets.token_urlsafe(4)\n        hashed = token_hash(token)\n        with cls.store.transaction():"),
+    M("short_device_token", "A linked device's token is unguessable too",
+      "        token = secrets.token_urlsafe(24)\n        hashed = token_hash(token)\n        device = cls.store.add_device(user,",
+      "        token = secrets.token_urlsafe(4)\n        hashed = token_hash(token)\n        device = cls.store.add_device(user,"),
     M("new_user_not_in_default_room", "A new user is put in the default room",
-      "self._set_member(room, key(name), True)", "self._set_member(room, key(name), False)"),
+      "        cls.apply_member(room, user_key, True)\n        return user, token, device",
+      "        cls.apply_member(room, user_key, False)\n        return user, token, device"),
+    M("default_membership_not_stored", "A new user's place in the default room survives a restart",
+      "            cls.store.set_member(room_key, user_key, True)", "            pass"),
+    M("claim_not_atomic", "A name, its device, the room and the membership commit together",
+      "        with cls.store.transaction():\n            cls.store.add_user(user_key, name, hashed)",
+      "        if True:\n            cls.store.add_user(user_key, name, hashed)"),
     M("token_for_unowned_name_kept", "A token for a name nobody owns is ignored and a new one issued",
-      "            if user is None:\n                token = secrets.token_urlsafe(24)",
-      "            if user is None:\n                token = token or secrets.token_urlsafe(24)"),
+      "                user, token, device = Hub.claim(name, label)",
+      "                user, fresh, device = Hub.claim(name, label)\n                token = token or fresh"),
 
     # ---- private messages stay private
     M("dm_to_everyone", "A private message goes to the two users' connections only",
-      "self.send_to(self.online.get(self.user, set()) | self.online.get(recipient, set()), message, payload)",
-      "self.send_to(self._everyone_but(''), message, payload)"),
+      "send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)",
+      "send_to(cls.everyone_but(), message, payload)"),
     M("dm_not_to_sender_tabs", "Both users' connections get the direct frame",
-      "self.send_to(self.online.get(self.user, set()) | self.online.get(recipient, set()), message, payload)",
-      "self.send_to(self.online.get(recipient, set()), message, payload)"),
+      "send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)",
+      "send_to(cls.online.get(recipient, set()), message, payload)"),
     M("typing_echoed_to_typist", "typing goes to the other members",
-      "others = [c for u in room.members if u != self.user for c in self.online.get(u, ())]",
-      "others = [c for u in room.members for c in self.online.get(u, ())]"),
+      "send_to(Hub.members_online(room, but=self.user), typing_frame(me, room.name, None))",
+      "send_to(Hub.members_online(room), typing_frame(me, room.name, None))"),
+    M("typing_to_self_echoed", "Typing to yourself is not sent to your other tabs",
+      "if key(to.name) != self.user:  # your other tabs", "if True:  # your other tabs"),
     M("dm_any_white_space", "Only ASCII white space after @name makes a message private",
       r'[ \t\n\r\f\v]+(.*)", re.DOTALL)', r'\s+(.*)", re.DOTALL)'),
     M("dm_first_line_only", "Text is relayed exactly as sent (a private one too)",
@@ -104,89 +128,203 @@ MUTANTS = [
 
     # ---- offline buffering and receipts
     M("mailbox_one_more", "mailbox_full past --mailbox waiting messages",
-      "if waiting and len(mailbox) >= self.conf.mailbox:", "if waiting and len(mailbox) > self.conf.mailbox:"),
-    M("dm_not_kept_for_offline", "A private message to someone offline is kept",
-      'self.mailboxes.setdefault(recipient, {})[message["id"]] = message', "pass"),
-    M("kept_dm_stored_as_delivered", "Kept private messages survive a restart or kill -9",
-      "self.store.add_message(message[\"id\"], None, self.user, recipient, not waiting, payload)",
-      "self.store.add_message(message[\"id\"], None, self.user, recipient, True, payload)"),
+      "if waiting and kept >= cls.conf.mailbox:", "if waiting and kept > cls.conf.mailbox:"),
+    M("mailbox_count_not_kept", "mailbox_full past --mailbox waiting messages (the count)",
+      "            cls.mailboxes[recipient] = kept + 1", "            pass"),
+    M("kept_dm_stored_as_delivered", "A private message to someone offline is kept",
+      'cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)',
+      'cls.store.add_message(message["id"], None, sender, recipient, True, payload, cid, text)'),
     M("delivery_not_stored", "A kept message is delivered once, also across restarts",
-      "self.store.mark_delivered(list(mail))", "pass"),
+      "            cls.store.mark_delivered([row[0] for row in rows])", "            pass"),
     M("receipt_to_recipient", "The sender gets delivered",
-      'self.send_to(self.online.get(key(message["from"]), ()), delivered_frame(',
-      'self.send_to(self.online.get(key(message["to"]), ()), delivered_frame('),
+      "send_to(cls.online.get(sender, ()), delivered_frame(id, cls.users[user].name))",
+      "send_to(cls.online.get(user, ()), delivered_frame(id, cls.users[user].name))"),
     M("no_buffered_flag", 'A kept message arrives with "buffered": true',
-      'self.send({**mail[id], "buffered": True}, bulk=True)', "self.send(mail[id], bulk=True)"),
+      'return flagged(payload, "buffered" if recipient == self.user else "queued")',
+      'return flagged(payload, "queued")'),
+    M("replay_without_queued", 'A replayed message still waiting carries "queued": true',
+      'return flagged(payload, "buffered" if recipient == self.user else "queued")',
+      'return flagged(payload, "buffered")'),
     M("no_queued_in_ack", 'The ack of a kept message says "queued": true',
       'self._ack(ref, id=message["id"], queued=queued)', 'self._ack(ref, id=message["id"])'),
     M("always_online", "A private message to someone with no connection is kept",
-      "waiting = recipient not in self.online", "waiting = False"),
-    M("mailboxes_not_reloaded", "Kept private messages are reloaded at start",
-      "WHERE room IS NULL AND delivered = 0 ORDER BY id", "WHERE room IS NULL AND delivered = 1 ORDER BY id"),
+      "waiting = recipient not in cls.online", "waiting = False"),
+    M("mail_counts_not_reloaded", "Mailbox counts come back from SQLite at start",
+      '"mail": dict(q("SELECT recipient, count(*) FROM messages WHERE delivered = 0 GROUP BY recipient")),',
+      '"mail": {},'),
+    M("mail_query_delivered", "Kept messages are delivered when the user returns (read from SQLite)",
+      '{self.COLUMNS} FROM messages WHERE recipient = ? AND delivered = 0"',
+      '{self.COLUMNS} FROM messages WHERE recipient = ? AND delivered = 1"'),
     M("mail_never_delivered", "Kept messages are delivered when the user returns",
       "if mail and not self._dead:", "if mail and self._dead:"),
+    M("history_does_not_deliver", "A kept message read through history is delivered (receipt, not again)",
+      "        if mail:\n            Hub.deliver(self.user, mail)", "        if False:\n            Hub.deliver(self.user, mail)"),
 
     # ---- history and resume
     M("history_reload_oldest", "At start each room gets its last --history messages",
-      "WHERE room = ? ORDER BY id DESC LIMIT ?", "WHERE room = ? ORDER BY id LIMIT ?"),
+      '" ORDER BY id DESC LIMIT ?", (room, before or 2**63 - 1, limit))',
+      '" ORDER BY id LIMIT ?", (room, before or 2**63 - 1, limit))'),
     M("history_reload_newest_first", "History is oldest first, also after a restart",
-      "[(json.loads(f), len(f.encode())) for (f,) in reversed(q(",
-      "[(json.loads(f), len(f.encode())) for (f,) in list(q("),
+      "held = self.rooms[room] = [(id, payload) for id, payload, *_ in reversed(rows)]",
+      "held = self.rooms[room] = [(id, payload) for id, payload, *_ in rows]"),
     M("history_one_more", "--history messages kept per room",
-      "collections.deque(maxlen=history)", "collections.deque(maxlen=history + 1)"),
+      "while len(held) > self.size:", "while len(held) > self.size + 1:"),
+    M("history_load_one_more", "--history messages per room, also when read from SQLite",
+      "rows = self.store.room_page(room, None, self.size) if self.size > 0 else []",
+      "rows = self.store.room_page(room, None, self.size + 1) if self.size > 0 else []"),
     M("budget_keeps_oldest", "A room cut short keeps its newest messages",
-      "kept = [m for m, _ in history[len(history) - fits:]]", "kept = [m for m, _ in history[:fits]]"),
+      "kept = [payload for _, payload in newer[len(newer) - fits:]]", "kept = [payload for _, payload in newer[:fits]]"),
     M("budget_not_spent", "The room histories of one connect share --max_queue bytes",
-      "            budget -= size\n", "            budget -= 0\n"),
+      "            budget -= len(payload)\n            fits += 1", "            budget -= 0\n            fits += 1"),
     M("budget_ignores_private", "Room histories share what is left after private messages",
-      "budget = max(0, self.conf.max_queue - sum(size for _, size in replayed))",
-      "budget = self.conf.max_queue"),
+      "budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))",
+      "budget = conf.max_queue"),
     M("since_includes_seen", "since=ID: only messages with a larger id",
-      'history = [(m, size) for m, size in history if m["id"] > since]',
-      'history = [(m, size) for m, size in history if m["id"] >= since]'),
+      "newer = held if since is None else [m for m in held if m[0] > since]",
+      "newer = held if since is None else [m for m in held if m[0] >= since]"),
     M("truncated_when_exact", '"truncated" only when more were missed than kept',
-      "truncated = self.store.count_since(key(room.name), since) > len(history)",
-      "truncated = self.store.count_since(key(room.name), since) >= len(history)"),
+      "truncated = Hub.store.room_has(key(room.name), since, held[0][0])",
+      "truncated = Hub.store.room_has(key(room.name), since, held[0][0] + 1)"),
     M("never_truncated", '"truncated": true when more were missed than --history keeps',
-      "truncated = truncated or fits < len(history)", "truncated = fits < len(history)"),
+      "truncated = truncated or fits < len(newer)", "truncated = fits < len(newer)"),
+    M("cut_not_truncated", '"truncated": true for a room cut short by the budget',
+      "truncated = truncated or fits < len(newer)", "truncated = truncated"),
     M("epoch_ignored", "A since from another database counts as 0",
-      'if since is not None and self._query("epoch") not in (None, self.store.epoch):',
-      "if False:"),
+      "if since is not None and self._query(\"epoch\") not in (None, Hub.store.epoch):", "if False:"),
     M("since_too_big", "A since that is not a message id is ignored",
       "or len(value) > 18:", "or len(value) > 30:"),
     M("replay_includes_seen", "since=ID replays private messages with a larger id",
-      "AND (sender = ? OR recipient = ?) AND id > ?", "AND (sender = ? OR recipient = ?) AND id >= ?"),
-    M("replay_without_queued", 'A replayed message still waiting carries "queued": true',
-      'self.send({**directs[id], "queued": True}, bulk=True)', "self.send(directs[id], bulk=True)"),
+      "window = (after, before or 2**63 - 1)", "window = (after - 1, before or 2**63 - 1)"),
     M("ids_restart_from_zero", "Ids go on increasing after a restart",
       '"last_id": q("SELECT coalesce(max(id), 0) FROM messages")', '"last_id": q("SELECT 0")'),
     M("new_epoch_each_start", "The epoch names the database and survives a restart",
       "INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", "INSERT OR REPLACE INTO meta VALUES ('epoch', ?)"),
 
+    # ---- the connect sequence is bounded (issue 8)
+    M("directs_take_whole_budget", "Private messages take the newest that fit in half of --max_queue",
+      "directs, cut = self._owed_directs(since, conf.max_queue // 2)",
+      "directs, cut = self._owed_directs(since, conf.max_queue)"),
+    M("directs_budget_not_spent", "The private messages of a connect are bounded",
+      "            budget -= len(payload)\n            chosen.append((rows[id], payload))",
+      "            budget -= 0\n            chosen.append((rows[id], payload))"),
+    M("directs_truncated_never_said", 'welcome says "directs_truncated" when some were left out',
+      '        frame["directs_truncated"] = True', "        pass"),
+    M("directs_cut_keeps_oldest", "The private messages that fit are the newest",
+      "        for id in sorted(rows, reverse=True):\n            payload = self._dressed(rows[id])",
+      "        for id in sorted(rows):\n            payload = self._dressed(rows[id])"),
+    M("replay_limit_not_truncated", 'A replay longer than --mailbox says "directs_truncated"',
+      "cut = len(replay) == mailbox", "cut = False"),
+
+    # ---- history requests (issue 8/11)
+    M("history_limit_unbounded", "history limit is 1-200",
+      "if not (is_int(limit) and 1 <= limit <= HISTORY_PAGE[1]):", "if not (is_int(limit) and 1 <= limit):"),
+    M("history_default_limit", "history holds 50 by default",
+      "HISTORY_PAGE = (50, 200)", "HISTORY_PAGE = (60, 200)"),
+    M("history_bytes_unbounded", "A history answer holds at most --max_queue bytes",
+      "            if len(payload) > budget and kept:\n", "            if False:\n"),
+    M("history_more_when_exact", '"more" says older ones exist',
+      "more, budget, kept = len(rows) > limit, Hub.conf.max_queue, []",
+      "more, budget, kept = len(rows) >= limit, Hub.conf.max_queue, []"),
+    M("history_before_inclusive", 'history holds messages with an id below "before"',
+      '"SELECT {self.COLUMNS} FROM messages WHERE room = ? AND id < ?"',
+      '"SELECT {self.COLUMNS} FROM messages WHERE room = ? AND id <= ?"'),
+    M("history_of_any_room", "history of a room needs membership (not_in_room)",
+      '            room = self._my_room(frame["room"])\n            head: dict = {"room": room.name}',
+      '            room = (Hub.rooms.get(key(check_room(frame["room"]))) or self._my_room(frame["room"]))\n            head: dict = {"room": room.name}'),
+    M("history_with_shows_theirs", '"with" is one private conversation of your own',
+      "rows = Hub.store.direct_page(self.user, key(other.name), before, 0, limit + 1)",
+      "rows = Hub.store.direct_page(key(other.name), None, before, 0, limit + 1)"),
+    M("history_with_all_directs", '"with" is one private conversation, not all of them',
+      "rows = Hub.store.direct_page(self.user, key(other.name), before, 0, limit + 1)",
+      "rows = Hub.store.direct_page(self.user, None, before, 0, limit + 1)"),
+
+    # ---- client ids (cid)
+    M("cid_ignored", "A repeat with a stored cid is not posted again",
+      "            if row is not None:  # stored before", "            if False:  # stored before"),
+    M("cid_not_stored", "A message's cid is stored with it",
+      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)',
+      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, None, text)'),
+    M("cid_shared_between_users", "A cid counts only for the user that sent it",
+      'f"SELECT {self.COLUMNS} FROM messages WHERE sender = ? AND cid = ?"',
+      'f"SELECT {self.COLUMNS} FROM messages WHERE (sender = ? OR 1) AND cid = ?"'),
+    M("cid_repeat_not_queued", 'A repeated cid of a waiting private message is acked "queued"',
+      "queued=recipient is not None and not delivered", "queued=False"),
+    M("cid_unchecked", "cid must be 1-64 printable ASCII characters",
+      'CID = re.compile(r"[!-~]{1,%d}" % MAX_CID)', 'CID = re.compile(r".{1,%d}" % (MAX_CID * 2), re.DOTALL)'),
+
     # ---- rate limits and caps
     M("burst_uncapped", "An idle connection can still send only --burst frames at once",
-      "self._tokens = min(float(self.conf.burst), self._tokens + (now - self._refill) * rate)",
-      "self._tokens = self._tokens + (now - self._refill) * rate"),
+      "self.tokens = min(float(size), self.tokens + (now - self.when) * rate)",
+      "self.tokens = self.tokens + (now - self.when) * rate"),
     M("bucket_overdraft", "More than --burst frames at once is rate_limited",
-      "if self._tokens < 1:", "if self._tokens < 0:"),
+      "if self.tokens < 1:", "if self.tokens < 0:"),
     M("rate_limit_ignored", "More than --rate/--burst: rate_limited",
-      "if not allowed:", "if False:"),
-    M("rate_zero_limits", "--rate 0 turns limiting off",
+      "elif not self._spend():", "elif False:"),
+    M("rate_zero_limits", "A budget of rate 0 is no limit (--names_per_hour 0 etc.)",
       "if rate <= 0:", "if rate < 0:"),
-    M("names_eleven_at_once", "One address may claim 10 new names at once",
-      "NAMES_AT_ONCE = 10", "NAMES_AT_ONCE = 11"),
+    M("rate_zero_still_limits", "--rate 0 turns limiting off",
+      "if conf.rate <= 0 or self._messages.take(conf.burst, conf.rate):",
+      "if self._messages.take(conf.burst, conf.rate):"),
+    M("eleven_at_once", "One address may claim 10 new names at once (and 10 rooms, connects)",
+      "AT_ONCE = 10", "AT_ONCE = 11"),
     M("name_claims_free", "--names_per_hour bounds new names per address",
-      "self.claims[ip] = (tokens - 1 if allowed else tokens, now)", "self.claims[ip] = (tokens, now)"),
+      'if not Hub.budgets.take("name", ip):', "if False:"),
     M("tabs_one_more", "--max_tabs connections per user",
-      "len(self.online.get(key(name), ())) >= conf.max_tabs", "len(self.online.get(key(name), ())) > conf.max_tabs"),
+      "if conf.max_tabs and len(Hub.online.get(user_key, ())) >= conf.max_tabs:",
+      "if conf.max_tabs and len(Hub.online.get(user_key, ())) > conf.max_tabs:"),
     M("per_ip_one_more", "--max_conns_per_ip connections per address",
-      "self.per_ip.get(ip, 0) >= conf.max_conns_per_ip", "self.per_ip.get(ip, 0) > conf.max_conns_per_ip"),
+      "if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:",
+      "if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) > conf.max_conns_per_ip:"),
     M("per_ip_never_freed", "A closed connection frees its place under --max_conns_per_ip",
-      "self.per_ip[ip] -= 1", "self.per_ip[ip] -= 0"),
+      "cls.per_ip[ip] -= 1", "cls.per_ip[ip] -= 0"),
     M("users_one_more", "--max_users owned names",
-      "len(self.users) >= conf.max_users", "len(self.users) > conf.max_users"),
+      "if conf.max_users and len(Hub.users) >= conf.max_users:",
+      "if conf.max_users and len(Hub.users) > conf.max_users:"),
     M("rooms_one_more", "--max_rooms rooms",
-      "len(self.rooms) >= self.conf.max_rooms", "len(self.rooms) > self.conf.max_rooms"),
+      "if cls.conf.max_rooms and len(cls.rooms) >= cls.conf.max_rooms:",
+      "if cls.conf.max_rooms and len(cls.rooms) > cls.conf.max_rooms:"),
+    M("connects_per_user_free", "--connects_per_minute per user",
+      'if not Hub.budgets.take("connect", user_key):', "if False:"),
+    M("connects_per_address_free", "ten times --connects_per_minute per address",
+      'if not Hub.budgets.take("connect_ip", ip):', "if False:"),
+    M("connects_per_address_bigger", "ten times --connects_per_minute per address, not a hundred",
+      '"connect_ip": (10 * AT_ONCE, 10 * per_minute),', '"connect_ip": (100 * AT_ONCE, 10 * per_minute),'),
+    M("rooms_per_hour_free", "--rooms_per_hour new rooms per user",
+      'if not cls.budgets.take("room", creator):', "if False:"),
+    M("rooms_per_user_101", "100 rooms per user",
+      "if len(Hub.users[self.user].rooms) >= ROOMS_PER_USER:", "if len(Hub.users[self.user].rooms) > ROOMS_PER_USER:"),
+
+    # ---- typing, wire frames, floods (issue 8)
+    M("typing_unbudgeted", "typing has a small budget of its own",
+      "if Hub.conf.rate > 0 and not self._typing.take(*TYPING):", "if False:"),
+    M("typing_spends_message_budget", "typing does not use up the --rate/--burst budget",
+      'if kind == "typing":', 'if kind == "typing!":'),
+    M("typing_extra_relayed", "extra typing frames are dropped",
+      "                    self._flooding()\n                    return self._ack(ref)",
+      "                    self._flooding()"),
+    M("typing_budget_bigger", "typing: 3 at once",
+      "TYPING = (3, 0.5)", "TYPING = (30, 0.5)"),
+    M("wire_frames_uncounted", "every wire frame (pings, fragments) is counted",
+      "if conf.rate > 0 and not self._frames.take(WIRE_FACTOR * conf.burst, WIRE_FACTOR * conf.rate):",
+      "if False:"),
+    M("wire_frames_not_reported", "Protocol reports every wire frame",
+      "            self.handler.frame_arrived()\n", "            pass\n"),
+    M("wire_factor_bigger", "wire frames count against four times --rate/--burst",
+      "WIRE_FACTOR = 4", "WIRE_FACTOR = 400"),
+    M("flood_never_closed", "a connection sending past its limits for 10 s is closed",
+      "if now - self._flood_start >= FLOOD_CLOSE_AFTER and not self._dead:", "if False:"),
+    M("flood_close_later", "closed after 10 s of flooding, not 100",
+      "FLOOD_CLOSE_AFTER = 10.0", "FLOOD_CLOSE_AFTER = 100.0"),
+    M("flood_any_gap_resets", "a flood is one run with no pause of FLOOD_GAP",
+      "if now - self._flood_last > FLOOD_GAP:", "if True:"),
+    M("flood_gap_ignored", "a pause of FLOOD_GAP ends a flood",
+      "if now - self._flood_last > FLOOD_GAP:", "if False:"),
+    M("flood_close_code", "a flood closes with 4429",
+      'self.refuse(ChatError("rate_limited", "you kept sending too fast; reconnect in a while"), 4429)',
+      'self.refuse(ChatError("rate_limited", "you kept sending too fast; reconnect in a while"), 1008)'),
+    M("bad_json_free", "a broken frame costs a token too",
+      "                self._spend()  # a broken frame costs a token too\n",
+      "                pass\n"),
 
     # ---- size limits and validation
     M("text_one_less", "--max_text code points per message",
@@ -198,8 +336,7 @@ MUTANTS = [
     M("ref_99_chars", "A ref is a string of at most 100 characters",
       "isinstance(value, str) and len(value) <= MAX_REF", "isinstance(value, str) and len(value) < MAX_REF"),
     M("ref_may_be_bool", "A ref is a string or an integer (not true/false)",
-      "isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53",
-      "isinstance(value, int) and abs(value) < 2**53"),
+      "return isinstance(value, int) and not isinstance(value, bool)", "return isinstance(value, int)"),
     M("not_object_is_bad_json", "bad_request for JSON that is not an object",
       'raise ChatError("bad_request", "a frame must be a JSON object")',
       'raise ChatError("bad_json", "a frame must be a JSON object")'),
@@ -235,82 +372,302 @@ MUTANTS = [
       '            self.send(error_frame("server_error", "the server failed on that frame", ref))',
       "            raise"),
 
-    # ---- origin check
+    # ---- RFC 6455 (issue 8)
+    M("unmasked_accepted", "An unmasked client frame closes with 1002",
+      "if not data[1] & 0x80 and not self._refused:", "if False:"),
+    M("utf8_not_checked", "A text frame that is not UTF-8 closes with 1007",
+      '                text = data.decode("utf-8")\n', '                text = data.decode("utf-8", "replace")\n'),
+    M("utf8_close_1002", "A text frame that is not UTF-8 closes with 1007 (not 1002)",
+      'self._refuse(1007, "text frames must be UTF-8")', 'self._refuse(1002, "text frames must be UTF-8")'),
+    M("forbidden_close_code_sent", "A close code that may not be sent becomes 1002",
+      "return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999", "return True"),
+    M("frames_after_refusal_handled", "After a protocol error only the client's close frame is read",
+      "        if self._refused and opcode != 0x8:\n            return None\n", ""),
+
+    # ---- origin and host checks
     M("any_origin", "Upgrades from a foreign Origin get 403",
-      'return super().check_origin(origin) or origin.rstrip("/").lower() in self.conf.origins',
+      'return super().check_origin(origin) or origin.rstrip("/").lower() in Hub.conf.origins',
       "return True"),
     M("same_origin_refused", "Same-origin is always allowed",
-      'return super().check_origin(origin) or origin.rstrip("/").lower() in self.conf.origins',
-      'return origin.rstrip("/").lower() in self.conf.origins',
+      'return super().check_origin(origin) or origin.rstrip("/").lower() in Hub.conf.origins',
+      'return origin.rstrip("/").lower() in Hub.conf.origins',
       equivalent="with Tornado >= 6.6 (6.6.1 here) check_origin is not called when Origin matches Host, and "
                  "the inherited check_origin only consults the trusted_origins setting, which chat.py does not "
                  "set: super() always says False. With Tornado 6.4-6.5, test_same_origin_is_allowed kills it."),
     M("origins_not_normalised", "--origins https://Chat.example.org/ allows the site however written",
       'values["origins"] = [o.rstrip("/").lower() for o in values["origins"]]',
       'values["origins"] = list(values["origins"])'),
+    M("any_host", "/ and /ws answer only this server's Host (DNS rebinding)",
+      "    if not host_allowed(handler.request.host, port, Hub.conf):\n", "    if False:\n"),
+    M("page_any_host", "GET / answers only this server's Host",
+      "    def prepare(self) -> None:\n        check_host(self)\n\n    def get(self) -> None:\n        self.set_header(\"Content-Type\"",
+      "    def prepare(self) -> None:\n        pass\n\n    def get(self) -> None:\n        self.set_header(\"Content-Type\""),
+    M("socket_any_host", "/ws answers only this server's Host",
+      "    def prepare(self) -> None:\n        check_host(self)\n\n    def log_exception",
+      "    def prepare(self) -> None:\n        pass\n\n    def log_exception"),
+    M("host_any_port", "A loopback name on another port is not this server",
+      "    if given != port:\n        return False\n", ""),
+    M("hosts_name_only_exact", "--hosts NAME matches any port",
+      "if host in conf.hosts or name in conf.hosts:", "if host in conf.hosts:"),
+    M("hosts_ignored", "--hosts names are allowed",
+      "if host in conf.hosts or name in conf.hosts:", "if False:"),
+    M("origin_hosts_not_allowed", "A host named in --origins is ours too",
+      '                       | {urllib.parse.urlsplit(o).netloc for o in values["origins"]} - {""})',
+      "                       )"),
+    M("any_name_on_wildcard", "Listening on every address, only IP addresses (not names) are allowed",
+      "        except ValueError:\n            return False\n    return False",
+      "        except ValueError:\n            return True\n    return False"),
 
-    # ---- persistence: written before acked or relayed
+    # ---- lookalike names (issue 8)
+    M("lookalikes_ignored", "A name too close to an owned one is bad_username",
+      "twin = Hub.lookalikes.get(skeleton(name))", "twin = None"),
+    M("lookalike_zero_is_not_o", "O and 0 look alike",
+      '"i": "l", "1": "l", "0": "o"}', '"i": "l", "1": "l"}'),
+    M("lookalike_one_is_not_l", "I, l and 1 look alike",
+      '"i": "l", "1": "l", "0": "o"}', '"0": "o"}'),
+    M("lookalike_separators_count", "Names differing only by . - _ look alike",
+      '{".": None, "-": None, "_": None, ', "{"),
+    M("lookalikes_not_reloaded", "Lookalikes of owned names are refused after a restart too",
+      "            cls.lookalikes.setdefault(skeleton(user.name), k)", "            pass"),
+    M("lookalike_not_registered", "A newly claimed name is guarded against lookalikes at once",
+      "cls.lookalikes.setdefault(skeleton(name), user_key)", "pass"),
+
+    # ---- persistence: written before acked or relayed, atomically
     M("room_message_not_stored", "Every message is written to SQLite before it is acked",
-      'self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)', "pass"),
+      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)', "pass"),
     M("room_relayed_before_stored", "Nothing is relayed before it is stored",
-      '        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)\n'
-      "        room.history.append((message, len(payload)))\n"
-      "        self.send_to([c for u in room.members for c in self.online.get(u, ())], message, payload)\n",
-      "        self.send_to([c for u in room.members for c in self.online.get(u, ())], message, payload)\n"
-      '        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)\n'
-      "        room.history.append((message, len(payload)))\n"),
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'
+      "        cls.history.add(key(room.name), message[\"id\"], payload)\n"
+      "        send_to(cls.members_online(room), message, payload)\n",
+      "        send_to(cls.members_online(room), message, payload)\n"
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'
+      "        cls.history.add(key(room.name), message[\"id\"], payload)\n"),
     M("history_before_stored", "A message the database refused is not in the history",
-      '        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)\n'
-      "        room.history.append((message, len(payload)))\n",
-      "        room.history.append((message, len(payload)))\n"
-      '        self.store.add_message(message["id"], key(room.name), self.user, None, True, payload)\n'),
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'
+      "        cls.history.add(key(room.name), message[\"id\"], payload)\n",
+      "        cls.history.add(key(room.name), message[\"id\"], payload)\n"
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'),
     M("dm_relayed_before_stored", "Nothing is relayed before it is stored (private messages too)",
-      "        self.store.add_message(message[\"id\"], None, self.user, recipient, not waiting, payload)\n"
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'
       "        if waiting:\n"
-      "            self.mailboxes.setdefault(recipient, {})[message[\"id\"]] = message\n"
-      "        self.send_to(self.online.get(self.user, set()) | self.online.get(recipient, set()), message, payload)\n",
-      "        self.send_to(self.online.get(self.user, set()) | self.online.get(recipient, set()), message, payload)\n"
-      "        self.store.add_message(message[\"id\"], None, self.user, recipient, not waiting, payload)\n"
+      "            cls.mailboxes[recipient] = kept + 1\n"
+      "        send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)\n",
+      "        send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)\n"
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'
       "        if waiting:\n"
-      "            self.mailboxes.setdefault(recipient, {})[message[\"id\"]] = message\n"),
-    M("mailbox_before_stored", "A private message the database refused is not kept",
-      "        self.store.add_message(message[\"id\"], None, self.user, recipient, not waiting, payload)\n"
+      "            cls.mailboxes[recipient] = kept + 1\n"),
+    M("mailbox_before_stored", "A private message the database refused is not counted as kept",
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'
       "        if waiting:\n"
-      "            self.mailboxes.setdefault(recipient, {})[message[\"id\"]] = message\n",
+      "            cls.mailboxes[recipient] = kept + 1\n",
       "        if waiting:\n"
-      "            self.mailboxes.setdefault(recipient, {})[message[\"id\"]] = message\n"
-      "        self.store.add_message(message[\"id\"], None, self.user, recipient, not waiting, payload)\n"),
+      "            cls.mailboxes[recipient] = kept + 1\n"
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'),
     M("join_not_stored", "Memberships are kept across restarts",
-      'self.db.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (room, user))', "pass"),
+      'self.write("INSERT OR IGNORE INTO members VALUES (?, ?)", (room, user))', "pass"),
     M("leave_not_stored", "A room left stays left after a restart",
-      'self.db.execute("DELETE FROM members WHERE room = ? AND user = ?", (room, user))', "pass"),
+      'self.write("DELETE FROM members WHERE room = ? AND user = ?", (room, user))', "pass"),
     M("db_world_readable", "The database is created with mode 0600",
       "os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600", "os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644"),
+    M("no_rollback", "A write that fails is rolled back whole",
+      '            if self.db.in_transaction:\n                self.db.execute("ROLLBACK")\n',
+      "            pass\n"),
+    M("message_not_atomic", "A message and its search words commit together",
+      "        with self.transaction():\n            self.db.execute(\"INSERT INTO messages",
+      "        if True:\n            self.db.execute(\"INSERT INTO messages"),
+    M("busy_wait_long", "A write waits at most BUSY_MS for another process's lock",
+      "BUSY_MS = 100  #", "BUSY_MS = 20000  #"),
+    M("schema_cid_column_missing", "A database from before cid gets the column at start",
+      '        "ALTER TABLE messages ADD COLUMN cid TEXT",\n', ""),
 
-    # ---- shutdown
+    # ---- empty rooms are reclaimed (issue 8)
+    M("empty_room_never_forgotten", "A room with no members for a day is forgotten",
+      "room.empty_since is None or now - room.empty_since < ROOM_IDLE", "room.empty_since is None or True"),
+    M("empty_room_forgotten_at_once", "A room is forgotten only after a day empty",
+      "room.empty_since is None or now - room.empty_since < ROOM_IDLE", "room.empty_since is None or now < 0"),
+    M("default_room_forgotten", "The default room always stays",
+      "\n                    or k == key(cls.conf.default_room)):", "):"),
+    M("forgotten_room_keeps_messages", "A forgotten room's messages go with it",
+      '            self.db.execute("DELETE FROM messages WHERE room = ?", (room,))\n', ""),
+    M("forgotten_room_history_cached", "A forgotten room's messages go with it (its cached history too)",
+      "            cls.history.drop(k)\n", ""),
+    M("empty_since_not_set", "A room left by its last member starts its idle day",
+      "                room.empty_since = time.monotonic()\n", "                pass\n"),
+
+    # ---- the Listener: before any request (issue 8)
+    M("max_conns_one_more", "--max_conns connections in all",
+      "if self.max_conns and self.http_open + ChatSocket.sockets >= self.max_conns:",
+      "if self.max_conns and self.http_open + ChatSocket.sockets > self.max_conns:"),
+    M("max_conns_ignored", "--max_conns connections in all, HTTP ones included",
+      "if self.max_conns and self.http_open + ChatSocket.sockets >= self.max_conns:",
+      "if self.max_conns and ChatSocket.sockets >= self.max_conns:"),
+    M("http_close_not_counted", "A closed HTTP connection frees its place under --max_conns",
+      "        self.http_open -= 1\n", "        self.http_open -= 0\n"),
+    M("max_conns_not_set", "--max_conns is applied",
+      "        server.max_conns = options.max_conns\n", "        pass\n"),
+    M("no_header_timeout", "headers must arrive within --header_timeout",
+      "server = Listener(app, idle_connection_timeout=options.header_timeout, body_timeout=options.header_timeout)",
+      "server = Listener(app)"),
+
+    # ---- shutdown and --release
     M("no_final_checkpoint", "SIGTERM checkpoints the database and exits 0",
       '            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")', "            pass"),
     M("store_not_closed_at_exit", "SIGTERM checkpoints the database and exits 0",
-      "    ChatSocket.store.close()\n    return 0", "    return 0"),
+      "    Hub.store.close()\n    return 0", "    return 0"),
     M("shutdown_code_1000", "Server shutdown closes with 1001",
       'ChatSocket.close_all(1001, "server shutting down")', 'ChatSocket.close_all(1000, "server shutting down")'),
     M("sigterm_not_handled", "SIGTERM: the server closes cleanly and exits 0",
       "for sig in (signal.SIGTERM, signal.SIGINT):", "for sig in (signal.SIGINT,):"),
+    M("release_ignored", "python chat.py --release NAME frees the name",
+      "    if options.release:\n        return release(options.release, options.db)\n", ""),
+    M("release_keeps_devices", "--release: the name's old tokens stop working",
+      '(("devices", "user"), ("members", "user"), ("reads", "user"))', '(("members", "user"), ("reads", "user"))'),
+    M("release_keeps_user", "--release frees the name for a new owner",
+      'found = self.db.execute("DELETE FROM users WHERE key = ?", (user,)).rowcount > 0',
+      'found = self.db.execute("SELECT 1 FROM users WHERE key = ?", (user,)).fetchone() is not None'),
+    M("release_case_sensitive", "--release NAME matches the name however written",
+      "found = store.release(key(name))", "found = store.release(name)"),
+    M("release_unknown_exits_0", "--release of an unknown name says so and exits 1",
+      "return 0 if found else 1", "return 0"),
 
-    # ---- presence and rooms
+    # ---- presence and rooms (issue 9: batches)
     M("presence_every_tab", "presence when a user's first connection opens, not for later tabs",
       "        if len(tabs) == 1:\n", "        if len(tabs) >= 1:\n"),
-    M("presence_to_self", "presence goes to everybody else",
-      "return [c for u, tabs in self.online.items() if u != user for c in tabs]",
-      "return [c for u, tabs in self.online.items() for c in tabs]"),
+    M("presence_to_self", "A batch only about one user is not sent to that user",
+      "send_to(cls.everyone_but(cls._alone(presence)), presence_frame(came, went))",
+      "send_to(cls.everyone_but(), presence_frame(came, went))"),
+    M("alone_in_big_batch", "A bigger batch goes to everyone, the users in it too",
+      "return next(iter(changes)) if len(changes) == 1 else None", "return next(iter(changes))"),
+    M("presence_undo_told", "A presence change undone within the window is not told",
+      "        if cls.presence.pop(user, None) is None:\n",
+      "        if cls.presence.pop(user, None) or True:\n"),
+    M("membership_undo_told", "A membership change undone within the window is not told",
+      "        if changes.pop(user, None) is None:\n", "        if changes.pop(user, None) or True:\n"),
+    M("presence_not_batched", "Presence changes are gathered for --presence_window",
+      "cls.flushing = loop.call_later(cls.conf.presence_window, cls.flush)",
+      "cls.flushing = loop.call_later(0, cls.flush)"),
+    M("offline_grace_ignored", "A user back within --offline_grace was never away",
+      "            if cls.conf.offline_grace > 0:\n", "            if False:\n"),
     M("left_to_one_tab", "leave: the user's connections get left",
-      "self.send_to(self.online[self.user], left_frame(room.name))", "self.send(left_frame(room.name))"),
+      "send_to(Hub.online[self.user], left_frame(room.name))", "self.send(left_frame(room.name))"),
     M("joined_to_one_tab", "join: the user's connections get joined",
-      "self.send_to(self.online[self.user], self._joined(room, None, self.conf.max_queue)[0], bulk=True)",
-      "self.send(self._joined(room, None, self.conf.max_queue)[0], bulk=True)"),
-    M("member_frame_to_self", "The other members get the member frame",
-      "others = [c for u in room.members if u != user for c in self.online.get(u, ())]",
-      "others = [c for u in room.members for c in self.online.get(u, ())]"),
+      "send_to(Hub.online[self.user], None, self._joined(room, None, Hub.conf.max_queue, read)[0], bulk=True)",
+      "self.send_payload(self._joined(room, None, Hub.conf.max_queue, read)[0])"),
+    M("member_frame_to_self", "A member batch only about one user is not sent to that user",
+      "send_to(cls.members_online(room, but=cls._alone(changes)), member_frame(room.name, joined, left))",
+      "send_to(cls.members_online(room), member_frame(room.name, joined, left))"),
+
+    # ---- rosters and members paging (issue 9)
+    M("online_roster_uncapped", "welcome's online holds the first --roster names",
+      "cls.roster = encode(cls.names[:cls.conf.roster])", "cls.roster = encode(cls.names)"),
+    M("room_roster_uncapped", "joined's members holds the first --roster names",
+      "room.roster = encode(room.names[:cls.conf.roster])", "room.roster = encode(room.names)"),
+    M("roster_with_me_uncapped", "a roster with me added is still --roster names",
+      "return encode((names[:at] + [me] + names[at:])[:size]), len(names) + 1",
+      "return encode(names[:at] + [me] + names[at:]), len(names) + 1"),
+    M("count_without_me", "online_count / member_count count me too",
+      "    if at >= size:\n        return roster, len(names) + 1", "    if at >= size:\n        return roster, len(names)"),
+    M("roster_omits_grace_users", "A user within --offline_grace is still listed online",
+      "cls.users[u].name for u in cls.online.keys() | cls.leaving.keys()",
+      "cls.users[u].name for u in cls.online.keys()"),
+    M("members_page_repeats_after", 'members: the names after "after"',
+      "bisect.bisect_right(names, key(check_name(after, \"bad_request\")), key=key)",
+      "bisect.bisect_left(names, key(check_name(after, \"bad_request\")), key=key)"),
+    M("members_more_when_exact", 'members: "more" says more follow',
+      "return names[start:start + size], start + size < len(names)",
+      "return names[start:start + size], start + size <= len(names)"),
+    M("members_of_any_room", "members of a room needs membership",
+      '            room = self._my_room(frame["room"])\n            names, more = page_after(',
+      '            room = (Hub.rooms.get(key(check_room(frame["room"]))) or self._my_room(frame["room"]))\n            names, more = page_after('),
+
+    # ---- metrics (issue 9)
+    M("metrics_open_to_all", "/metrics is for loopback and --metrics_from only",
+      "if not ipaddress.ip_address(ip).is_loopback and ip not in Hub.conf.metrics_from:", "if False:"),
+    M("metrics_from_ignored", "--metrics_from addresses may read /metrics",
+      "if not ipaddress.ip_address(ip).is_loopback and ip not in Hub.conf.metrics_from:",
+      "if not ipaddress.ip_address(ip).is_loopback:"),
+
+    # ---- search (issue 11)
+    M("search_all_rooms", "search covers the rooms the user is in",
+      "rooms = sorted(Hub.users[self.user].rooms)", "rooms = sorted(Hub.rooms)"),
+    M("search_all_directs", "search covers the user's own private messages only",
+      "OR (m.room IS NULL AND (m.sender = ? OR m.recipient = ?))",
+      "OR (m.room IS NULL AND (m.sender = ? OR m.recipient = ? OR 1))"),
+    M("search_any_word", "search finds messages holding every word",
+      """match = " ".join('"%s"' % w for w in words)""", """match = " OR ".join('"%s"' % w for w in words)"""),
+    M("search_oldest_first", "search results are newest first",
+      "ORDER BY search.rowid DESC LIMIT ?", "ORDER BY search.rowid LIMIT ?"),
+    M("search_before_inclusive", 'search "before" pages back (ids below it)',
+      "AND search.rowid < ? AND", "AND search.rowid <= ? AND"),
+    M("search_page_bigger", "search: at most 50 results",
+      "SEARCH_PAGE = 50", "SEARCH_PAGE = 60"),
+    M("search_more_when_exact", 'search "more" only when more exist',
+      "found, len(rows) > SEARCH_PAGE))", "found, len(rows) >= SEARCH_PAGE))"),
+
+    # ---- read markers (issue 11)
+    M("read_marker_moves_back", "read markers move forward only",
+      '" WHERE excluded.id > reads.id", (user, conv, id)', '"", (user, conv, id)'),
+    M("read_not_echoed", "read: the user's other connections get the same frame",
+      "send_to([c for c in Hub.online[self.user] if c is not self], read_frame(head, id))", "pass"),
+    M("read_echoed_to_self", "read: the other connections, not this one",
+      "send_to([c for c in Hub.online[self.user] if c is not self], read_frame(head, id))",
+      "send_to(Hub.online[self.user], read_frame(head, id))"),
+    M("read_not_in_joined", 'joined carries the user\'s read marker',
+      'joined, budget = self._joined(Hub.rooms[r], since, budget, reads.get("#" + r, 0))',
+      "joined, budget = self._joined(Hub.rooms[r], since, budget, 0)"),
+    M("read_with_not_in_welcome", "welcome's read_with holds the markers of private conversations",
+      'read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}',
+      "read_with = {}"),
+    M("read_any_room", "read of a room needs membership",
+      '            room = self._my_room(frame["room"])\n            conv, head',
+      '            room = (Hub.rooms.get(key(check_room(frame["room"]))) or self._my_room(frame["room"]))\n            conv, head'),
+    M("read_id_unbounded", "read: 'id' must be a message id",
+      "if not (is_int(id) and 0 < id <= Hub.last_id):", "if not (is_int(id) and 0 < id):"),
+
+    # ---- devices, link codes, revoke (issue 11)
+    M("link_code_reusable", "a link code is one-time",
+      "        del cls.links[code]\n        return found[1] > time.monotonic()",
+      "        return found[1] > time.monotonic()"),
+    M("link_code_never_expires", "a link code works for 10 minutes",
+      "        return found[1] > time.monotonic()", "        return True"),
+    M("link_code_any_user", "a link code signs in only as the user that asked for it",
+      "if found is None or found[0] != user:", "if found is None:"),
+    M("link_codes_unbudgeted", "wrong link codes are budgeted per address",
+      'if not Hub.budgets.take("link", ip):', "if False:"),
+    M("old_link_code_kept", "a user has one code at a time: a new one replaces the last",
+      "        for code in [c for c, (u, _) in cls.links.items() if u == user]:\n            del cls.links[code]\n", ""),
+    M("link_code_exact_case", "a link code may be typed in lower case or without its dash",
+      '        code = code.strip().upper().replace(" ", "")\n', ""),
+    M("revoke_close_code", "a revoked device's connections close with 4401",
+      'connection.refuse(ChatError("revoked", "this device was signed out"), 4401)',
+      'connection.refuse(ChatError("revoked", "this device was signed out"), 4409)'),
+    M("revoke_leaves_connections", "a revoked device's connections close",
+      "            if connection.device == device:\n", "            if False:\n"),
+    M("revoke_closes_all_devices", "revoke closes only that device's connections",
+      "            if connection.device == device:\n", "            if True:\n"),
+    M("revoked_token_works", "a revoked device's token stops working",
+      "        for hashed in [h for h, (u, d) in cls.devices.items() if d == device]:\n            del cls.devices[hashed]\n", ""),
+    M("revoke_not_stored", "a revoked device stays revoked after a restart",
+      "        cls.store.drop_device(device)\n", ""),
+    M("revoke_any_device", "revoke: 'device' must be one of your devices",
+      "if not is_int(device) or device not in [id for id, _, _ in Hub.store.devices(self.user)]:",
+      "if not is_int(device):"),
+    M("logout_ignored", "logout signs this device out",
+      "        self._ack(ref)\n        Hub.revoke(self.user, self.device)", "        self._ack(ref)"),
+    M("devices_current_wrong", "devices marks the current one",
+      '"current": id == self.device}', '"current": True}'),
+
+    # ---- auth frames (issue 11)
+    M("auth_timeout_ignored", "no auth frame within 10 s is name_taken",
+      "        if self._awaiting is not None and not self._dead:\n            self._awaiting = None\n",
+      "        if False:\n            self._awaiting = None\n"),
+    M("auth_seconds_longer", "the auth frame must come within 10 s",
+      "AUTH_SECONDS = 10.0", "AUTH_SECONDS = 100.0"),
+    M("auth_any_type", 'the first frame must be {"type":"auth"}',
+      'if frame.get("type") != "auth" or not isinstance(token or link, str):',
+      "if not isinstance(token or link, str):"),
+    M("auth_param_ignored", "auth=1: the credentials come in the first frame",
+      'if self._query("auth") == "1" and token is None and link is None:', "if False:"),
 
     # ---- logging redaction
     M("exception_log_raw_uri", "Tokens never reach the log (a failure in open())",
@@ -341,26 +698,26 @@ MUTANTS = [
 
     # ---- slow consumers and pings
     M("max_queue_ignored", "A reader that stalls is closed with 1013",
-      "self._owed - self._bulk_owed() > self.conf.max_queue:", "self._owed - self._bulk_owed() > 100 * self.conf.max_queue:"),
+      "self.owed - self._bulk_owed() > self.limit)", "self.owed - self._bulk_owed() > 100 * self.limit)"),
     M("stalled_close_code", "A connection that stopped reading is closed with 1013",
       'self._close(1013, "too slow; reconnect with since")', 'self._close(1011, "too slow; reconnect with since")'),
     M("answers_owed_unbounded", "After the connect sequence, answers count only up to --max_queue",
-      "self._bulk_cap = self.conf.max_queue", 'self._bulk_cap = float("inf")'),
+      "        self.outbox.bulk_cap = conf.max_queue\n", '        self.outbox.bulk_cap = float("inf")\n'),
     M("bulk_uncapped", "Answers a client asked for go at its pace, up to --max_queue at a time",
-      "if bulk and self._bulk_owed() + len(wire) <= self._bulk_cap:", "if bulk:"),
-    M("any_pong_counts", "A pong counts only if it echoes the latest ping",
-      "if data == ChatSocket.ping_payload:", "if True:"),
+      "if bulk and self._bulk_owed() + len(wire) <= self.bulk_cap:", "if bulk:"),
+    M("any_pong_counts", "A pong counts only if it echoes this connection's latest ping",
+      "if data == self._ping_payload:", "if True:"),
+    M("ping_payload_constant", "each connection's ping carries its own random payload",
+      "connection._ping_payload = secrets.token_bytes(8)", 'connection._ping_payload = b"ping"'),
     M("silent_never_dropped", "A client that stops answering pings is dropped",
-      "if connection._heard < sent and not connection._dead:", "if False:"),
+      "if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:", "if False:"),
     M("no_pings", "A client that stops answering pings is dropped",
-      "if ChatSocket.pinger is None and self.conf.ping_interval > 0:", "if False:"),
+      "            if cls.conf.ping_interval > 0:\n", "            if False:\n"),
     M("ping_timeout_unbounded", "A silent client is dropped within 2 x --ping_interval",
       'values["ping_timeout"] = min(values["ping_timeout"], values["ping_interval"])', "pass"),
     M("slow_writes_not_alive", "A slow reader still taking a big answer counts as alive",
-      "        self._writing = False\n        # A write that had to wait is done: the peer is reading, so it is\n"
-      "        # alive even if its pong is still queued behind a big answer.\n"
-      "        self._heard = time.monotonic()\n",
-      "        self._writing = False\n"),
+      "if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:",
+      "if connection._heard < sent and not connection._dead:"),
 ]
 
 
@@ -379,9 +736,10 @@ def mutated(source: str, mutant: Mutant) -> str | None:
     return source.replace(mutant.old, mutant.new)
 
 
-def run_suite(source: str, python: str, timeout: float) -> tuple[bool, float, str]:
-    """Run test_chat.py against this chat.py in a fresh copy of the project:
-    (passed, seconds, the first failing test or what went wrong)."""
+def run_suite(source: str, python: str, timeout: float, tests: tuple = (SUITE,)) -> tuple[bool, float, str]:
+    """Run test_chat.py (or only `tests`, pytest node ids) against this
+    chat.py in a fresh copy of the project: (passed, seconds, the first
+    failing test or what went wrong)."""
     work = tempfile.mkdtemp(prefix="mutant-")
     try:
         for name in PROJECT_FILES:
@@ -392,7 +750,7 @@ def run_suite(source: str, python: str, timeout: float) -> tuple[bool, float, st
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         start = time.monotonic()
         # A session of its own, so that a timeout can end the chat.py processes the tests start too.
-        proc = subprocess.Popen([python, *PYTEST], cwd=work, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([python, *PYTEST, *tests], cwd=work, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=timeout)
@@ -420,6 +778,18 @@ def try_mutant(mutant: Mutant, source: str, python: str, timeout: float) -> Resu
     except SyntaxError as e:
         return Result(mutant, "invalid", detail="does not compile: %s" % e)
     passed, seconds, detail = run_suite(changed, python, timeout)
+    if not passed and "::" in detail:
+        # A test that failed by chance (a timing test on a loaded machine)
+        # must not count a mutant killed: the failing test alone must fail
+        # again. If it passes, the whole suite decides once more.
+        again, more, _ = run_suite(changed, python, timeout, ("%s::%s" % (SUITE, detail),))
+        seconds += more
+        if again:
+            first = detail
+            passed, more, detail = run_suite(changed, python, timeout)
+            seconds += more
+            if not passed:
+                detail += " (%s had failed once, by chance)" % first
     return Result(mutant, "survived" if passed else "killed", seconds, detail)
 
 
@@ -453,6 +823,9 @@ def main() -> int:
 
     if not args.no_baseline:
         passed, seconds, detail = run_suite(source, args.python, args.timeout)
+        if not passed:  # a timing test may fail by chance on a loaded machine: one more try
+            print("baseline: %s failed on %s as it is; trying once more" % (detail, TARGET))
+            passed, seconds, detail = run_suite(source, args.python, args.timeout)
         if not passed:
             print("the suite fails on %s as it is (%s); fix that first" % (TARGET, detail))
             return 2

@@ -3941,3 +3941,623 @@ class ReplyTest(ChangeCase):
             await self.error(b, "bad_request", type="message", text="hi", reply_to=bad)
         await self.quiet(a)
         await self.quiet(b)
+
+
+################ Guards found by the second mutation run
+# Each test here fails on a change to chat.py (a mutant, see mutate.py) that
+# broke a promise of README or chat.py's docstring, after the Hub/Outbox
+# restructuring and issues 8, 9 and 11, without any test noticing.
+
+
+class MovingClock:
+    """chat's view of the time module, with a monotonic() that stands still
+    until the test moves it (now += seconds). It starts on a whole second,
+    so that adding halves and whole seconds is exact."""
+
+    def __init__(self):
+        self.now = float(int(time.monotonic()) + 1)
+
+    def monotonic(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class FloodTimeTest(ChatTestCase):
+    """README: a connection that keeps sending past its limits for 10 s is
+    closed with 4429; a pause of a second ends a flood. A broken frame costs
+    a token too. (A budget of one frame, refilled too slowly to matter.)"""
+    app_options = {"rate": 0.001, "burst": 1}
+
+    def setUp(self):
+        super().setUp()
+        self.clock = MovingClock()
+        patcher = mock.patch.object(chat, "time", self.clock)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    async def over(self, ws, seconds):
+        """A frame past the budget every half second for `seconds`: each is rate_limited."""
+        for _ in range(int(seconds * 2)):
+            self.clock.now += 0.5
+            await self.error(ws, "rate_limited", type="rooms")
+
+    @async_test
+    async def test_ten_seconds_past_the_limits_close_4429(self):
+        a, _ = await self.connect("Flooder")
+        await self.ack(a, type="rooms")  # the budget
+        await self.error(a, "rate_limited", type="rooms")  # the flood starts
+        await self.over(a, 9.5)
+        self.clock.now += 0.5
+        self.send(a, type="rooms", ref=self.ref())
+        await self.next_error(a, "rate_limited")  # without the ref: about the connection
+        self.assertIsNone(await self.raw_read(a, "the close"))
+        self.assertEqual(a.close_code, 4429)
+
+    @async_test
+    async def test_a_pause_of_a_second_starts_the_count_again(self):
+        a, _ = await self.connect("Flooder")
+        await self.ack(a, type="rooms")
+        await self.error(a, "rate_limited", type="rooms")
+        await self.over(a, 5)
+        self.clock.now += 2
+        await self.error(a, "rate_limited", type="rooms")  # a new flood
+        await self.over(a, 9.5)  # 16.5 s since the first, 9.5 s of this one: still open
+
+    @async_test
+    async def test_a_broken_frame_costs_a_token(self):
+        a, _ = await self.connect("Flooder")
+        a.write_message("not json")
+        await self.next_error(a, "bad_json")
+        await self.error(a, "rate_limited", type="rooms")
+
+
+class TypingBudgetTest(ChatTestCase):
+    """README: typing has its own small budget, 3 at once and one every 2 s;
+    extra ones are acked and dropped."""
+    app_options = {"rate": 5, "burst": 20}
+
+    @async_test
+    async def test_three_at_once_then_one_every_two_seconds(self):
+        clock = MovingClock()
+        with mock.patch.object(chat, "time", clock):
+            a, b = await self.pair()
+            for _ in range(5):
+                await self.ack(a, type="typing", room="general")
+            self.assertEqual([f["type"] for f in await self.sync(b)], ["typing"] * 3)
+            clock.now += 2
+            for _ in range(2):
+                await self.ack(a, type="typing", room="general")
+            self.assertEqual([f["type"] for f in await self.sync(b)], ["typing"])
+
+    @async_test
+    async def test_typing_to_yourself_reaches_none_of_your_tabs(self):
+        a, b = await self.pair()
+        a2, _ = await self.connect("UserA", self.tokens["UserA"])
+        await self.ack(a, type="typing", to="usera")
+        await self.quiet(a2, "the other tab")
+        await self.quiet(a)
+        await self.quiet(b)
+
+
+class PageSizeTest(ChatTestCase):
+    """README: history holds at most limit (default 50) and search at most
+    50; "more" says older ones exist, "before" pages back (ids below it)."""
+
+    @async_test
+    async def test_pages_of_fifty_and_more_only_when_there_is_more(self):
+        a, _ = await self.connect("UserA")
+        ids = [(await self.say(a, "needle %d" % i))["id"] for i in range(50)]
+        found = await self.reply(a, "results", type="search", q="needle")
+        self.assertEqual((len(found["messages"]), found["more"]), (50, False), "exactly 50: no more")
+        page = await self.reply(a, "history", type="history", room="general", limit=50)
+        self.assertEqual((len(page["messages"]), page["more"]), (50, False), "exactly the limit: no more")
+        page = await self.reply(a, "history", type="history", room="general", limit=49)
+        self.assertEqual((len(page["messages"]), page["more"]), (49, True))
+        ids += [(await self.say(a, "needle %d" % i))["id"] for i in range(50, 55)]
+        page = await self.reply(a, "history", type="history", room="general")
+        self.assertEqual(([m["id"] for m in page["messages"]], page["more"]), (ids[5:], True),
+                         "the newest 50 by default")
+        found = await self.reply(a, "results", type="search", q="needle")
+        self.assertEqual(([m["id"] for m in found["messages"]], found["more"]), (ids[:4:-1], True))
+        found = await self.reply(a, "results", type="search", q="needle", before=ids[3])
+        self.assertEqual([m["id"] for m in found["messages"]], ids[2::-1])
+        page = await self.reply(a, "history", type="history", room="general", before=ids[3])
+        self.assertEqual([m["id"] for m in page["messages"]], ids[:3])
+
+
+class AuthGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_only_an_auth_frame_carries_credentials(self):
+        _, welcome = await self.connect("Ana")
+        ws = await websocket_connect(self.url(username="Ana", auth=1))
+        self.sockets.append(ws)
+        ws.write_message(json.dumps({"type": "message", "token": welcome["token"], "text": "hi"}))
+        err = await self.read(ws)
+        self.assertEqual((err["type"], err["code"]), ("error", "name_taken"))
+        self.assertIsNone(await self.raw_read(ws, "the close"))
+        self.assertEqual(ws.close_code, 4409)
+
+    @async_test
+    async def test_the_auth_frame_is_awaited_ten_seconds(self):
+        _, welcome = await self.connect("Ana")
+        loop = self.io_loop
+        real, delays = loop.call_later, []
+
+        def spy(delay, callback, *args, **kwargs):
+            if getattr(callback, "__name__", "") == "_no_auth":
+                delays.append(delay)
+            return real(delay, callback, *args, **kwargs)
+
+        with mock.patch.object(loop, "call_later", spy):
+            ws = await websocket_connect(self.url(username="Ana", auth=1))
+            self.sockets.append(ws)
+            ws.write_message(json.dumps({"type": "auth", "token": welcome["token"]}))
+            self.assertEqual((await self.read(ws))["type"], "welcome")
+        self.assertEqual(delays, [10])
+
+
+class LinkGuardTest(ChatTestCase):
+    """README: a one-time code, valid 10 minutes, one per user at a time,
+    for that user only; the new device gets an unguessable token of its own."""
+
+    async def code(self, ws):
+        return (await self.reply(ws, "link", type="link"))["code"]
+
+    @async_test
+    async def test_a_code_lasts_ten_minutes_and_a_new_one_replaces_the_last(self):
+        a, welcome = await self.connect("Ana")
+        await self.connect("Bob")
+        first = await self.code(a)
+        second = await self.code(a)
+        await self.refused("name_taken", 4409, username="Ana", link=first)  # replaced by the second
+        await self.refused("name_taken", 4409, username="Bob", link=second)  # Ana's, not Bob's
+        third = await self.code(a)
+        with mock.patch.object(chat, "time", Clock(595)):
+            phone = await websocket_connect(self.url(username="Ana", link=third))
+            self.sockets.append(phone)
+            hello = await self.read(phone)
+        self.assertEqual((hello["type"], hello["user"]), ("welcome", "Ana"))
+        self.assertGreaterEqual(len(hello["token"]), 32, "as unguessable as the first token")
+        late = await self.code(a)
+        with mock.patch.object(chat, "time", Clock(605)):
+            await self.refused("name_taken", 4409, username="Ana", link=late)
+
+
+class RestartGuardTest(ChatTestCase):
+    """What a restart must not undo: a revoked device, the lookalikes of
+    owned names, and what --release frees."""
+
+    def fresh_app(self):
+        return chat.make_app(db=self.db, rate=0, names_per_hour=0, connects_per_minute=0, offline_grace=0,
+                             presence_window=0)
+
+    def get_app(self):
+        self.db = os.path.join(tempfile.mkdtemp(prefix="chat-test-"), "chat.db")
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.db), True)
+        return self.fresh_app()
+
+    def restart(self):
+        self.http_server.request_callback = self.fresh_app()
+
+    @async_test
+    async def test_a_revoked_device_and_a_lookalike_stay_refused_after_a_restart(self):
+        a, welcome = await self.connect("Ana.Lee")
+        code = (await self.reply(a, "link", type="link"))["code"]
+        phone = await websocket_connect(self.url(username="Ana.Lee", link=code))
+        self.sockets.append(phone)
+        second = await self.read(phone)
+        await self.ack(a, type="revoke", device=second["device"])
+        self.restart()
+        await self.refused("name_taken", 4409, username="Ana.Lee", token=second["token"])
+        await self.refused("bad_username", 4400, username="AnaLee")
+        await self.connect("Ana.Lee", welcome["token"])
+
+    @async_test
+    async def test_release_frees_the_name_however_written_and_its_old_tokens_stop_working(self):
+        a, welcome = await self.connect("Ana")
+        a.close()
+        await self.wait_health(connections=0)
+        with mock.patch("sys.stderr"):
+            self.assertEqual(chat.release("ANA", self.db), 0)
+            self.assertEqual(chat.release("Nobody", self.db), 1, "an unknown name exits 1")
+        self.restart()
+        _, claimed = await self.connect("Ana")  # a new owner
+        self.assertNotEqual(claimed["token"], welcome["token"])
+        await self.refused("name_taken", 4409, username="Ana", token=welcome["token"])
+
+    @async_test
+    async def test_a_database_from_before_cids_gets_the_column(self):
+        a, _ = await self.connect("UserA")
+        await self.say(a, "written before the upgrade")
+        db = sqlite3.connect(self.db)
+        db.executescript("""
+            CREATE TABLE old (id INTEGER PRIMARY KEY, room TEXT, sender TEXT NOT NULL, recipient TEXT,
+                              delivered INTEGER NOT NULL, frame TEXT NOT NULL);
+            INSERT INTO old SELECT id, room, sender, recipient, delivered, frame FROM messages;
+            DROP TABLE messages;
+            ALTER TABLE old RENAME TO messages;
+        """)  # as a database from before cids
+        db.close()
+        self.restart()
+        a, _ = await self.connect("UserA", self.tokens["UserA"])
+        first, _ = await self.ack(a, type="message", text="once", cid="c-1")
+        again, _ = await self.ack(a, type="message", text="once", cid="c-1")
+        self.assertEqual(again["id"], first["id"])
+
+
+class MetricsFromTest(ChatTestCase):
+    app_options = {"metrics_from": ["127.0.0.1"]}
+
+    @async_test
+    async def test_an_address_listed_in_metrics_from_may_read_metrics(self):
+        class Remote:
+            is_loopback = False
+        with mock.patch.object(chat.ipaddress, "ip_address", return_value=Remote()):
+            response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/metrics" % self.get_http_port())
+        self.assertEqual(response.code, 200)
+
+
+class HostGuardTest(ChatTestCase):
+    app_options = {"origins": ["https://Chat.Example.net/"]}
+
+    async def status(self, host):
+        try:
+            response = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/" % self.get_http_port(),
+                                                     headers={"Host": host})
+            return response.code
+        except HTTPClientError as e:
+            return e.code
+
+    @async_test
+    async def test_a_host_named_in_origins_is_this_server(self):
+        self.assertEqual(await self.status("chat.example.net"), 200)
+        self.assertEqual(await self.status("elsewhere.example.net"), 403)
+
+    def test_listening_on_every_address_allows_addresses_not_names(self):
+        conf = chat.dataclasses.replace(chat.Hub.conf, host="0.0.0.0", hosts=set())
+        self.assertTrue(chat.host_allowed("10.1.2.3:5000", 5000, conf))
+        self.assertFalse(chat.host_allowed("10.1.2.3:5001", 5000, conf))
+        self.assertFalse(chat.host_allowed("rebind.attacker.example:5000", 5000, conf))
+
+
+class EmptyRoomGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_the_default_room_stays_and_a_forgotten_room_comes_back_empty(self):
+        a, b = await self.pair()
+        await self.reply(a, "joined", type="join", room="attic")
+        await self.say(a, "old words", room="attic")
+        await self.reply(a, "left", type="leave", room="attic")
+        await self.reply(a, "left", type="leave", room="general")
+        await self.reply(b, "left", type="leave", room="general")
+        chat.Hub.sweep(now=time.monotonic() + chat.ROOM_IDLE + 1)
+        self.assertIn("general", chat.Hub.rooms, "the default room always stays")
+        self.assertNotIn("attic", chat.Hub.rooms)
+        joined = await self.reply(a, "joined", type="join", room="attic")
+        self.assertEqual(joined["history"], [], "its messages went with it")
+
+
+class GraceRosterTest(ChatTestCase):
+    app_options = {"offline_grace": 30}
+
+    @async_test
+    async def test_a_user_within_the_grace_is_still_listed_online(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        await self.presence(a, "UserB", "online")
+        b.close()
+        await self.wait_health(connections=1)
+        await self.connect("UserC")
+        await self.presence(a, "UserC", "online")  # the online list is refreshed now
+        _, welcome = await self.connect("UserD")
+        self.assertEqual((welcome["online"], welcome["online_count"]), (["UserA", "UserB", "UserC", "UserD"], 4))
+
+
+class RefusedFrameGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_nothing_after_a_protocol_error_is_acted_on(self):
+        a, b = await self.pair()
+        sock, data = await raw_client(self.get_http_port(), "Sneak")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(sock, client_frame(0x1, b'{"type":"rooms"}', masked=False)
+                                    + client_frame(0x1, json.dumps({"type": "message", "text": "sneaky"}).encode())
+                                    + client_frame(0x8, struct.pack(">H", 1000)))
+            self.assertEqual(await read_close(sock, data), 1002)
+            while await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT):
+                pass  # until the server has read it all and hung up
+        finally:
+            sock.close()
+        got = await self.sync(b) + await self.sync(a)
+        self.assertNotIn("sneaky", [f.get("text") for f in got])
+
+
+class TokenGuardTest(ChatTestCase):
+
+    @async_test
+    async def test_a_token_opens_only_the_name_it_was_issued_for(self):
+        await self.pair()
+        await self.refused("name_taken", 4409, username="UserA", token=self.tokens["UserB"])
+
+
+class ReplayLimitTest(ChatTestCase):
+    app_options = {"mailbox": 3}
+
+    @async_test
+    async def test_a_replay_as_long_as_the_mailbox_says_directs_truncated(self):
+        a, b = await self.pair()
+        for i in range(4):
+            await self.say(b, "@UserA dm %d" % i)
+        ws = await self.open_ws("UserA", self.tokens["UserA"], since=0)
+        welcome = await self.read(ws)
+        self.assertIs(welcome.get("directs_truncated"), True, "there may be more: the client asks with history")
+
+
+class WireFrameTest(ChatTestCase):
+    """README: every wire frame (pings too) counts against four times
+    --rate/--burst, and a connection past it for 10 s is closed (4429)."""
+    app_options = {"rate": 0.001, "burst": 1}
+
+    @async_test
+    async def test_pings_past_four_times_the_burst_for_ten_seconds_close_4429(self):
+        clock = MovingClock()
+        loop = asyncio.get_running_loop()
+        with mock.patch.object(chat, "time", clock):
+            sock, data = await raw_client(self.get_http_port(), "Pinger")
+            try:
+                async def ping():
+                    """A ping, answered by a pong (the server has counted it)."""
+                    nonlocal data
+                    await loop.sock_sendall(sock, client_frame(0x9, b"p"))
+                    while True:
+                        frames, data = frames_in(data)
+                        if any(op == 0xA for op, _ in frames):
+                            return
+                        self.assertNotIn(0x8, [op for op, _ in frames], "closed too soon")
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), READ_TIMEOUT)
+                        self.assertTrue(chunk, "closed too soon")
+                        data += chunk
+
+                for _ in range(5):  # the fifth is past 4 x burst: the flood starts
+                    await ping()
+                for _ in range(19):  # 9.5 s more, never pausing a second
+                    clock.now += 0.5
+                    await ping()
+                clock.now += 0.5
+                await loop.sock_sendall(sock, client_frame(0x9, b"p"))
+                self.assertEqual(await read_close(sock, data), 4429)
+            finally:
+                sock.close()
+
+
+class RoomPrivacyTest(ChatTestCase):
+    """history, members and read of a room need membership, also when the room exists."""
+
+    @async_test
+    async def test_a_room_you_are_not_in_is_not_in_room(self):
+        a, b = await self.pair()
+        await self.reply(a, "joined", type="join", room="attic")
+        said = await self.say(a, "attic secret", room="attic")
+        await self.sync(b)
+        await self.error(b, "not_in_room", type="history", room="attic")
+        await self.error(b, "not_in_room", type="members", room="attic")
+        await self.error(b, "not_in_room", type="read", room="attic", id=said["id"])
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_a_room_empty_for_less_than_a_day_stays(self):
+        a, _ = await self.connect("UserA")
+        await self.reply(a, "joined", type="join", room="attic")
+        await self.reply(a, "left", type="leave", room="attic")
+        chat.Hub.sweep(now=time.monotonic() + chat.ROOM_IDLE - 60)
+        self.assertIn("attic", chat.Hub.rooms)
+
+
+class BatchGuardTest(ChatTestCase):
+    """Batches, flushed by hand (the window is long): a batch of several
+    users goes to each of them too, and a change undone within the window
+    is not told."""
+    app_options = {"presence_window": 30}
+
+    @async_test
+    async def test_users_arriving_in_one_window_learn_of_each_other(self):
+        a, _ = await self.connect("UserA")
+        chat.Hub.flush()
+        b, _ = await self.connect("UserB")
+        c, _ = await self.connect("UserC")
+        chat.Hub.flush()
+        frame = await self.expect(b, "presence")
+        self.assertEqual(frame, {"type": "presence", "online": ["UserB", "UserC"], "offline": []})
+        frame = await self.expect(b, "member", room="general")
+        self.assertEqual(frame["joined"], ["UserB", "UserC"])
+
+    @async_test
+    async def test_joining_and_leaving_within_the_window_is_not_told(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        await self.reply(b, "joined", type="join", room="attic")
+        chat.Hub.flush()
+        await self.sync(a)
+        await self.sync(b)
+        await self.reply(a, "joined", type="join", room="attic")
+        await self.reply(a, "left", type="leave", room="attic")
+        chat.Hub.flush()
+        await self.quiet(b, "UserB, while UserA joined and left within the window")
+
+    @async_test
+    async def test_leaving_and_coming_back_within_the_window_is_not_told(self):
+        a, _ = await self.connect("UserA")
+        b, _ = await self.connect("UserB")
+        chat.Hub.flush()
+        await self.sync(a)
+        b.close()
+        await self.wait_health(connections=1)
+        await self.connect("UserB", self.tokens["UserB"])
+        chat.Hub.flush()
+        await self.quiet(a, "UserA, while UserB left and came back within the window")
+
+
+class HistoryDeliversTest(ChatTestCase):
+    """Kept messages left out of a connect sequence and read with history
+    are delivered then: the sender gets its receipts, and they do not come
+    again on the next connect."""
+    app_options = {"max_queue": 4000, "max_text": 1000}
+
+    @async_test
+    async def test_kept_messages_read_through_history_are_delivered_once(self):
+        a, b = await self.pair()
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        sent = [(await self.say(a, "@UserB %d %s" % (i, "d" * 900)))["id"] for i in range(6)]
+        again, welcome = await self.connect("UserB", self.tokens["UserB"])
+        self.assertIs(welcome.get("directs_truncated"), True)
+        seen = [f["id"] for f in await self.sync(again)]
+        while True:
+            page = await self.reply(again, "history", type="history", directs=True, before=seen[0], limit=2)
+            self.assertTrue(all(m.get("buffered") for m in page["messages"]), page)
+            seen = [m["id"] for m in page["messages"]] + seen
+            if not page["more"]:
+                break
+        self.assertEqual(seen, sent)
+        receipts = [f["id"] for f in await self.sync(a) if f["type"] == "delivered"]
+        self.assertEqual(sorted(receipts), sent)
+        again.close()
+        await self.presence(a, "UserB", "offline")
+        third, _ = await self.connect("UserB", self.tokens["UserB"])
+        await self.quiet(third, "UserB, who has read them all")
+
+    @async_test
+    async def test_a_history_answer_holds_at_most_max_queue_bytes(self):
+        a, _ = await self.connect("UserA")
+        said = [(await self.say(a, "%d %s" % (i, "h" * 900)))["id"] for i in range(6)]
+        page = await self.reply(a, "history", type="history", room="general")
+        got = [m["id"] for m in page["messages"]]
+        self.assertTrue(0 < len(got) < 6, got)
+        self.assertEqual((got, page["more"]), (said[len(said) - len(got):], True), "the newest that fit")
+
+
+class MembersPageTest(ChatTestCase):
+    """members: "more" says more names follow, and only then."""
+    app_options = {"roster": 2}
+
+    @async_test
+    async def test_more_only_when_more_follow(self):
+        a, b = await self.pair()
+        for room in (None, "general"):
+            page = await self.reply(a, "members", type="members", **({"room": room} if room else {}))
+            self.assertEqual((page["members"], page["more"]), (["UserA", "UserB"], False), "exactly a page")
+        await self.connect("UserC")
+        await self.presence(a, "UserC", "online")  # the online list is refreshed now
+        page = await self.reply(a, "members", type="members")
+        self.assertEqual((page["members"], page["more"]), (["UserA", "UserB"], True))
+        page = await self.reply(a, "members", type="members", after="UserA")
+        self.assertEqual((page["members"], page["more"]), (["UserB", "UserC"], False))
+
+
+class IndexBatchTest(ChatTestCase):
+    """Search words are written in batches; a failed batch loses nothing."""
+
+    @async_test
+    async def test_a_batch_the_index_refused_is_written_by_the_next_search(self):
+        a, b = await self.pair()
+        said = await self.say(a, "words that wait for the index")
+        store = chat.Hub.store
+        with mock.patch.object(store, "transaction", side_effect=sqlite3.OperationalError("locked")):
+            with self.assertLogs("chat", "WARNING"):
+                store._index_later()  # the timer's turn: the index is locked
+        self.assertIn(said["id"], store.unindexed, "kept for the next try")
+        found = await self.reply(a, "results", type="search", q="wait index")
+        self.assertEqual([m["id"] for m in found["messages"]], [said["id"]])
+        self.assertEqual(store.unindexed, {})
+
+
+class MaxConnsTest(ChatTestCase):
+    """--max_conns connections in all, HTTP ones included: the one past it
+    gets a bare 503; a closed one frees its place. (The Listener in-process,
+    so the test can wait for its count.)"""
+
+    @async_test
+    async def test_max_conns_connections_and_not_one_more(self):
+        listening, port = bind_unused_port()
+        server = chat.Listener(self._app)
+        server.max_conns = 2
+        server.add_sockets([listening])
+        loop = asyncio.get_running_loop()
+        held = []
+
+        async def open_one():
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            held.append(sock)
+            return sock
+
+        async def count(n):
+            for _ in range(1000):
+                if server.http_open == n:
+                    return
+                await asyncio.sleep(0)  # one turn of the loop
+            self.fail("the server never counted %d connections (%d)" % (n, server.http_open))
+
+        try:
+            for _ in range(2):
+                await open_one()
+            await count(2)
+            extra = await open_one()
+            answer = await asyncio.wait_for(loop.sock_recv(extra, 4096), READ_TIMEOUT)
+            self.assertIn(b" 503 ", answer)
+            held.pop(0).close()
+            await count(1)
+            again = await open_one()
+            await loop.sock_sendall(again, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = await asyncio.wait_for(loop.sock_recv(again, 4096), READ_TIMEOUT)
+            self.assertIn(b" 200 ", answer)
+        finally:
+            for sock in held:
+                sock.close()
+            server.stop()
+            await server.close_all_connections()
+
+
+class SlowWriteAliveTest(ChatTestCase):
+    """README: a write the kernel had to hold back and then took counts as
+    an answer to a ping (a reader busy with a big answer is alive, even if
+    its pong waits behind it). The ping round is run by hand: the time of
+    the last held-back write is set, as Outbox._written sets it."""
+
+    @async_test
+    async def test_a_held_back_write_taken_after_the_ping_counts_as_alive(self):
+        a, _ = await self.connect("Reader")
+        connection, = chat.Hub.online["reader"]
+        sent = time.monotonic()
+        connection._heard = sent - 100  # no pong since long before the ping
+        connection.outbox.written_at = sent + 1  # but a held-back write was taken after it
+        chat.ChatSocket._drop_silent([connection], sent)
+        self.assertFalse(connection._dead)
+        await self.ack(a, type="rooms")
+        connection.outbox.written_at = sent - 1  # nothing taken since the ping: gone
+        chat.ChatSocket._drop_silent([connection], sent)
+        self.assertTrue(connection._dead)
+
+
+class MailboxFailureTest(ChatTestCase):
+    """A private message the database refused is not counted as kept: the
+    recipient's mailbox still takes --mailbox messages."""
+    app_options = {"mailbox": 2}
+
+    @async_test
+    async def test_a_refused_message_leaves_the_mailbox_as_it_was(self):
+        a, b = await self.pair()
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        with mock.patch.object(chat.Hub.store, "add_message", side_effect=sqlite3.OperationalError("disk I/O error")), \
+                self.assertLogs("chat", "ERROR"):
+            await self.error(a, "server_error", type="message", text="@UserB lost")
+        for i in range(2):
+            ack, _ = await self.ack(a, type="message", text="@UserB kept %d" % i)
+            self.assertIs(ack.get("queued"), True)
+        await self.error(a, "mailbox_full", type="message", text="@UserB one too many")
