@@ -132,8 +132,8 @@ MUTANTS = [
     M("mailbox_count_not_kept", "mailbox_full past --mailbox waiting messages (the count)",
       "            cls.mailboxes[recipient] = kept + 1", "            pass"),
     M("kept_dm_stored_as_delivered", "A private message to someone offline is kept",
-      'cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)',
-      'cls.store.add_message(message["id"], None, sender, recipient, True, payload, cid, text)'),
+      'cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,',
+      'cls.store.add_message(message["id"], None, sender, recipient, True, payload, cid, text,'),
     M("delivery_not_stored", "A kept message is delivered once, also across restarts",
       "            cls.store.mark_delivered([row[0] for row in rows])", "            pass"),
     M("receipt_to_recipient", "The sender gets delivered",
@@ -156,9 +156,11 @@ MUTANTS = [
       '{self.COLUMNS} FROM messages WHERE recipient = ? AND delivered = 0"',
       '{self.COLUMNS} FROM messages WHERE recipient = ? AND delivered = 1"'),
     M("mail_never_delivered", "Kept messages are delivered when the user returns",
-      "if mail and not self._dead:", "if mail and self._dead:"),
+      "        if mail and not self._dead:\n            Hub.deliver(self.user, mail)\n        # From now on",
+      "        if mail and self._dead:\n            Hub.deliver(self.user, mail)\n        # From now on"),
     M("history_does_not_deliver", "A kept message read through history is delivered (receipt, not again)",
-      "        if mail:\n            Hub.deliver(self.user, mail)", "        if False:\n            Hub.deliver(self.user, mail)"),
+      "        if mail and not self._dead:  # not if the answer just closed it",
+      "        if False:  # not if the answer just closed it"),
 
     # ---- history and resume
     M("history_reload_oldest", "At start each room gets its last --history messages",
@@ -175,7 +177,7 @@ MUTANTS = [
     M("budget_keeps_oldest", "A room cut short keeps its newest messages",
       "kept = [payload for _, payload in newer[len(newer) - fits:]]", "kept = [payload for _, payload in newer[:fits]]"),
     M("budget_not_spent", "The room histories of one connect share --max_queue bytes",
-      "            budget -= len(payload)\n            fits += 1", "            budget -= 0\n            fits += 1"),
+      "            room_budget -= len(payload) + 1\n", "            room_budget -= 0\n"),
     M("budget_ignores_private", "Room histories share what is left after private messages",
       "budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))",
       "budget = conf.max_queue"),
@@ -196,7 +198,7 @@ MUTANTS = [
     M("replay_includes_seen", "since=ID replays private messages with a larger id",
       "window = (after, before or 2**63 - 1)", "window = (after - 1, before or 2**63 - 1)"),
     M("ids_restart_from_zero", "Ids go on increasing after a restart",
-      '"last_id": q("SELECT coalesce(max(id), 0) FROM messages")', '"last_id": q("SELECT 0")'),
+      '"last_id": q("SELECT max(coalesce((SELECT max(id) FROM messages), 0),"', '"last_id": q("SELECT 0 + 0*max(coalesce((SELECT max(id) FROM messages), 0),"'),
     M("new_epoch_each_start", "The epoch names the database and survives a restart",
       "INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", "INSERT OR REPLACE INTO meta VALUES ('epoch', ?)"),
 
@@ -242,8 +244,8 @@ MUTANTS = [
     M("cid_ignored", "A repeat with a stored cid is not posted again",
       "            if row is not None:  # stored before", "            if False:  # stored before"),
     M("cid_not_stored", "A message's cid is stored with it",
-      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)',
-      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, None, text)'),
+      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,',
+      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, None, text,'),
     M("cid_shared_between_users", "A cid counts only for the user that sent it",
       'f"SELECT {self.COLUMNS} FROM messages WHERE sender = ? AND cid = ?"',
       'f"SELECT {self.COLUMNS} FROM messages WHERE (sender = ? OR 1) AND cid = ?"'),
@@ -434,35 +436,35 @@ MUTANTS = [
 
     # ---- persistence: written before acked or relayed, atomically
     M("room_message_not_stored", "Every message is written to SQLite before it is acked",
-      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)', "pass"),
+      'cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,\n                              reply and reply[0])', "pass"),
     M("room_relayed_before_stored", "Nothing is relayed before it is stored",
-      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,\n                              reply and reply[0])\n'
       "        cls.history.add(key(room.name), message[\"id\"], payload)\n"
       "        send_to(cls.members_online(room), message, payload)\n",
       "        send_to(cls.members_online(room), message, payload)\n"
-      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,\n                              reply and reply[0])\n'
       "        cls.history.add(key(room.name), message[\"id\"], payload)\n"),
     M("history_before_stored", "A message the database refused is not in the history",
-      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,\n                              reply and reply[0])\n'
       "        cls.history.add(key(room.name), message[\"id\"], payload)\n",
       "        cls.history.add(key(room.name), message[\"id\"], payload)\n"
-      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text)\n'),
+      '        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,\n                              reply and reply[0])\n'),
     M("dm_relayed_before_stored", "Nothing is relayed before it is stored (private messages too)",
-      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,\n                              reply and reply[0])\n'
       "        if waiting:\n"
       "            cls.mailboxes[recipient] = kept + 1\n"
       "        send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)\n",
       "        send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)\n"
-      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,\n                              reply and reply[0])\n'
       "        if waiting:\n"
       "            cls.mailboxes[recipient] = kept + 1\n"),
     M("mailbox_before_stored", "A private message the database refused is not counted as kept",
-      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,\n                              reply and reply[0])\n'
       "        if waiting:\n"
       "            cls.mailboxes[recipient] = kept + 1\n",
       "        if waiting:\n"
       "            cls.mailboxes[recipient] = kept + 1\n"
-      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text)\n'),
+      '        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,\n                              reply and reply[0])\n'),
     M("join_not_stored", "Memberships are kept across restarts",
       'self.write("INSERT OR IGNORE INTO members VALUES (?, ?)", (room, user))', "pass"),
     M("leave_not_stored", "A room left stays left after a restart",
@@ -472,9 +474,10 @@ MUTANTS = [
     M("no_rollback", "A write that fails is rolled back whole",
       '            if self.db.in_transaction:\n                self.db.execute("ROLLBACK")\n',
       "            pass\n"),
-    M("message_not_atomic", "A message and its search words commit together",
-      "        with self.transaction():\n            self.db.execute(\"INSERT INTO messages",
-      "        if True:\n            self.db.execute(\"INSERT INTO messages"),
+    M("search_misses_new_words", "A search sees every stored message, before its words' batch is written",
+      "        self.index_pending()\n        # Each word quoted", "        # Each word quoted"),
+    M("index_batch_lost_on_error", "Words a locked index refused wait for the next try",
+      "        self.unindexed.clear()\n\n    def _index_later", "\n    def _index_later"),
     M("busy_wait_long", "A write waits at most BUSY_MS for another process's lock",
       "BUSY_MS = 100  #", "BUSY_MS = 20000  #"),
     M("schema_cid_column_missing", "A database from before cid gets the column at start",
@@ -591,14 +594,14 @@ MUTANTS = [
     M("search_all_rooms", "search covers the rooms the user is in",
       "rooms = sorted(Hub.users[self.user].rooms)", "rooms = sorted(Hub.rooms)"),
     M("search_all_directs", "search covers the user's own private messages only",
-      "OR (m.room IS NULL AND (m.sender = ? OR m.recipient = ?))",
-      "OR (m.room IS NULL AND (m.sender = ? OR m.recipient = ? OR 1))"),
+      'convs = " OR ".join([conv_word("r", r) for r in rooms] + [conv_word("u", user)])',
+      'convs = " OR ".join([conv_word("r", r) for r in rooms] + [conv_word("u", user), "u*"])'),
     M("search_any_word", "search finds messages holding every word",
-      """match = " ".join('"%s"' % w for w in words)""", """match = " OR ".join('"%s"' % w for w in words)"""),
+      """(" AND ".join('"%s"' % w for w in words), convs)""", """(" OR ".join('"%s"' % w for w in words), convs)"""),
     M("search_oldest_first", "search results are newest first",
       "ORDER BY search.rowid DESC LIMIT ?", "ORDER BY search.rowid LIMIT ?"),
     M("search_before_inclusive", 'search "before" pages back (ids below it)',
-      "AND search.rowid < ? AND", "AND search.rowid <= ? AND"),
+      "search MATCH ? AND search.rowid < ? ORDER BY", "search MATCH ? AND search.rowid <= ? ORDER BY"),
     M("search_page_bigger", "search: at most 50 results",
       "SEARCH_PAGE = 50", "SEARCH_PAGE = 60"),
     M("search_more_when_exact", 'search "more" only when more exist',
@@ -635,16 +638,19 @@ MUTANTS = [
     M("link_codes_unbudgeted", "wrong link codes are budgeted per address",
       'if not Hub.budgets.take("link", ip):', "if False:"),
     M("old_link_code_kept", "a user has one code at a time: a new one replaces the last",
-      "        for code in [c for c, (u, _) in cls.links.items() if u == user]:\n            del cls.links[code]\n", ""),
+      "        for code in [c for c, (u, _) in cls.links.items() if u == user]:\n            del cls.links[code]\n"
+      "        code = ", "        code = "),
     M("link_code_exact_case", "a link code may be typed in lower case or without its dash",
       '        code = code.strip().upper().replace(" ", "")\n', ""),
     M("revoke_close_code", "a revoked device's connections close with 4401",
       'connection.refuse(ChatError("revoked", "this device was signed out"), 4401)',
       'connection.refuse(ChatError("revoked", "this device was signed out"), 4409)'),
     M("revoke_leaves_connections", "a revoked device's connections close",
-      "            if connection.device == device:\n", "            if False:\n"),
+      "        return [c for c in cls.online.get(user, ()) if c.device == device]",
+      "        return []"),
     M("revoke_closes_all_devices", "revoke closes only that device's connections",
-      "            if connection.device == device:\n", "            if True:\n"),
+      "        return [c for c in cls.online.get(user, ()) if c.device == device]",
+      "        return list(cls.online.get(user, ()))"),
     M("revoked_token_works", "a revoked device's token stops working",
       "        for hashed in [h for h, (u, d) in cls.devices.items() if d == device]:\n            del cls.devices[hashed]\n", ""),
     M("revoke_not_stored", "a revoked device stays revoked after a restart",
@@ -653,7 +659,7 @@ MUTANTS = [
       "if not is_int(device) or device not in [id for id, _, _ in Hub.store.devices(self.user)]:",
       "if not is_int(device):"),
     M("logout_ignored", "logout signs this device out",
-      "        self._ack(ref)\n        Hub.revoke(self.user, self.device)", "        self._ack(ref)"),
+      "        self._signed_out(Hub.revoke(self.user, self.device), ref)", "        self._ack(ref)"),
     M("devices_current_wrong", "devices marks the current one",
       '"current": id == self.device}', '"current": True}'),
 
@@ -718,6 +724,26 @@ MUTANTS = [
     M("slow_writes_not_alive", "A slow reader still taking a big answer counts as alive",
       "if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:",
       "if connection._heard < sent and not connection._dead:"),
+
+    # ---- issue 12: messages that change
+    M("edit_by_anyone", "only its author edits or deletes a message",
+      "            if target.sender != self.user:\n", "            if False:\n"),
+    M("change_what_you_cannot_see", "nobody changes a message they cannot see",
+      "if target is None or target.frame.get(\"deleted\") or not self._sees(target):",
+      "if target is None or target.frame.get(\"deleted\"):"),
+    M("edit_window_ignored", "an edit or delete past --edit_window is too_late",
+      "            if window > 0 and time.time() - parse_ts(target.frame[\"ts\"]) > window:",
+      "            if False:"),
+    M("reactions_uncapped", "a message holds at most 20 different emoji",
+      "            if len(reactions) > MAX_REACTIONS:", "            if False:"),
+    M("reaction_never_off", "a reaction toggles: a second one takes it back",
+      "        on = not any(key(n) == user for n in names)", "        on = True"),
+    M("delete_keeps_search_words", "a deleted message is gone from search",
+      "        self.write(\"DELETE FROM search WHERE rowid = ?\", (id,))\n", ""),
+    M("delete_keeps_old_events", "a deleted message's text is erased from its earlier events",
+      "        self.write(\"DELETE FROM events WHERE target = ?\", (id,))\n", ""),
+    M("room_edit_may_look_private", "a room message never starts with @name",
+      "        if target.room is not None and DIRECT.match(text):", "        if False:"),
 ]
 
 
