@@ -384,7 +384,9 @@ MUTANTS = [
     M("forbidden_close_code_sent", "A close code that may not be sent becomes 1002",
       "return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999", "return True"),
     M("frames_after_refusal_handled", "After a protocol error only the client's close frame is read",
-      "        if self._refused and opcode != 0x8:\n            return None\n", ""),
+      "        if self._refused and opcode != 0x8:\n            return None\n", "",
+      equivalent="a second guard stands behind it: the refusal closes the connection, and ChatSocket.on_message "
+                 "acts on no frame of a closed connection (the review's fix), so the frames are ignored either way."),
 
     # ---- origin and host checks
     M("any_origin", "Upgrades from a foreign Origin get 403",
