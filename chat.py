@@ -245,6 +245,7 @@ import dataclasses
 import errno
 import hashlib
 import hmac
+import itertools
 import ipaddress
 import json
 import logging
@@ -400,6 +401,11 @@ class ChatError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# The close code for each error a connect can be refused with.
+CLOSE_CODES = {"bad_username": 4400, "name_taken": 4409, "rate_limited": 4429, "too_many_connections": 4429,
+               "server_full": 4503, "server_error": 1013}
 
 
 def key(name: str) -> str:
@@ -1216,10 +1222,10 @@ class Store:
     def add_user(self, user: str, name: str, token_hash: str) -> None:
         self.write("INSERT INTO users VALUES (?, ?, ?)", (user, name, token_hash))
 
-    def add_device(self, user: str, token_hash: str, label: str, now: str) -> int:
-        """A new device (token) of user; its id."""
-        self.write("INSERT INTO devices (user, token_hash, label, last_used) VALUES (?, ?, ?, ?)",
-                   (user, token_hash, label, now))
+    def add_device(self, user: str, token_hash: str, label: str, now: str, id: Optional[int] = None) -> int:
+        """A new device (token) of user; its id (given, with --redis)."""
+        self.write("INSERT INTO devices (id, user, token_hash, label, last_used) VALUES (?, ?, ?, ?, ?)",
+                   (id, user, token_hash, label, now))
         return self.db.execute("SELECT id FROM devices WHERE token_hash = ?", (token_hash,)).fetchone()[0]
 
     def touch_device(self, id: int, now: str) -> None:
@@ -1338,9 +1344,14 @@ class Store:
                    (id, message.room, message.sender if message.room is None else None, message.recipient,
                     message.id, payload.decode()))
 
-    def mark_delivered(self, ids: list) -> None:
+    def mark_delivered(self, ids: list) -> list[tuple[int, str]]:
+        """(id, sender key) of those of ids that were waiting, and now are not."""
         with self.transaction():  # one commit for a whole mailbox, not one per message
-            self.db.executemany("UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
+            marks = ",".join("?" * len(ids)) or "NULL"
+            waiting = self.db.execute(f"SELECT id, sender FROM messages WHERE id IN ({marks}) AND delivered = 0"
+                                      " ORDER BY id", ids).fetchall()
+            self.db.executemany("UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i, _ in waiting])
+        return waiting
 
     # ---- reads, each an indexed search
 
@@ -1530,7 +1541,7 @@ class User:
 
     def __init__(self, name: str) -> None:
         self.name = name  # as first written
-        self.rooms: set[str] = set()  # room keys; changed only by Hub.apply_member
+        self.rooms: set[str] = set()  # room keys; changed only by Hub.set_member
 
 
 class Room:
@@ -1540,7 +1551,7 @@ class Room:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: set[str] = set()  # user keys; changed only by Hub.apply_member
+        self.members: set[str] = set()  # user keys; changed only by Hub.set_member
         # The member list as clients see it, refreshed by Hub.flush with the
         # member frames that tell the change: every name sorted, and the
         # first --roster of them encoded once for every joined frame.
@@ -1746,14 +1757,106 @@ def payload_type(payload: bytes) -> str:
     return payload[9:payload.index(b'"', 9)].decode() if payload.startswith(b'{"type":"') else "?"
 
 
+################ Backplane: where a change gets its id and becomes durable
+
+
+class Ready:
+    """What a commit returns in one process: an awaitable that is already
+    done. Awaiting it returns at once, with no task and no loop turn, so a
+    handler of the single-process server costs what a plain call does."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Iterator[Any]:
+        return self.value
+        yield  # never reached: it makes this a generator, so await returns at once
+
+
+def finish(coroutine: Any) -> None:
+    """Run a coroutine that cannot wait (all it awaits is Ready) to its end, now."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("a handler waited in the single-process server")
+
+
+class Backplane:
+    """The single-process backplane. commit() gives an event its id (the
+    kinds clients have always seen ids for: messages and their changes),
+    applies it at once (Hub.apply writes the Store first, so a change is
+    durable before anything is sent or acked) and returns the result Ready.
+    Link codes are kept here, in RAM, for LINK_SECONDS.
+
+    chat_redis.RedisBackplane has the same methods and waits = True: there
+    a Lua script gives every event an id and appends it to the shared log,
+    and each process's read loop applies it.
+    """
+
+    waits = False  # whether commit() may really wait (then ChatSocket runs handlers as tasks)
+    healthy = True  # False while the backplane cannot take changes (then connects are refused)
+    node = "local"  # this process, as presence and read events name it
+    NUMBERED = frozenset({"message", "direct", "edit", "delete", "react"})
+
+    def __init__(self) -> None:
+        self.links: dict[str, tuple[str, float]] = {}  # code -> (user key, monotonic expiry)
+
+    def commit(self, event: dict) -> Any:
+        if event["kind"] in self.NUMBERED:
+            event["id"] = Hub.next_id()
+        return Ready(Hub.apply(event))
+
+    def signal(self, event: dict) -> None:
+        """A change that is not kept (typing): applied now, in every process."""
+        Hub.apply(event)
+
+    def presence(self, user: str, on: bool, device: Optional[int]) -> None:
+        """This process got user's first connection (on), or lost its last."""
+        Hub.apply({"kind": "presence", "user": user, "node": self.node, "on": on, "device": device,
+                   "at": utc_iso(time.time())})
+
+    def put_link(self, code: str, user: str, seconds: float) -> None:
+        """A user has one code at a time: a new one replaces the last."""
+        self.drop_link(user)
+        self.links[code] = (user, time.monotonic() + seconds)
+
+    def take_link(self, code: str) -> Optional[str]:
+        """The user a live code signs in as, or None; it is used up either way."""
+        found = self.links.pop(code, None)
+        return found[0] if found is not None and found[1] > time.monotonic() else None
+
+    def drop_link(self, user: str) -> None:
+        for code in [c for c, (u, _) in self.links.items() if u == user]:
+            del self.links[code]
+
+    def sweep_links(self, now: float) -> None:
+        for code in [c for c, (_, expires) in self.links.items() if expires <= now]:
+            del self.links[code]
+
+    def health(self) -> str:
+        return "ok"
+
+
 ################ Hub: the shared state, and the one place it changes
 
 
 class Hub:
     """The server's live state, in class-level dicts, and the methods that
-    change it: each dict names the few that do. Connections (ChatSocket)
-    check a client's rights and call these; the Store is written first, then
-    the dicts, then the frames go out through send_to.
+    change it: each dict names the few that do.
+
+    Every change is an event, and follows one path. A connection
+    (ChatSocket) checks the client's rights and calls a method here, which
+    builds the event and commits it to the backplane: there it gets its id
+    and becomes durable. Then apply() runs it: the Store is written first,
+    then the dicts, then the frames go out through send_to. With one
+    process the backplane is Backplane, which applies at once; with --redis
+    it is chat_redis.RedisBackplane, and every process applies every event
+    from the shared log, in the same order. So apply_<kind> must decide
+    from the event and the state alone: the same answer everywhere.
 
     Presence and membership changes are gathered for --presence_window
     seconds and go out as one frame each, encoded once for every receiver
@@ -1767,18 +1870,19 @@ class Hub:
 
     conf: ClassVar[Config]
     store: ClassVar[Store]
+    backplane: ClassVar[Backplane]  # where events get ids and become durable
     history: ClassVar[History]  # each room's recent messages, encoded
     budgets: ClassVar[Budgets]  # names per address, rooms per user, connects; changed by Budgets.take, sweep
     users: ClassVar[dict[str, User]] = {}  # user key -> owned name; changed by claim
     devices: ClassVar[dict[str, tuple[str, int]]] = {}  # token hash -> (user key, device id); changed by claim, add_device, revoke
-    links: ClassVar[dict[str, tuple[str, float]]] = {}  # one-time code -> (user key, expiry); changed by link, use_link, sweep
     lookalikes: ClassVar[dict[str, str]] = {}  # skeleton(name) -> user key; changed by claim
-    rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by room, claim, sweep
-    online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections; changed by arrive, depart
-    leaving: ClassVar[dict[str, object]] = {}  # user key -> timer that tells others it left; changed by arrive, depart, gone
-    mailboxes: ClassVar[dict[str, int]] = {}  # user key -> private messages waiting in the Store; changed by direct, deliver
+    rooms: ClassVar[dict[str, Room]] = {}  # room key -> room; changed by apply_member, apply_claim, sweep
+    online: ClassVar[dict[str, set[ChatSocket]]] = {}  # user key -> open connections here; changed by arrive, depart
+    present: ClassVar[dict[str, set[str]]] = {}  # user key -> the processes it has connections on; changed by apply_presence
+    leaving: ClassVar[dict[str, object]] = {}  # user key -> timer that tells others it left; changed by apply_presence, gone
+    mailboxes: ClassVar[dict[str, int]] = {}  # user key -> private messages waiting in the Store; changed by apply_direct, apply_delivered
     per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by arrive, depart
-    last_id: ClassVar[int] = 0  # the highest message id given out; changed by next_id
+    last_id: ClassVar[int] = 0  # the highest event id given out or applied; changed by next_id, apply
     # Changes not yet told, and what welcome says: changed by announce, flush
     presence: ClassVar[dict[str, str]] = {}  # user key -> "online" or "offline"
     membership: ClassVar[dict[str, dict[str, str]]] = {}  # room key -> user key -> "join" or "leave"
@@ -1788,15 +1892,15 @@ class Hub:
     timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # ChatSocket.ping_all and sweep
 
     @classmethod
-    def load(cls, conf: Config, store: Store) -> None:
+    def load(cls, conf: Config, store: Store, backplane: Optional[Backplane] = None) -> None:
         """Start from what the Store holds (make_app: at start, and per test)."""
         state = store.load()
         cls.conf, cls.store = conf, store
+        cls.backplane = backplane or Backplane()
         cls.history = History(store, conf.history)
         cls.budgets = Budgets(conf)
         cls.users = {k: User(name) for k, name in state["users"]}
         cls.devices = {h: (user, id) for h, user, id in state["devices"]}
-        cls.links = {}
         cls.lookalikes = {}
         for k, user in cls.users.items():
             cls.lookalikes.setdefault(skeleton(user.name), k)
@@ -1813,35 +1917,59 @@ class Hub:
         for handle in [*cls.leaving.values(), cls.flushing]:
             if handle not in (None, True):
                 loop.remove_timeout(handle)
-        cls.online, cls.leaving, cls.per_ip, cls.presence, cls.membership = {}, {}, {}, {}, {}
+        cls.online, cls.present, cls.leaving, cls.per_ip, cls.presence, cls.membership = {}, {}, {}, {}, {}, {}
         cls.flushing, cls.names, cls.roster = None, [], b"[]"
         for timer in cls.timers:
             timer.stop()
         cls.timers = []
         cls.last_id = state["last_id"]
 
-    # ---- names and connections
+    # ---- every change is an event: commit, then apply
 
     @classmethod
-    def claim(cls, name: str, label: str) -> tuple[User, str, int]:
+    def commit(cls, kind: str, **fields: Any) -> Any:
+        """A change, as an event, to the backplane: it gets its id there and is
+        made durable, then apply() runs it (in every process, with --redis).
+        Await the result: what apply returned, or the ChatError it raised."""
+        return cls.backplane.commit({"kind": kind, **fields})
+
+    @classmethod
+    def apply(cls, event: dict) -> Any:
+        """The one place an event changes the state: the Store first, then the
+        dicts, then the frames go out. Deterministic, so that every process
+        applying the same events in the same order agrees (a ChatError here,
+        such as a full mailbox, refuses the event everywhere)."""
+        if event.get("id", 0) > cls.last_id:
+            cls.last_id = event["id"]
+        return getattr(cls, "apply_" + event["kind"])(event)
+
+    # ---- names and devices
+
+    @classmethod
+    async def claim(cls, name: str, label: str, ip: str) -> tuple[User, str, int]:
         """A free name becomes this person's, with a first device (its token);
-        they start in the default room. The name, the device, the room (if
-        new) and the membership commit together. (user, token, device id)."""
-        user_key, room_key = key(name), key(cls.conf.default_room)
+        they start in the default room. (user, token, device id)."""
         token = secrets.token_urlsafe(24)
-        hashed = token_hash(token)
-        with cls.store.transaction():
-            cls.store.add_user(user_key, name, hashed)
-            device = cls.store.add_device(user_key, hashed, label, utc_iso(time.time()))
-            if room_key not in cls.rooms:
-                cls.store.add_room(room_key, cls.conf.default_room)
-            cls.store.set_member(room_key, user_key, True)
-        user = cls.users[user_key] = User(name)
-        cls.devices[hashed] = (user_key, device)
-        cls.lookalikes.setdefault(skeleton(name), user_key)
-        room = cls.rooms.get(room_key) or cls.rooms.setdefault(room_key, Room(cls.conf.default_room))
-        cls.apply_member(room, user_key, True)
+        user, device = await cls.commit("claim", user=key(name), name=name, hash=token_hash(token), label=label,
+                                        at=utc_iso(time.time()), room=cls.conf.default_room, ip=ip)
         return user, token, device
+
+    @classmethod
+    def apply_claim(cls, event: dict) -> tuple[User, int]:
+        """The name, the device, the room (if new) and the membership commit together."""
+        user_key, room_key, hashed = event["user"], key(event["room"]), event["hash"]
+        with cls.store.transaction():
+            cls.store.add_user(user_key, event["name"], hashed)
+            device = cls.store.add_device(user_key, hashed, event["label"], event["at"], event.get("device"))
+            if room_key not in cls.rooms:
+                cls.store.add_room(room_key, event["room"])
+            cls.store.set_member(room_key, user_key, True)
+        user = cls.users[user_key] = User(event["name"])
+        cls.devices[hashed] = (user_key, device)
+        cls.lookalikes.setdefault(skeleton(event["name"]), user_key)
+        room = cls.rooms.get(room_key) or cls.rooms.setdefault(room_key, Room(event["room"]))
+        cls.set_member(room, user_key, True)
+        return user, device
 
     @classmethod
     def device_of(cls, token: Any) -> Optional[tuple[str, int]]:
@@ -1849,36 +1977,44 @@ class Hub:
         return cls.devices.get(token_hash(token)) if isinstance(token, str) else None
 
     @classmethod
-    def add_device(cls, user: str, label: str) -> tuple[str, int]:
+    async def add_device(cls, user: str, label: str) -> tuple[str, int]:
         """A new device for user: (its token, its id)."""
         token = secrets.token_urlsafe(24)
-        hashed = token_hash(token)
-        device = cls.store.add_device(user, hashed, label, utc_iso(time.time()))
-        cls.devices[hashed] = (user, device)
+        device = await cls.commit("device", user=user, hash=token_hash(token), label=label, at=utc_iso(time.time()))
         return token, device
 
     @classmethod
-    def revoke(cls, user: str, device: int) -> list[ChatSocket]:
+    def apply_device(cls, event: dict) -> int:
+        device = cls.store.add_device(event["user"], event["hash"], event["label"], event["at"], event.get("device"))
+        cls.devices[event["hash"]] = (event["user"], device)
+        return device
+
+    @classmethod
+    async def revoke(cls, user: str, device: int) -> list[ChatSocket]:
         """Sign a device out: its token stops working, and so does any link
         code the user has out (the device may have made it). Returns the
-        device's connections, for the caller to close (4401)."""
-        cls.store.drop_device(device)
-        for hashed in [h for h, (u, d) in cls.devices.items() if d == device]:
+        device's connections here, for the caller to close (4401) after its ack."""
+        cls.backplane.drop_link(user)
+        return await cls.commit("revoke", user=user, device=device, node=cls.backplane.node)
+
+    @classmethod
+    def apply_revoke(cls, event: dict) -> list[ChatSocket]:
+        cls.store.drop_device(event["device"])
+        for hashed in [h for h, (u, d) in cls.devices.items() if d == event["device"]]:
             del cls.devices[hashed]
-        for code in [c for c, (u, _) in cls.links.items() if u == user]:
-            del cls.links[code]
-        return [c for c in cls.online.get(user, ()) if c.device == device]
+        signed_out = [c for c in cls.online.get(event["user"], ()) if c.device == event["device"]]
+        if event.get("node", cls.backplane.node) != cls.backplane.node:  # nobody here waits to ack it first
+            for connection in signed_out:
+                connection.refuse(ChatError("revoked", "this device was signed out"), 4401)
+        return signed_out
 
     @classmethod
     def link(cls, user: str) -> tuple[str, float]:
         """A one-time code that signs a new device in as user within LINK_SECONDS.
         A user has one code at a time: a new one replaces the last."""
-        for code in [c for c, (u, _) in cls.links.items() if u == user]:
-            del cls.links[code]
         code = "".join(secrets.choice(LINK_ALPHABET) for _ in range(8))
         code = code[:4] + "-" + code[4:]
-        expires = time.monotonic() + LINK_SECONDS
-        cls.links[code] = (user, expires)
+        cls.backplane.put_link(code, user, LINK_SECONDS)
         return code, time.time() + LINK_SECONDS
 
     @classmethod
@@ -1889,11 +2025,9 @@ class Hub:
         code = code.strip().upper().replace(" ", "")
         if len(code) == 8:
             code = code[:4] + "-" + code[4:]
-        found = cls.links.get(code)
-        if found is None or found[0] != user:
-            return False
-        del cls.links[code]
-        return found[1] > time.monotonic()
+        return cls.backplane.take_link(code) == user
+
+    # ---- connections and presence
 
     @classmethod
     def arrive(cls, connection: ChatSocket, user: str, ip: str) -> None:
@@ -1909,12 +2043,7 @@ class Hub:
         tabs = cls.online.setdefault(user, set())
         tabs.add(connection)
         if len(tabs) == 1:
-            back = cls.leaving.pop(user, None)
-            if back is not None:  # gone and back within --offline_grace: nobody was told it left
-                tornado.ioloop.IOLoop.current().remove_timeout(back)
-            else:
-                log.debug("%s is online", cls.users[user].name)
-                cls.announce(user, "online")
+            cls.backplane.presence(user, True, connection.device)
 
     @classmethod
     def depart(cls, connection: ChatSocket, user: str, ip: str) -> None:
@@ -1925,10 +2054,43 @@ class Hub:
         tabs.discard(connection)
         if not tabs:
             del cls.online[user]
-            if cls.conf.offline_grace > 0:
-                cls.leaving[user] = tornado.ioloop.IOLoop.current().call_later(cls.conf.offline_grace, cls.gone, user)
+            cls.backplane.presence(user, False, None)
+
+    @classmethod
+    def apply_presence(cls, event: dict) -> None:
+        """A process gained its user's first connection, or lost its last. The
+        user is online while some process has one; others are told at the
+        next flush, and of a user gone from every process only after
+        --offline_grace (one back by then was never away)."""
+        user, node = event["user"], event["node"]
+        if user not in cls.users:
+            return
+        nodes = cls.present.get(user)
+        if event["on"]:
+            if event.get("device") is not None:
+                with contextlib.suppress(sqlite3.Error):  # only a date for the device list
+                    cls.store.touch_device(event["device"], event["at"])
+            if nodes:
+                nodes.add(node)
+                return
+            cls.present[user] = {node}
+            back = cls.leaving.pop(user, None)
+            if back is not None:  # gone and back within --offline_grace: nobody was told it left
+                tornado.ioloop.IOLoop.current().remove_timeout(back)
             else:
-                cls.gone(user)
+                log.debug("%s is online", cls.users[user].name)
+                cls.announce(user, "online")
+            return
+        if not nodes or node not in nodes:
+            return
+        nodes.discard(node)
+        if nodes:
+            return
+        del cls.present[user]
+        if cls.conf.offline_grace > 0:
+            cls.leaving[user] = tornado.ioloop.IOLoop.current().call_later(cls.conf.offline_grace, cls.gone, user)
+        else:
+            cls.gone(user)
 
     @classmethod
     def gone(cls, user: str) -> None:
@@ -1939,12 +2101,18 @@ class Hub:
 
     @classmethod
     def everyone_but(cls, user: Optional[str] = None) -> list:
+        """The connections here (of everyone, or everyone but user)."""
         return [c for u, tabs in cls.online.items() if u != user for c in tabs]
 
     @classmethod
     def members_online(cls, room: Room, but: Optional[str] = None) -> list:
-        """The connections of the room's members (but one)."""
+        """The connections here of the room's members (but one)."""
         return [c for u in room.members if u != but for c in cls.online.get(u, ())]
+
+    @classmethod
+    def tabs(cls, *users: str) -> set:
+        """The connections here of these users."""
+        return set().union(*(cls.online.get(u, ()) for u in users))
 
     # ---- presence and membership, told in batches
 
@@ -1973,7 +2141,7 @@ class Hub:
         presence, cls.presence = cls.presence, {}
         membership, cls.membership = cls.membership, {}
         if presence:
-            cls.names = sorted_names(cls.users[u].name for u in cls.online.keys() | cls.leaving.keys())
+            cls.names = sorted_names(cls.users[u].name for u in cls.present.keys() | cls.leaving.keys())
             cls.roster = encode(cls.names[:cls.conf.roster])
             came = sorted_names(cls.users[u].name for u, s in presence.items() if s == "online")
             went = sorted_names(cls.users[u].name for u, s in presence.items() if s == "offline")
@@ -2001,27 +2169,50 @@ class Hub:
     # ---- rooms
 
     @classmethod
-    def room(cls, name: str, creator: str) -> Room:
-        """The room called name, created (and stored) if new: within
-        --max_rooms and the creator's --rooms_per_hour."""
-        room = cls.rooms.get(key(name))
-        if room is None:
-            if cls.conf.max_rooms and len(cls.rooms) >= cls.conf.max_rooms:
-                raise ChatError("too_many_rooms", "the server has as many rooms as it allows")
-            if not cls.budgets.take("room", creator):
-                raise ChatError("rate_limited", "you have made many rooms lately; try again later")
-            cls.store.add_room(key(name), name)
-            room = cls.rooms[key(name)] = Room(name)
-        return room
+    async def join(cls, user: str, name: str) -> None:
+        """user joins the room called name, created if new: within the
+        creator's --rooms_per_hour (here) and --max_rooms (in apply)."""
+        if key(name) not in cls.rooms and not cls.budgets.take("room", user):
+            raise ChatError("rate_limited", "you have made many rooms lately; try again later")
+        await cls.commit("member", user=user, room=name, on=True)
+
+    @classmethod
+    async def leave(cls, user: str, room: Room) -> None:
+        await cls.commit("member", user=user, room=room.name, on=False)
+
+    @classmethod
+    def apply_member(cls, event: dict) -> None:
+        """A join (the room created if new) or a leave: stored, then applied,
+        then the user's connections here get joined or left."""
+        user, room_key = event["user"], key(event["room"])
+        room = cls.rooms.get(room_key)
+        if event["on"]:
+            if room is None:
+                if cls.conf.max_rooms and len(cls.rooms) >= cls.conf.max_rooms:
+                    raise ChatError("too_many_rooms", "the server has as many rooms as it allows")
+                with cls.store.transaction():
+                    cls.store.add_room(room_key, event["room"])
+                    cls.store.set_member(room_key, user, True)
+                room = cls.rooms[room_key] = Room(event["room"])
+            elif user in room.members:
+                return
+            else:
+                cls.store.set_member(room_key, user, True)
+            cls.set_member(room, user, True)
+            tabs = cls.online.get(user)
+            if tabs:
+                read = cls.store.reads(user).get("#" + room_key, 0)
+                joined = next(iter(tabs))._joined(room, None, cls.conf.max_queue, read)[0]
+                send_to(tabs, None, joined, bulk=True)
+        else:
+            if room is None or user not in room.members:
+                return
+            cls.store.set_member(room_key, user, False)
+            cls.set_member(room, user, False)
+            send_to(cls.online.get(user, ()), left_frame(room.name))
 
     @classmethod
     def set_member(cls, room: Room, user: str, member: bool) -> None:
-        """Membership is the user's, not the connection's; stored, then applied."""
-        cls.store.set_member(key(room.name), user, member)
-        cls.apply_member(room, user, member)
-
-    @classmethod
-    def apply_member(cls, room: Room, user: str, member: bool) -> None:
         """A stored membership change, in the live state; the room is told at the next flush."""
         if member:
             room.members.add(user)
@@ -2041,11 +2232,12 @@ class Hub:
     def sweep(cls, now: Optional[float] = None) -> None:
         """Every SWEEP_EVERY: forget refilled budgets, and rooms that have
         stood empty for ROOM_IDLE (so that --max_rooms is not used up for
-        good). The default room always stays."""
+        good). The default room always stays. (With --redis, rooms stay.)"""
         now = time.monotonic() if now is None else now
         cls.budgets.sweep()
-        for code in [c for c, (_, expires) in cls.links.items() if expires <= now]:
-            del cls.links[code]
+        cls.backplane.sweep_links(now)
+        if cls.backplane.waits:
+            return
         for k, room in list(cls.rooms.items()):
             if (room.members or room.empty_since is None or now - room.empty_since < ROOM_IDLE
                     or k == key(cls.conf.default_room)):
@@ -2067,61 +2259,147 @@ class Hub:
         return cls.last_id
 
     @classmethod
-    def post(cls, sender: str, room: Room, text: str, cid: Optional[str],
-             reply: Optional[tuple[int, Optional[str]]] = None) -> dict:
-        """A new room message: stored, kept in history, sent to every member.
-        A reply carries (the id it replies to, its quote)."""
+    async def post(cls, sender: str, room: Room, text: str, cid: Optional[str], reply_to: Optional[int]) -> dict:
+        """A new room message. Its time is taken here, once, for every process."""
         ts, local = stamp(cls.conf.timestamp_format)
-        message = message_frame(cls.next_id(), room.name, cls.users[sender].name, text, ts, local, reply)
+        return await cls.commit("message", user=sender, room=room.name, text=text, cid=cid, reply_to=reply_to,
+                                ts=ts, time=local)
+
+    @classmethod
+    def apply_message(cls, event: dict) -> dict:
+        """Stored, kept in history, sent to every member. A repeated cid is
+        not posted again: the first one's frame is the answer."""
+        sender, room_key = event["user"], key(event["room"])
+        if event["cid"] is not None and cls.store.by_cid(sender, event["cid"]) is not None:
+            return json.loads(cls.store.by_cid(sender, event["cid"])[1])
+        message = message_frame(event["id"], cls.rooms[room_key].name, cls.users[sender].name, event["text"],
+                                event["ts"], event["time"], cls.quote(event["reply_to"]))
         payload = encode(message)
-        cls.store.add_message(message["id"], key(room.name), sender, None, True, payload, cid, text,
-                              reply and reply[0])
-        cls.history.add(key(room.name), message["id"], payload)
-        send_to(cls.members_online(room), message, payload)
+        cls.store.add_message(message["id"], room_key, sender, None, True, payload, event["cid"], event["text"],
+                              event["reply_to"])
+        cls.history.add(room_key, message["id"], payload)
+        send_to(cls.members_online(cls.rooms[room_key]), message, payload)
         return message
 
     @classmethod
-    def direct(cls, sender: str, to: User, text: str, cid: Optional[str],
-               reply: Optional[tuple[int, Optional[str]]] = None) -> tuple[dict, bool]:
-        """A new direct message: stored, then sent, or kept in the Store for
-        its reader (then the second value is True)."""
-        recipient = key(to.name)
-        waiting = recipient not in cls.online
+    def quote(cls, reply_to: Optional[int]) -> Optional[tuple[int, Optional[str]]]:
+        """(id, quote) for a reply: the first QUOTE characters of its target
+        as it is now (None once deleted); None for a message that is not one."""
+        if reply_to is None:
+            return None
+        target = cls.store.message(reply_to)
+        return reply_to, None if target is None or target.frame.get("deleted") else target.frame["text"][:QUOTE]
+
+    @classmethod
+    async def direct(cls, sender: str, to: User, text: str, cid: Optional[str],
+                     reply_to: Optional[int]) -> tuple[dict, bool]:
+        """A new direct message; the second value says it waits for its reader."""
+        ts, local = stamp(cls.conf.timestamp_format)
+        return await cls.commit("direct", user=sender, to=key(to.name), text=text, cid=cid, reply_to=reply_to,
+                                ts=ts, time=local)
+
+    @classmethod
+    def apply_direct(cls, event: dict) -> tuple[dict, bool]:
+        """Stored, then sent, or kept in the Store for its reader while it has
+        no connection anywhere ("waiting", as the backplane saw it)."""
+        sender, recipient = event["user"], event["to"]
+        if event["cid"] is not None:
+            row = cls.store.by_cid(sender, event["cid"])
+            if row is not None:
+                return json.loads(row[1]), not row[4]
+        waiting = event["waiting"] if "waiting" in event else recipient not in cls.online
         kept = cls.mailboxes.get(recipient, 0)
         if waiting and kept >= cls.conf.mailbox:
-            raise ChatError("mailbox_full", f"{to.name} has {kept} messages waiting; try later")
-        ts, local = stamp(cls.conf.timestamp_format)
-        message = direct_frame(cls.next_id(), cls.users[sender].name, to.name, text, ts, local, reply)
+            raise ChatError("mailbox_full", f"{cls.users[recipient].name} has {kept} messages waiting; try later")
+        message = direct_frame(event["id"], cls.users[sender].name, cls.users[recipient].name, event["text"],
+                               event["ts"], event["time"], cls.quote(event["reply_to"]))
         payload = encode(message)
-        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, cid, text,
-                              reply and reply[0])
+        cls.store.add_message(message["id"], None, sender, recipient, not waiting, payload, event["cid"],
+                              event["text"], event["reply_to"])
         if waiting:
             cls.mailboxes[recipient] = kept + 1
-        send_to(cls.online.get(sender, set()) | cls.online.get(recipient, set()), message, payload)
+            if recipient in cls.online:
+                # It connected here after the backplane looked: it gets the
+                # message now, so the message is delivered after all.
+                send_to(cls.tabs(sender), message, payload)
+                send_to(cls.tabs(recipient), None, flagged(payload, "buffered"))
+                cls.deliver(recipient, [(message["id"], payload, sender, recipient, 0)])
+                return message, waiting
+        send_to(cls.tabs(sender, recipient), message, payload)
         return message, waiting
+
+    @classmethod
+    def deliver(cls, user: str, rows: list[Row]) -> None:
+        """These waiting messages have just been sent to the user: mark them
+        so and tell the senders. If the mark cannot be stored they stay
+        waiting, and come again (same ids) on the next connect."""
+        done = cls.backplane.commit({"kind": "delivered", "user": user, "ids": [row[0] for row in rows]})
+        if not isinstance(done, Ready):  # with --redis: nobody waits for it, but a failure is logged
+            done.add_done_callback(lambda f: f.cancelled() or f.exception() is None
+                                   or log.warning("could not mark messages to %s delivered: %s", user, f.exception()))
+
+    @classmethod
+    def apply_delivered(cls, event: dict) -> None:
+        user = event["user"]
+        try:
+            ids = cls.store.mark_delivered(event["ids"])
+        except sqlite3.Error as e:
+            log.warning("could not mark %d messages to %s delivered: %s", len(event["ids"]), cls.users[user].name, e)
+            return
+        left = cls.mailboxes.get(user, 0) - len(ids)
+        if left > 0:
+            cls.mailboxes[user] = left
+        else:
+            cls.mailboxes.pop(user, None)
+        for id, sender in ids:
+            send_to(cls.online.get(sender, ()), delivered_frame(id, cls.users[user].name))
 
     # ---- changes to messages: each an event with an id of its own
 
     @classmethod
-    def edit(cls, target: Stored, text: str) -> dict:
+    async def edit(cls, user: str, target: Stored, text: str) -> dict:
+        ts, local = stamp(cls.conf.timestamp_format)
+        return await cls.commit("edit", user=user, target=target.id, text=text, ts=ts, time=local)
+
+    @classmethod
+    async def delete(cls, user: str, target: Stored) -> dict:
+        return await cls.commit("delete", user=user, target=target.id)
+
+    @classmethod
+    async def react(cls, user: str, target: Stored, emoji: str) -> dict:
+        return await cls.commit("react", user=user, target=target.id, emoji=emoji)
+
+    @classmethod
+    def _current(cls, event: dict) -> Stored:
+        """The message an edit, delete or react changes, as it is now (it may
+        have been deleted since the client asked)."""
+        target = cls.store.message(event["target"])
+        if target is None or target.frame.get("deleted"):
+            raise ChatError("not_found", "there is no such message that you can see")
+        return target
+
+    @classmethod
+    def apply_edit(cls, event: dict) -> dict:
         """A message's new text: its frame says "edited", its replies quote
         the new text, and whoever sees it gets an edited event."""
-        ts, local = stamp(cls.conf.timestamp_format)
-        event = edited_frame(cls.next_id(), target.frame, text, ts, local)
-        cls._change(target, {**target.frame, "text": text, "edited": ts}, event, text)
-        return event
+        target, text = cls._current(event), event["text"]
+        frame = edited_frame(event["id"], target.frame, text, event["ts"], event["time"])
+        cls._change(target, {**target.frame, "text": text, "edited": event["ts"]}, frame, text)
+        return frame
 
     @classmethod
-    def delete(cls, target: Stored) -> dict:
+    def apply_delete(cls, event: dict) -> dict:
         """A message becomes a tombstone; its text is erased everywhere."""
-        event = deleted_frame(cls.next_id(), target.frame)
-        cls._change(target, tombstone_frame(target.frame), event, None)
+        target = cls._current(event)
+        frame = deleted_frame(event["id"], target.frame)
+        cls._change(target, tombstone_frame(target.frame), frame, None)
         cls.store.erase_soon()
-        return event
+        return frame
 
     @classmethod
-    def react(cls, user: str, target: Stored, emoji: str) -> dict:
+    def apply_react(cls, event: dict) -> dict:
         """Toggle user's reaction: on if it had none with this emoji, else off."""
+        target, user, emoji = cls._current(event), event["user"], event["emoji"]
         name = cls.users[user].name
         reactions = {e: list(names) for e, names in target.frame.get("reactions", {}).items()}
         names = reactions.setdefault(emoji, [])
@@ -2136,9 +2414,9 @@ class Hub:
         kept = {e: names for e, names in reactions.items() if names}
         if kept:
             message["reactions"] = kept
-        event = reaction_frame(cls.next_id(), target.frame, emoji, name, on)
-        cls._change(target, message, event, None)
-        return event
+        frame = reaction_frame(event["id"], target.frame, emoji, name, on)
+        cls._change(target, message, frame, None)
+        return frame
 
     @classmethod
     def _change(cls, target: Stored, message: dict, event: dict, text: Optional[str]) -> None:
@@ -2167,25 +2445,33 @@ class Hub:
                 cls.history.replace(target.room, id, changed)
             send_to(cls.members_online(cls.rooms[target.room]), event, told)
         else:
-            send_to(cls.online.get(target.sender, set()) | cls.online.get(target.recipient, set()), event, told)
+            send_to(cls.tabs(target.sender, target.recipient), event, told)
+
+    # ---- read markers and signals
 
     @classmethod
-    def deliver(cls, user: str, rows: list[Row]) -> None:
-        """These waiting messages have just been sent to the user: mark them
-        so and tell the senders. If the mark cannot be stored they stay
-        waiting, and come again (same ids) on the next connect."""
-        try:
-            cls.store.mark_delivered([row[0] for row in rows])
-        except sqlite3.Error as e:
-            log.warning("could not mark %d messages to %s delivered: %s", len(rows), cls.users[user].name, e)
-            return
-        left = cls.mailboxes.get(user, 0) - len(rows)
-        if left > 0:
-            cls.mailboxes[user] = left
+    async def read(cls, user: str, conv: str, id: int, head: dict, connection: ChatSocket) -> None:
+        await cls.commit("read", user=user, conv=conv, id=id, head=head, node=cls.backplane.node,
+                         serial=connection.serial)
+
+    @classmethod
+    def apply_read(cls, event: dict) -> None:
+        """Forward only: the same or an older id changes nothing. The user's
+        other connections get the frame (not the one that moved it)."""
+        if cls.store.set_read(event["user"], event["conv"], event["id"]):
+            mine = event["node"] == cls.backplane.node
+            send_to([c for c in cls.online.get(event["user"], ()) if not (mine and c.serial == event["serial"])],
+                    read_frame(event["head"], event["id"]))
+
+    @classmethod
+    def apply_typing(cls, event: dict) -> None:
+        """A signal, not kept: to the room's other members, or to one user."""
+        if event.get("room") is not None:
+            room = cls.rooms.get(key(event["room"]))
+            if room is not None:
+                send_to(cls.members_online(room, but=key(event["user"])), typing_frame(event["user"], room.name, None))
         else:
-            cls.mailboxes.pop(user, None)
-        for id, _, sender, _, _ in rows:
-            send_to(cls.online.get(sender, ()), delivered_frame(id, cls.users[user].name))
+            send_to(cls.online.get(key(event["to"]), ()), typing_frame(event["user"], None, event["to"]))
 
 
 ################ The socket: one connection, the protocol only
@@ -2197,6 +2483,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     the Hub. What it is owed waits in its Outbox."""
 
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
+    serials: ClassVar[Iterator[int]] = itertools.count(1)  # names each connection of this process
 
     user: Optional[str] = None  # user key, set once the connection is accepted
     device: Optional[int] = None  # the id of the device (token) it signed in with
@@ -2213,6 +2500,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         """Check the name and limits, then send welcome, joined, and mail."""
         ChatSocket.sockets += 1
         self._counted = True
+        self.serial = next(ChatSocket.serials)
         conf = Hub.conf
         self.outbox = Outbox(self, conf.max_queue)
         self._messages = Bucket(conf.burst)  # frames it may send: --rate, --burst
@@ -2230,6 +2518,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if since is not None and self._query("epoch") not in (None, Hub.store.epoch):
             since = 0  # its ids are from another database: everything is new to it
         ip = self.request.remote_ip
+        if not Hub.backplane.healthy:
+            return self.refuse(ChatError("server_error", "the server cannot store messages just now; try again soon"), 1013)
         if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
             return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
         if not Hub.budgets.take("connect_ip", ip):
@@ -2237,10 +2527,19 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self._query("auth") == "1" and token is None and link is None:
             # The credentials come in the first frame, not the URL (which proxies log).
             self._awaiting = (name, since, tornado.ioloop.IOLoop.current().call_later(AUTH_SECONDS, self._no_auth))
-            return
-        self._admit(name, token, link, since)
+            return None
+        return self._run(self._admit(name, token, link, since))
 
-    def _admit(self, name: str, token: Optional[str], link: Optional[str], since: Optional[int]) -> None:
+    def _run(self, coroutine: Any) -> Optional[asyncio.Future]:
+        """Run a handler. In one process it finishes now; with --redis it may
+        wait for the backplane, and Tornado waits for it before it hands us
+        the connection's next frame, so answers keep their order."""
+        if Hub.backplane.waits:
+            return asyncio.ensure_future(coroutine)
+        finish(coroutine)
+        return None
+
+    async def _admit(self, name: str, token: Optional[str], link: Optional[str], since: Optional[int]) -> None:
         """Let the connection in as name if its token or link code allows it
         (or claim the name if it is free), then send the connect sequence."""
         conf, ip, user_key = Hub.conf, self.request.remote_ip, key(name)
@@ -2271,15 +2570,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         label = device_label(self.request.headers.get("User-Agent", ""))
         try:
             if user is None:
-                user, token, device = Hub.claim(name, label)
+                user, token, device = await Hub.claim(name, label, ip)
             elif device is None:
-                token, device = Hub.add_device(user_key, label)
+                token, device = await Hub.add_device(user_key, label)
         except sqlite3.Error as e:
             log.error("could not store the new name or device of %s: %s", name, e)
             return self.refuse(ChatError("server_error", "the server could not save your name; try again"), 1011)
-        else:
-            with contextlib.suppress(sqlite3.Error):  # only a date for the device list: never worth refusing
-                Hub.store.touch_device(device, utc_iso(time.time()))
+        except ChatError as e:  # another process took the name first, or the backplane is away
+            return self.refuse(e, CLOSE_CODES.get(e.code, 4400))
+        if self._dead:  # it went away while the backplane stored its name
+            return
+        with contextlib.suppress(sqlite3.Error):  # only a date for the device list: never worth refusing
+            Hub.store.touch_device(device, utc_iso(time.time()))
         self.user, self.device = user_key, device
         Hub.arrive(self, self.user, ip)
         try:
@@ -2288,7 +2590,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             log.exception("could not greet %s", user.name)
             self._close(1011, "server error")
 
-    def _auth(self, data: str | bytes) -> None:
+    async def _auth(self, data: str | bytes) -> None:
         """The first frame of a connection opened with auth=1:
         {"type":"auth","token":"..."} or {"type":"auth","link":"K7QF-2MXD"}."""
         name, since, timer = self._awaiting
@@ -2301,7 +2603,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         token, link = frame.get("token"), frame.get("link")
         if frame.get("type") != "auth" or not isinstance(token or link, str):
             return self.refuse(ChatError("name_taken", "the first frame must be an auth frame with a token or a link"), 4409)
-        self._admit(name, token if isinstance(token, str) else None, link if isinstance(link, str) else None, since)
+        await self._admit(name, token if isinstance(token, str) else None, link if isinstance(link, str) else None,
+                          since)
         with contextlib.suppress(ChatError):  # its ref, if it has a good one, is answered like any other
             if self.user is not None and not self._dead and "ref" in frame:
                 self._ack(check_ref(frame["ref"]))
@@ -2491,11 +2794,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     # ---- client frames: on_message dispatches to do_<type>
 
-    def on_message(self, data: str | bytes) -> None:
+    def on_message(self, data: str | bytes) -> Optional[asyncio.Future]:
         if self._awaiting is not None:
-            return self._auth(data)
+            return self._run(self._auth(data))
         if self._dead or self.user is None:
-            return  # refused or closing: Tornado reads on until the client's close frame, we do not act on it
+            return None  # refused or closing: Tornado reads on until the client's close frame, we do not act on it
+        return self._run(self._handle(data))
+
+    async def _handle(self, data: str | bytes) -> None:
+        """One client frame: checked, dispatched to do_<type>, answered."""
         ref = None
         try:
             try:
@@ -2518,7 +2825,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             if handler is None:
                 raise ChatError("bad_request", f"unknown frame type {kind[:40]!r}")
             Metrics.count("frames_in", kind)
-            handler(frame, ref)
+            await handler(frame, ref)
         except ChatError as e:
             Metrics.count("errors", e.code)
             self.send(error_frame(e.code, e.message, ref))
@@ -2580,7 +2887,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             raise ChatError("unknown_user", f"nobody called {name[:40]!r} has ever been here")
         return user
 
-    def do_message(self, frame: dict, ref: Any) -> None:
+    async def do_message(self, frame: dict, ref: Any) -> None:
         # {"type":"message","room":"general","text":"hello","cid":"c7"}  or  text "@UserB hello"
         text = check_text(frame.get("text"), Hub.conf.max_text)
         cid = check_cid(frame.get("cid"))
@@ -2596,25 +2903,25 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 raise ChatError("bad_request", "the message is empty")
             pair = {self.user, key(to.name)}
             reply = self._reply(frame.get("reply_to"), lambda m: m.room is None and {m.sender, m.recipient} == pair)
-            message, queued = Hub.direct(self.user, to, direct[2], cid, reply)
+            message, queued = await Hub.direct(self.user, to, direct[2], cid, reply)
             self._ack(ref, id=message["id"], queued=queued)
         else:
             room = frame.get("room")
             room = self._my_room(Hub.conf.default_room if room is None else room)
             reply = self._reply(frame.get("reply_to"), lambda m: m.room == key(room.name))
-            message = Hub.post(self.user, room, text, cid, reply)
+            message = await Hub.post(self.user, room, text, cid, reply)
             self._ack(ref, id=message["id"])
 
-    def _reply(self, reply_to: Any, same: Callable[[Stored], bool]) -> Optional[tuple[int, Optional[str]]]:
-        """(id, quote) for a message's "reply_to", which must name a message
-        of the same conversation; None without one. One answer for every
-        other id, so nobody learns what exists elsewhere."""
+    def _reply(self, reply_to: Any, same: Callable[[Stored], bool]) -> Optional[int]:
+        """The id a message's "reply_to" names, which must be a message of
+        the same conversation; None without one. One answer for every other
+        id, so nobody learns what exists elsewhere."""
         if reply_to is None:
             return None
         target = Hub.store.message(check_id(reply_to, "reply_to"))
         if target is None or not same(target):
             raise ChatError("bad_request", "'reply_to' must be a message of this conversation")
-        return target.id, None if target.frame.get("deleted") else target.frame["text"][:QUOTE]
+        return target.id
 
     def _target(self, frame: dict, author: bool) -> Stored:
         """The message a change names: one this user can see now, not
@@ -2640,25 +2947,25 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return message.room in Hub.users[self.user].rooms
         return self.user in (message.sender, message.recipient)
 
-    def do_edit(self, frame: dict, ref: Any) -> None:
+    async def do_edit(self, frame: dict, ref: Any) -> None:
         # {"type":"edit","id":101,"text":"fixed"}
         text = check_text(frame.get("text"), Hub.conf.max_text)
         target = self._target(frame, author=True)
         if target.room is not None and DIRECT.match(text):
             # A room message never starts like a private one: pages rely on it.
             raise ChatError("bad_request", "a room message cannot start with @name")
-        self._ack(ref, id=Hub.edit(target, text)["id"])
+        self._ack(ref, id=(await Hub.edit(self.user, target, text))["id"])
 
-    def do_delete(self, frame: dict, ref: Any) -> None:
+    async def do_delete(self, frame: dict, ref: Any) -> None:
         # {"type":"delete","id":101}
-        self._ack(ref, id=Hub.delete(self._target(frame, author=True))["id"])
+        self._ack(ref, id=(await Hub.delete(self.user, self._target(frame, author=True)))["id"])
 
-    def do_react(self, frame: dict, ref: Any) -> None:
+    async def do_react(self, frame: dict, ref: Any) -> None:
         # {"type":"react","id":101,"emoji":"👍"}
         emoji = check_emoji(frame.get("emoji"))
-        self._ack(ref, id=Hub.react(self.user, self._target(frame, author=False), emoji)["id"])
+        self._ack(ref, id=(await Hub.react(self.user, self._target(frame, author=False), emoji))["id"])
 
-    def do_join(self, frame: dict, ref: Any) -> None:
+    async def do_join(self, frame: dict, ref: Any) -> None:
         # {"type":"join","room":"python"}
         name = check_room(frame.get("room"))
         room = Hub.rooms.get(key(name))
@@ -2668,25 +2975,22 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         else:
             if len(Hub.users[self.user].rooms) >= ROOMS_PER_USER:
                 raise ChatError("too_many_rooms", f"you are in {ROOMS_PER_USER} rooms; leave one first")
-            room = Hub.room(name, self.user)
-            Hub.set_member(room, self.user, True)
-            send_to(Hub.online[self.user], None, self._joined(room, None, Hub.conf.max_queue, read)[0], bulk=True)
+            await Hub.join(self.user, name)  # every connection of the user gets joined
         self._ack(ref)
 
-    def do_leave(self, frame: dict, ref: Any) -> None:
+    async def do_leave(self, frame: dict, ref: Any) -> None:
         # {"type":"leave","room":"python"}
         room = self._my_room(frame.get("room"))
-        Hub.set_member(room, self.user, False)
-        send_to(Hub.online[self.user], left_frame(room.name))
+        await Hub.leave(self.user, room)  # every connection of the user gets left
         self._ack(ref)
 
-    def do_rooms(self, frame: dict, ref: Any) -> None:
+    async def do_rooms(self, frame: dict, ref: Any) -> None:
         # {"type":"rooms"}
         listing = [{"name": r.name, "members": len(r.members)} for _, r in sorted(Hub.rooms.items())]
         self.send(rooms_frame(listing))
         self._ack(ref)
 
-    def do_members(self, frame: dict, ref: Any) -> None:
+    async def do_members(self, frame: dict, ref: Any) -> None:
         # {"type":"members","room":"general","after":"Name"}  or, for everyone online, without "room"
         if frame.get("room") is not None:
             room = self._my_room(frame["room"])
@@ -2697,7 +3001,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.send(members_frame(None, names, more), bulk=True)
         self._ack(ref)
 
-    def do_history(self, frame: dict, ref: Any) -> None:
+    async def do_history(self, frame: dict, ref: Any) -> None:
         # {"type":"history","room":"general","before":101,"limit":50}
         # {"type":"history","with":"UserB",...}  or  {"type":"history","directs":true,...}
         before, limit = check_page(frame)
@@ -2729,7 +3033,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             Hub.deliver(self.user, mail)
         self._ack(ref)
 
-    def do_search(self, frame: dict, ref: Any) -> None:
+    async def do_search(self, frame: dict, ref: Any) -> None:
         # {"type":"search","q":"deploy logs","before":230}
         q = frame.get("q")
         if not isinstance(q, str) or len(q) > MAX_QUERY:
@@ -2744,7 +3048,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.send_payload(listing_payload("results", {"q": q}, found, len(rows) > SEARCH_PAGE))
         self._ack(ref)
 
-    def do_read(self, frame: dict, ref: Any) -> None:
+    async def do_read(self, frame: dict, ref: Any) -> None:
         # {"type":"read","room":"general","id":150}  or  {"type":"read","with":"UserB","id":140}
         id = frame.get("id")
         if not (is_int(id) and 0 < id <= Hub.last_id):
@@ -2757,33 +3061,32 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             conv, head = "@" + key(other.name), {"with": other.name}
         else:
             raise ChatError("bad_request", "read needs a 'room' or a 'with'")
-        if Hub.store.set_read(self.user, conv, id):  # forward only: the same or an older id changes nothing
-            send_to([c for c in Hub.online[self.user] if c is not self], read_frame(head, id))
+        await Hub.read(self.user, conv, id, head, self)
         self._ack(ref)
 
-    def do_link(self, frame: dict, ref: Any) -> None:
+    async def do_link(self, frame: dict, ref: Any) -> None:
         # {"type":"link"}
         code, expires = Hub.link(self.user)
         self.send(link_frame(code, utc_iso(expires)))
         self._ack(ref)
 
-    def do_devices(self, frame: dict, ref: Any) -> None:
+    async def do_devices(self, frame: dict, ref: Any) -> None:
         # {"type":"devices"}
         listing = [{"id": id, "label": label, "last_used": used, "current": id == self.device}
                    for id, label, used in Hub.store.devices(self.user)]
         self.send(devices_frame(listing))
         self._ack(ref)
 
-    def do_revoke(self, frame: dict, ref: Any) -> None:
+    async def do_revoke(self, frame: dict, ref: Any) -> None:
         # {"type":"revoke","device":3}
         device = frame.get("device")
         if not is_int(device) or device not in [id for id, _, _ in Hub.store.devices(self.user)]:
             raise ChatError("bad_request", "'device' must be the id of one of your devices")
-        self._signed_out(Hub.revoke(self.user, device), ref)
+        self._signed_out(await Hub.revoke(self.user, device), ref)
 
-    def do_logout(self, frame: dict, ref: Any) -> None:
+    async def do_logout(self, frame: dict, ref: Any) -> None:
         # {"type":"logout"}
-        self._signed_out(Hub.revoke(self.user, self.device), ref)
+        self._signed_out(await Hub.revoke(self.user, self.device), ref)
 
     def _signed_out(self, connections: list[ChatSocket], ref: Any) -> None:
         """The revoke is stored: ack it, then close the device's connections."""
@@ -2791,16 +3094,16 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         for connection in connections:
             connection.refuse(ChatError("revoked", "this device was signed out"), 4401)
 
-    def do_typing(self, frame: dict, ref: Any) -> None:
+    async def do_typing(self, frame: dict, ref: Any) -> None:
         # {"type":"typing","room":"general"}  or  {"type":"typing","to":"UserB"}
         me = Hub.users[self.user].name
         if frame.get("room") is not None:
             room = self._my_room(frame["room"])
-            send_to(Hub.members_online(room, but=self.user), typing_frame(me, room.name, None))
+            Hub.backplane.signal({"kind": "typing", "user": me, "room": room.name})
         elif frame.get("to") is not None:
             to = self._known_user(frame["to"])
             if key(to.name) != self.user:  # your other tabs need not see you typing
-                send_to(Hub.online.get(key(to.name), ()), typing_frame(me, None, to.name))
+                Hub.backplane.signal({"kind": "typing", "user": me, "to": to.name})
         else:
             raise ChatError("bad_request", "typing needs a 'room' or a 'to'")
         self._ack(ref)
