@@ -268,6 +268,7 @@ import tornado.httpserver
 import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
+import tornado.netutil
 import tornado.options
 import tornado.web
 import tornado.websocket
@@ -312,6 +313,11 @@ define("metrics_from", type=str, multiple=True, default=[], help="addresses besi
 define("ping_interval", default=20.0, help="seconds between pings")
 define("ping_timeout", default=20.0, help="seconds to wait for a pong (at most ping_interval)")
 define("edit_window", default=0.0, help="seconds after sending that a message may still be edited or deleted (0: no limit)")
+define("redis", type=str, default=None, help="redis://HOST:PORT/DB: run as one of many processes sharing this Redis (see chat_redis.py)")
+define("processes", default=1, help="processes sharing --port (0: one per core; more than 1 needs --redis)")
+define("node_ttl", default=10.0, help="with --redis: seconds a silent process is still taken for alive")
+define("redis_log", default=100000, help="with --redis: events the shared log keeps")
+define("redis_history", default=10000, help="with --redis: events kept in Redis per room and per user's private messages")
 
 MAX_FRAME = 64 * 1024  # bytes in one client frame; larger closes with 1009
 MAX_REF = 100  # characters in a string ref
@@ -375,6 +381,10 @@ class Config:
     ping_interval: float
     ping_timeout: float
     edit_window: float
+    redis: Optional[str]
+    node_ttl: float
+    redis_log: int
+    redis_history: int
 
 
 SETTINGS = [field.name for field in dataclasses.fields(Config)]  # what make_app() may override
@@ -700,12 +710,14 @@ def parse_ts(ts: str) -> float:
 
 
 def welcome_payload(user: str, token: str, device: int, roster: bytes, online_count: int, rooms: list,
-                    read_with: dict, conf: Config, epoch: str, directs_truncated: bool) -> bytes:
+                    read_with: dict, conf: Config, epoch: str, directs_truncated: bool, node: Optional[str]) -> bytes:
     """The welcome frame; `roster` is the online list, encoded once for every welcome."""
     frame = {"type": "welcome", "user": user, "token": token, "device": device, "rooms": rooms,
              "default_room": conf.default_room, "max_text": conf.max_text, "epoch": epoch, "read_with": read_with}
     if directs_truncated:
         frame["directs_truncated"] = True
+    if node is not None:  # with --redis: which process serves this connection
+        frame["node"] = node
     return b"%s,\"online\":%s,\"online_count\":%d}" % (encode(frame)[:-1], roster, online_count)
 
 
@@ -1437,8 +1449,15 @@ class Store:
         return self.db.execute("SELECT count(*) FROM messages WHERE recipient = ? AND delivered = 0",
                                (user,)).fetchone()[0]
 
+    def adopt_epoch(self, epoch: str) -> None:
+        """Count ids in a data set named elsewhere (with --redis: in Redis)."""
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
+        self.epoch = epoch
+
     def close(self) -> None:
         """Index what waits, finish erasing, fold the WAL back into the database file and close it."""
+        if self.stopping.is_set():
+            return  # closed already
         if self.indexing is not None:
             tornado.ioloop.IOLoop.current().remove_timeout(self.indexing)
             self.indexing = None
@@ -1824,10 +1843,10 @@ class Backplane:
         self.drop_link(user)
         self.links[code] = (user, time.monotonic() + seconds)
 
-    def take_link(self, code: str) -> Optional[str]:
+    def take_link(self, code: str) -> Ready:
         """The user a live code signs in as, or None; it is used up either way."""
         found = self.links.pop(code, None)
-        return found[0] if found is not None and found[1] > time.monotonic() else None
+        return Ready(found[0] if found is not None and found[1] > time.monotonic() else None)
 
     def drop_link(self, user: str) -> None:
         for code in [c for c, (u, _) in self.links.items() if u == user]:
@@ -1838,7 +1857,14 @@ class Backplane:
             del self.links[code]
 
     def health(self) -> str:
+        """"ok", or "degraded" while changes cannot be shared (load balancers route around it)."""
         return "ok"
+
+    async def start(self) -> None:
+        """Before the first connection (main): with --redis, load the state."""
+
+    async def stop(self) -> None:
+        """At shutdown, after the connections are closed."""
 
 
 ################ Hub: the shared state, and the one place it changes
@@ -2018,14 +2044,14 @@ class Hub:
         return code, time.time() + LINK_SECONDS
 
     @classmethod
-    def use_link(cls, code: Any, user: str) -> bool:
+    async def use_link(cls, code: Any, user: str) -> bool:
         """Whether code is a live code for user; it is used up either way."""
         if not isinstance(code, str):
             return False
         code = code.strip().upper().replace(" ", "")
         if len(code) == 8:
             code = code[:4] + "-" + code[4:]
-        return cls.backplane.take_link(code) == user
+        return await cls.backplane.take_link(code) == user
 
     # ---- connections and presence
 
@@ -2363,7 +2389,11 @@ class Hub:
 
     @classmethod
     async def delete(cls, user: str, target: Stored) -> dict:
-        return await cls.commit("delete", user=user, target=target.id)
+        # The tombstone rides along: with --redis the message itself is erased
+        # from Redis, and a process loading later rebuilds the tombstone from this.
+        tomb = {"room": target.room, "sender": target.sender, "recipient": target.recipient,
+                "frame": tombstone_frame(target.frame)}
+        return await cls.commit("delete", user=user, target=target.id, tomb=tomb)
 
     @classmethod
     async def react(cls, user: str, target: Stored, emoji: str) -> dict:
@@ -2390,6 +2420,13 @@ class Hub:
     @classmethod
     def apply_delete(cls, event: dict) -> dict:
         """A message becomes a tombstone; its text is erased everywhere."""
+        tomb = event.get("tomb")
+        if tomb is not None and cls.store.message(event["target"]) is None:
+            # Loading from Redis, which erased the message itself: its place
+            # comes back (no text), to be deleted again here.
+            place = {k: v for k, v in tomb["frame"].items() if k != "deleted"}
+            cls.store.add_message(event["target"], tomb["room"], tomb["sender"], tomb["recipient"], True,
+                                  encode(place), None, "")
         target = cls._current(event)
         frame = deleted_frame(event["id"], target.frame)
         cls._change(target, tombstone_frame(target.frame), frame, None)
@@ -2548,7 +2585,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             if link is not None:
                 if not Hub.budgets.take("link", ip):
                     return self.refuse(ChatError("rate_limited", "too many link codes from your address; try later"), 4429)
-                if not Hub.use_link(link, user_key):
+                if not await Hub.use_link(link, user_key):
                     return self.refuse(ChatError("name_taken", f"{user.name} is taken, and that code is not valid"), 4409)
             else:
                 found = Hub.device_of(token)
@@ -2645,7 +2682,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         reads = Hub.store.reads(self.user)
         read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
         welcome = welcome_payload(user.name, token, self.device, roster, online_count, my_rooms, read_with, conf,
-                                  Hub.store.epoch, cut)
+                                  Hub.store.epoch, cut, Hub.backplane.node if Hub.backplane.waits else None)
         self.send_payload(welcome)
         budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))  # what rooms share
         for r in sorted(user.rooms):
@@ -3244,12 +3281,18 @@ class HealthHandler(tornado.web.RequestHandler):
 
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
-        self.write({
-            "status": "ok",
+        status = Hub.backplane.health()
+        if status != "ok":
+            self.set_status(503)  # a load balancer sends nobody here until it is back
+        health = {
+            "status": status,
             "connections": sum(len(tabs) for tabs in Hub.online.values()),
-            "users_online": len(Hub.online),
+            "users_online": len(Hub.present),
             "rooms": len(Hub.rooms),
-        })
+        }
+        if Hub.backplane.waits:
+            health["node"] = Hub.backplane.node
+        self.write(health)
 
 
 class MetricsHandler(tornado.web.RequestHandler):
@@ -3399,7 +3442,12 @@ def make_app(**overrides: Any) -> tornado.web.Application:
     if getattr(Hub, "store", None) is not None:
         Hub.store.close()  # a new app on the same file is a restart
         Hub.store = None  # type: ignore[assignment]
-    Hub.load(conf, Store(conf.db))
+    if conf.redis:
+        import chat_redis  # only with --redis: chat.py runs with Tornado alone
+        backplane: Backplane = chat_redis.RedisBackplane(sys.modules[__name__], conf)
+        Hub.load(conf, Store(backplane.projection), backplane)  # empty: start() fills it from Redis
+    else:
+        Hub.load(conf, Store(conf.db))
     ChatSocket.sockets, Outbox.dirty = 0, []
     Metrics.reset()
 
@@ -3494,26 +3542,64 @@ def raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def main() -> int:
+def run() -> int:
+    """The command line: options, then one process, or with --processes a
+    parent that starts the workers, passes a stop on to them and waits."""
     try:
         parse_args(sys.argv)
+        if options.processes != 1 and not options.redis:
+            raise UsageError("--processes needs --redis: processes share their state through it")
+        if options.processes < 0:
+            raise UsageError("--processes must be 0 (one per core) or more")
     except UsageError as e:
         print(f"chat.py: {e} (see python chat.py --help)", file=sys.stderr)
         return 2
     if options.release:
+        if options.redis:
+            print("chat.py: --release works on a --db file, not with --redis", file=sys.stderr)
+            return 2
         return release(options.release, options.db)
+    count = options.processes or os.cpu_count() or 1
+    if count == 1:
+        return asyncio.run(main())
+    workers = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:  # a worker: it binds the port itself (SO_REUSEPORT) and dies with its parent
+            with contextlib.suppress(OSError, AttributeError):
+                import ctypes
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            os._exit(asyncio.run(main(reuse_port=True)))
+        workers.append(pid)
+    def stop(signum: int, _: Any) -> None:
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    for _ in workers:
+        _, code = os.wait()
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+async def main(reuse_port: bool = False) -> int:
     raise_file_limit()
     try:
         app = make_app()
+        await Hub.backplane.start()
         server = Listener(app, idle_connection_timeout=options.header_timeout, body_timeout=options.header_timeout)
         server.max_conns = options.max_conns
         # A reconnect storm is thousands of connects at once: Tornado's default
         # backlog of 128 overflows, and the kernel drops the rest for seconds.
-        server.listen(options.port, options.host, backlog=LISTEN_BACKLOG)
+        server.add_sockets(tornado.netutil.bind_sockets(options.port, options.host, backlog=LISTEN_BACKLOG,
+                                                        reuse_port=reuse_port))
     except (StoreError, OSError) as e:
         log.error("%s", e)
         return 1
-    log.info("listening on http://%s:%d/ (database %s)", options.host, options.port, options.db)
+    where = Hub.backplane.describe() if options.redis else f"database {options.db}"
+    log.info("listening on http://%s:%d/ (%s)", options.host, options.port, where)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -3527,9 +3613,10 @@ async def main() -> int:
     deadline = time.monotonic() + 3
     while Hub.online and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # let close handshakes finish
+    await Hub.backplane.stop()
     Hub.store.close()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run())

@@ -1,0 +1,591 @@
+"""chat_redis.py: the Redis backplane, so that many chat.py processes, on one
+machine or many, serve as one chat server. chat.py imports it only when
+``--redis URL`` is given; without it chat.py needs nothing but Tornado.
+
+How the pieces fit
+------------------
+* **One shared log.** Every change (a message, a private message, a
+  delivery, an edit, a delete, a reaction, a membership, a read marker, a
+  new name or device, a process gaining or losing a user) is an event. The
+  APPEND Lua script gives it the next id (``INCR chat:id``), ``XADD``\\ s it to
+  the stream ``chat:log`` with that id, and writes its durable home, all
+  atomically. The sender is acked only after its own process has applied
+  the event, so it sees its message no later than the ack.
+* **Every process reads the log.** One ``XREAD BLOCK`` loop per process
+  applies each event, in id order, through ``Hub.apply``: the same code the
+  single-process server runs. Apply writes a private SQLite file (the
+  *projection*: history, search, read markers, devices), then the
+  class-level dicts, then sends to this process's connections. A connect
+  is answered from the projection, without a round trip to Redis.
+* **Durable homes.** The log keeps the last ``--redis_log`` ids. What a
+  new process needs outlives it: each room's events in ``chat:room:<room>``
+  and each user's private ones in ``chat:dm:<user>`` (the newest
+  ``--redis_history`` of each), and the latest event per name, device,
+  room, membership and read marker in the hash ``chat:state``. At start a
+  process reads all of it in one MULTI, with the log's last id, and applies
+  it in id order to a fresh projection; then it reads the log from there.
+  A process that falls more than ``--redis_log`` ids behind loads again
+  the same way, and says so in its log.
+* **Presence heals.** A process appends "on" when it gets a user's first
+  connection and "off" when it loses its last; ``chat:online`` counts the
+  processes a user is on, which decides whether a private message waits
+  in a mailbox. Each process renews ``chat:node:<node>`` every beat (TTL
+  ``--node_ttl``). A janitor (whoever holds the short ``chat:janitor``
+  lock) appends "off" for the users of a process whose key expired; after
+  a Redis restart it first waits ``--node_ttl``. A process that finds its
+  own users marked off puts them back.
+* **Redis goes away.** Appends fail at once (no retries, so a retry cannot
+  post twice) and the client gets ``server_error``; new connections are
+  refused with 1013. The read loop reconnects with backoff and carries on
+  from its last id. A process that cannot read the log for ``--node_ttl``
+  logs it and reports ``degraded`` (HTTP 503) on /healthz.
+* **Redis loses its data** (FLUSHALL, no AOF): ``chat:epoch`` names the data
+  set; a process that sees it change or vanish closes its connections and
+  starts over, and clients start over through ``epoch``.
+
+Typing goes over pub/sub (``chat:signal``): it is not kept. Cluster is out
+of scope: use one Redis, or Sentinel. Keys all start with ``chat:``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+import urllib.parse
+from typing import Any, Optional
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger("chat")
+
+LOG = "chat:log"  # every event, in id order
+STATE = "chat:state"  # the latest event per name, device, room, membership and read marker
+ROOM = "chat:room:"  # + room key: the room's events
+DM = "chat:dm:"  # + user key: the user's private messages and their changes
+EPOCH = "chat:epoch"  # names the data set
+NODES = "chat:nodes"  # processes that have had users
+NODE = "chat:node:"  # + node: renewed each beat, with a TTL
+PRESENT = "chat:present:"  # + node: the users it has connections of
+ONLINE = "chat:online"  # user key -> on how many processes
+LINK = "chat:link:"  # + code: the user a one-time code signs in as (with a TTL)
+LINK_OF = "chat:linkof:"  # + user key: its current code
+JANITOR = "chat:janitor"  # the lock of the process that marks dead processes' users offline
+SIGNAL = "chat:signal"  # pub/sub: typing
+
+# Appends one event: the checks that must hold across processes, the id, the
+# log, the durable homes. ARGV: the event as JSON, the log's length in ids,
+# each home's length, the name's skeleton (claim), --max_users, names per
+# address an hour, then the homes ("s:<stream>" or "h:<state field>"; a
+# field ending in "#" gets the new device id).
+APPEND = r"""
+local event = cjson.decode(ARGV[1])
+local kind = event['kind']
+if kind == 'claim' then
+  if redis.call('HEXISTS', 'chat:names', event['user']) == 1 then
+    return {'err', 'name_taken', event['name'] .. ' is taken; pick another name'}
+  end
+  local twin = redis.call('HGET', 'chat:looks', ARGV[4])
+  if twin then
+    return {'err', 'bad_username', event['name'] .. ' is too close to the name ' ..
+            redis.call('HGET', 'chat:names', twin) .. '; pick another'}
+  end
+  local most = tonumber(ARGV[5])
+  if most > 0 and redis.call('HLEN', 'chat:names') >= most then
+    return {'err', 'server_full', 'this server has all the users it allows'}
+  end
+  local per_ip = tonumber(ARGV[6])
+  if per_ip > 0 then
+    local budget = 'chat:names_ip:' .. event['ip']
+    local used = redis.call('INCR', budget)
+    if used == 1 then redis.call('EXPIRE', budget, 3600) end
+    if used > per_ip then return {'err', 'rate_limited', 'too many new names from your address; try later'} end
+  end
+  redis.call('HSET', 'chat:names', event['user'], event['name'])
+  redis.call('HSET', 'chat:looks', ARGV[4], event['user'])
+end
+if kind == 'claim' or kind == 'device' then event['device'] = redis.call('INCR', 'chat:device') end
+if kind == 'direct' then event['waiting'] = redis.call('HEXISTS', 'chat:online', event['to']) == 0 end
+if kind == 'presence' then
+  local present = 'chat:present:' .. event['node']
+  if event['on'] then
+    if redis.call('SADD', present, event['user']) == 0 then return {'skip'} end
+    redis.call('SADD', 'chat:nodes', event['node'])
+    redis.call('HINCRBY', 'chat:online', event['user'], 1)
+  else
+    if redis.call('SREM', present, event['user']) == 0 then return {'skip'} end
+    if redis.call('HINCRBY', 'chat:online', event['user'], -1) <= 0 then redis.call('HDEL', 'chat:online', event['user']) end
+  end
+end
+local id = redis.call('INCR', 'chat:id')
+event['id'] = id
+local body = cjson.encode(event)
+local sid = id .. '-0'
+redis.call('XADD', 'chat:log', 'MINID', '~', math.max(id - tonumber(ARGV[2]), 0) .. '-0', sid, 'e', body)
+local erased = {}
+if kind == 'delete' then
+  -- The text goes from Redis: the message and its edits leave the log and its homes.
+  local edits = 'chat:edits:' .. event['target']
+  erased = redis.call('SMEMBERS', edits)
+  table.insert(erased, tostring(event['target']))
+  redis.call('DEL', edits)
+  for _, gone in ipairs(erased) do redis.call('XDEL', 'chat:log', gone .. '-0') end
+elseif kind == 'edit' then
+  redis.call('SADD', 'chat:edits:' .. event['target'], id)
+end
+for i = 7, #ARGV do
+  local home, where = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 3)
+  if home == 's' then
+    for _, gone in ipairs(erased) do redis.call('XDEL', where, gone .. '-0') end
+    redis.call('XADD', where, 'MAXLEN', '~', ARGV[3], sid, 'e', body)
+  else
+    if string.sub(where, -1) == '#' then where = string.sub(where, 1, -2) .. event['device'] end
+    redis.call('HSET', 'chat:state', where, body)
+  end
+end
+return {'ok', id}
+"""
+
+
+def describe(url: str) -> str:
+    """The Redis URL for a log line: host, port and database, never a password."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
+
+
+class RedisBackplane:
+    """chat.Backplane over Redis (see the module docstring). `chat` is the
+    running chat module, passed in: ``python chat.py`` runs as __main__, and
+    importing chat here would load a second copy with state of its own."""
+
+    waits = True  # commits wait for Redis and the read loop: handlers run as tasks
+    BACKOFF = (0.05, 2.0)  # seconds between tries to reach Redis again: first, most
+
+    def __init__(self, chat: Any, conf: Any) -> None:
+        self.chat, self.conf = chat, conf
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.dir = tempfile.mkdtemp(prefix=f"chat-projection-{os.getpid()}-")
+        self.projection = os.path.join(self.dir, "projection.db")  # this process's SQLite copy of the state
+        # No automatic retries: a retried append whose first reply was lost would post twice.
+        options = dict(decode_responses=True, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+        self.redis = aioredis.Redis.from_url(conf.redis, socket_timeout=5, **options)
+        self.reader = aioredis.Redis.from_url(conf.redis, socket_timeout=None, **options)  # XREAD BLOCK, pub/sub
+        self.append = self.redis.register_script(APPEND)
+        self.epoch: Optional[str] = None
+        self.last = 0  # the highest id applied here
+        self.waiters: dict[int, list[asyncio.Future]] = {}  # id -> commits of this process waiting for it to be applied
+        self.early: dict[int, tuple[Any, Optional[Exception]]] = {}  # applied before the append's reply came back
+        self.presence_tail: dict[str, asyncio.Future] = {}  # user key -> its latest presence append (they go in order)
+        self.healthy = False  # changes can be appended: false from a failed command until one succeeds
+        self.heard = time.monotonic()  # the last time the log could be read
+        self.reached = time.monotonic()  # the last time Redis came (back): janitors wait --node_ttl after it
+        self.degraded = False
+        self.stopping = False
+        self.tasks: list[asyncio.Task] = []
+
+    def describe(self) -> str:
+        return f"Redis {describe(self.conf.redis)}, node {self.node}"
+
+    # ---- start and stop
+
+    async def start(self) -> None:
+        try:
+            await self._load()
+        except RedisError as e:
+            raise self.chat.StoreError(f"cannot use Redis at {describe(self.conf.redis)}: {e}") from None
+        self.healthy = True
+        self.tasks = [asyncio.ensure_future(job()) for job in (self._read_loop, self._beat_loop, self._signals)]
+
+    async def stop(self) -> None:
+        """Mark this process's users offline (unless they are connected
+        elsewhere), then stop reading and remove the projection."""
+        if self.presence_tail:
+            await asyncio.wait(list(self.presence_tail.values()), timeout=2)
+        with_users = []
+        try:
+            for user in await self.redis.smembers(PRESENT + self.node):
+                with_users.append(self.commit({"kind": "presence", "user": user, "node": self.node, "on": False}))
+            if with_users:
+                await asyncio.wait(with_users, timeout=2)
+            await self.redis.delete(NODE + self.node)
+            await self.redis.srem(NODES, self.node)
+        except RedisError as e:
+            log.warning("could not mark this process's users offline: %s (the janitor will)", e)
+        self.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for waiting in self.waiters.values():
+            for future in waiting:
+                if not future.done():
+                    future.cancel()
+        await self.redis.aclose()
+        await self.reader.aclose()
+        self.chat.Hub.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- loading: a consistent snapshot of the durable homes, applied in id order
+
+    async def _load(self) -> None:
+        """Fill the (empty) projection and the Hub from Redis."""
+        Hub = self.chat.Hub
+        await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)  # a new data set gets a name
+        while True:
+            state = await self.redis.hgetall(STATE)
+            nodes = await self.redis.smembers(NODES)
+            rooms, users = self._homes_in(state)
+            snapshot = self.redis.pipeline(transaction=True)  # MULTI: one moment
+            snapshot.get(EPOCH)
+            snapshot.get("chat:id")
+            snapshot.hgetall(STATE)
+            snapshot.smembers(NODES)
+            for node in nodes:
+                snapshot.smembers(PRESENT + node)
+            for stream in [ROOM + r for r in rooms] + [DM + u for u in users]:
+                snapshot.xrange(stream)
+            epoch, last, state, now_nodes, *rest = await snapshot.execute()
+            if self._homes_in(state) == (rooms, users) and now_nodes == nodes:
+                break  # else a room, a user or a process came between the two reads: again
+        present = rest[:len(nodes)]
+        events = {}
+        for body in state.values():
+            event = json.loads(body)
+            events[event["id"]] = event
+        for entries in rest[len(nodes):]:
+            for _, fields in entries:
+                event = json.loads(fields["e"])
+                events[event["id"]] = event
+        self.epoch = epoch
+        Hub.store.adopt_epoch(epoch)
+        Hub.store.db.execute("PRAGMA synchronous=OFF")  # a copy: Redis is the durable one
+        for id in sorted(events):
+            self._replay(events[id])
+        Hub.store.index_pending()
+        Hub.present = {}
+        for node, members in zip(nodes, present):
+            for user in members:
+                if user in Hub.users:
+                    Hub.present.setdefault(user, set()).add(node)
+        Hub.names = self.chat.sorted_names(Hub.users[u].name for u in Hub.present)
+        Hub.roster = self.chat.encode(Hub.names[:self.conf.roster])
+        self.last = Hub.last_id = int(last or 0)
+        log.info("node %s loaded %d events from Redis, up to id %d", self.node, len(events), self.last)
+
+    @staticmethod
+    def _homes_in(state: dict) -> tuple[set, set]:
+        """The rooms and users the state names: whose streams a load reads."""
+        rooms = {f.split(":")[1] for f in state if f.startswith(("room:", "member:"))}
+        users = {f.split(":")[1] for f in state if f.startswith("user:")}
+        return rooms, users
+
+    def _replay(self, event: dict) -> None:
+        """Apply a stored event while loading: nobody is connected to tell."""
+        try:
+            self.chat.Hub.apply(event)
+        except self.chat.ChatError:
+            pass  # refused when it was first applied too (a full mailbox, a change to a deleted message)
+        except Exception:
+            log.exception("could not load event %s (%s)", event.get("id"), event.get("kind"))
+
+    async def _reload(self, why: str) -> None:
+        """Start over from Redis: close every connection here (they come back
+        with since, or through epoch), load a fresh projection."""
+        log.warning("node %s loads its state from Redis again: %s", self.node, why)
+        chat, Hub = self.chat, self.chat.Hub
+        for connection in Hub.everyone_but():
+            connection._departed = True  # its presence is put right by the next beat
+        chat.ChatSocket.close_all(1012, "the server reloaded; reconnect")
+        for waiting in self.waiters.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_result((None, chat.ChatError("server_error", "the server reloaded; try again")))
+        self.waiters, self.early = {}, {}
+        old = Hub.store
+        self.projection = os.path.join(self.dir, f"projection-{secrets.token_hex(4)}.db")
+        Hub.load(self.conf, chat.Store(self.projection), self)
+        old.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(old.path + suffix)
+        await self._load()
+
+    # ---- appending
+
+    def commit(self, event: dict) -> asyncio.Future:
+        return asyncio.ensure_future(self._commit(event))
+
+    async def _commit(self, event: dict) -> Any:
+        """Append the event; once this process has applied it, what apply
+        returned (or raise the ChatError it raised)."""
+        ChatError = self.chat.ChatError
+        if not self.healthy:
+            raise ChatError("server_error", "the server cannot store that just now; try again")
+        event["origin"] = self.node
+        conf = self.conf
+        skeleton = self.chat.skeleton(event["name"]) if event["kind"] == "claim" else ""
+        per_ip = int(self.chat.AT_ONCE + conf.names_per_hour) if conf.names_per_hour > 0 else 0
+        try:
+            reply = await self.append(args=[json.dumps(event, ensure_ascii=False), conf.redis_log,
+                                            conf.redis_history, skeleton, conf.max_users, per_ip,
+                                            *self._homes(event)])
+        except RedisError as e:
+            self._lost(e)
+            raise ChatError("server_error", "the server could not store that; try again") from None
+        if reply[0] == "err":
+            raise ChatError(reply[1], reply[2])
+        if reply[0] == "skip":
+            return None
+        id = int(reply[1])
+        if id in self.early:
+            result, error = self.early.pop(id)
+        else:
+            waiting = asyncio.get_running_loop().create_future()
+            self.waiters.setdefault(id, []).append(waiting)
+            result, error = await waiting
+        if error is not None:
+            raise error
+        return result
+
+    def _homes(self, event: dict) -> list[str]:
+        """Where an event is kept beyond the log: "s:" streams, "h:" state fields."""
+        Hub, key = self.chat.Hub, self.chat.key
+        kind, user = event["kind"], event.get("user")
+        if kind == "claim":
+            homes = ["h:user:" + user]
+            if key(event["room"]) not in Hub.rooms:
+                homes.append("h:room:" + key(event["room"]))
+            return homes
+        if kind == "device":
+            return ["h:device:#"]
+        if kind == "revoke":
+            return [f"h:device:{event['device']}"]
+        if kind == "member":
+            room = key(event["room"])
+            return [f"h:member:{room}:{user}"] + ([] if room in Hub.rooms else [f"h:room:{room}"])
+        if kind == "read":
+            return [f"h:read:{user}:{event['conv']}"]
+        if kind == "message":
+            return ["s:" + ROOM + key(event["room"])]
+        if kind == "direct":
+            return ["s:" + DM + u for u in dict.fromkeys((user, event["to"]))]
+        if kind == "delivered":
+            return ["s:" + DM + user]
+        if kind in ("edit", "delete", "react"):
+            target = Hub.store.message(event["target"])
+            if target is None:
+                return []
+            if target.room is not None:
+                return ["s:" + ROOM + target.room]
+            return ["s:" + DM + u for u in dict.fromkeys((target.sender, target.recipient))]
+        return []  # presence: kept in chat:present
+
+    # ---- reading the log
+
+    async def _read_loop(self) -> None:
+        pause = self.BACKOFF[0]
+        while not self.stopping:
+            try:
+                reply = await self.reader.xread({LOG: f"{self.last}-0"}, count=1000, block=1000)
+            except RedisError as e:
+                self._lost(e)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.BACKOFF[1])
+                continue
+            pause = self.BACKOFF[0]
+            self._reached()
+            for _, entries in reply or ():
+                for _, fields in entries:
+                    self._apply(json.loads(fields["e"]))
+
+    def _apply(self, event: dict) -> None:
+        """One event from the log, applied once and in order; the commit
+        waiting for it (in this process) gets the result."""
+        Hub, ChatError = self.chat.Hub, self.chat.ChatError
+        id = event["id"]
+        if id <= self.last:
+            return
+        self.last = id
+        result, error = None, None
+        try:
+            result = Hub.apply(event)
+        except ChatError as e:
+            error = e
+        except Exception:
+            log.exception("could not apply event %d (%s)", id, event["kind"])
+            error = ChatError("server_error", "the server failed on that")
+        if event["kind"] == "presence" and event["node"] == self.node and not event["on"] \
+                and event["user"] in Hub.online:
+            # Judged dead while alive (a janitor, after a pause): put the user back.
+            self.presence(event["user"], True, None)
+        if event.get("origin") != self.node:
+            return
+        waiting = self.waiters.pop(id, None)
+        if waiting is None:
+            self.early[id] = (result, error)
+            while len(self.early) > 10000:  # never claimed (its append was cancelled)
+                del self.early[next(iter(self.early))]
+            return
+        for future in waiting:
+            if not future.done():
+                future.set_result((result, error))
+
+    # ---- presence, liveness, and the janitor
+
+    def presence(self, user: str, on: bool, device: Optional[int]) -> None:
+        """Appended in order per user (a quick reconnect must not overtake its
+        own disconnect); nobody waits for it."""
+        event = {"kind": "presence", "user": user, "node": self.node, "on": on, "device": device,
+                 "at": self.chat.utc_iso(time.time())}
+        before = self.presence_tail.get(user)
+
+        async def append() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            try:
+                await self._commit(event)
+            except self.chat.ChatError as e:  # Redis is away: the next beat puts it right
+                log.debug("presence of %s not appended: %s", user, e.message)
+
+        task = asyncio.ensure_future(append())
+        self.presence_tail[user] = task
+        task.add_done_callback(lambda t: self.presence_tail.get(user) is t and self.presence_tail.pop(user))
+
+    async def _beat_loop(self) -> None:
+        beat = max(0.2, min(1.0, self.conf.node_ttl / 3))
+        while not self.stopping:
+            try:
+                await self._beat()
+            except RedisError as e:
+                self._lost(e)
+            if not self.degraded and time.monotonic() - self.heard > self.conf.node_ttl:
+                self.degraded = True
+                log.error("node %s has not read the Redis log for %.0f s: /healthz says degraded",
+                          self.node, time.monotonic() - self.heard)
+            await asyncio.sleep(beat)
+
+    async def _beat(self) -> None:
+        """Say this process is alive; notice a new data set or a log that
+        moved on without us; put presence right; be the janitor if free."""
+        Hub, ttl = self.chat.Hub, int(self.conf.node_ttl * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(NODE + self.node, 1, px=ttl)
+        pipe.sadd(NODES, self.node)
+        pipe.get(EPOCH)
+        pipe.get("chat:id")
+        pipe.smembers(PRESENT + self.node)
+        _, _, epoch, last, mine = await pipe.execute()
+        if epoch != self.epoch:
+            await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)
+            return await self._reload("Redis holds another data set (it lost its data, or was flushed)")
+        last = int(last or 0)
+        if last < self.last:
+            return await self._reload(f"Redis lost its newest events (its last id is {last}, we saw {self.last})")
+        if last - self.last > self.conf.redis_log:
+            return await self._reload(f"{last - self.last} events behind, beyond what the log keeps")
+        for user in set(mine) - set(Hub.online):
+            if user not in self.presence_tail:
+                self.presence(user, False, None)
+        for user in set(Hub.online) - set(mine):
+            if user not in self.presence_tail:
+                self.presence(user, True, None)
+        if time.monotonic() - self.reached >= self.conf.node_ttl:  # everyone alive has renewed its key since
+            await self._janitor()
+
+    async def _janitor(self) -> None:
+        """Users of processes that stopped renewing their key go offline."""
+        if not await self.redis.set(JANITOR, self.node, nx=True, px=int(self.conf.node_ttl * 1000)):
+            return
+        for node in await self.redis.smembers(NODES):
+            if node == self.node or await self.redis.exists(NODE + node):
+                continue
+            users = await self.redis.smembers(PRESENT + node)
+            if users:
+                log.info("node %s is gone: %d of its users go offline", node, len(users))
+            for user in users:
+                await self._commit({"kind": "presence", "user": user, "node": node, "on": False})
+            await self.redis.srem(NODES, node)
+
+    def _lost(self, error: Exception) -> None:
+        if self.healthy:
+            log.warning("node %s lost Redis: %s", self.node, error)
+        self.healthy = False
+
+    def _reached(self) -> None:
+        if not self.healthy:
+            log.info("node %s reached Redis again", self.node)
+            self.reached = time.monotonic()
+        if self.degraded:
+            log.info("node %s reads the Redis log again", self.node)
+        self.healthy, self.degraded, self.heard = True, False, time.monotonic()
+
+    def health(self) -> str:
+        return "degraded" if self.degraded or time.monotonic() - self.heard > self.conf.node_ttl else "ok"
+
+    # ---- signals: typing, not kept
+
+    def signal(self, event: dict) -> None:
+        async def publish() -> None:
+            try:
+                await self.redis.publish(SIGNAL, json.dumps(event, ensure_ascii=False))
+            except RedisError as e:
+                self._lost(e)
+        asyncio.ensure_future(publish())
+
+    async def _signals(self) -> None:
+        pause = self.BACKOFF[0]
+        while not self.stopping:
+            pubsub = self.reader.pubsub()
+            try:
+                await pubsub.subscribe(SIGNAL)
+                pause = self.BACKOFF[0]
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self.chat.Hub.apply(json.loads(message["data"]))
+            except RedisError:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.BACKOFF[1])
+            finally:
+                await pubsub.aclose()
+
+    # ---- one-time link codes, shared by every process
+
+    def put_link(self, code: str, user: str, seconds: float) -> None:
+        async def put() -> None:
+            try:
+                old = await self.redis.set(LINK_OF + user, code, ex=int(seconds), get=True)
+                if old:
+                    await self.redis.delete(LINK + old)
+                await self.redis.set(LINK + code, user, ex=int(seconds))
+            except RedisError as e:
+                self._lost(e)
+        asyncio.ensure_future(put())
+
+    async def take_link(self, code: str) -> Optional[str]:
+        try:
+            return await self.redis.getdel(LINK + code)
+        except RedisError as e:
+            self._lost(e)
+            return None
+
+    def drop_link(self, user: str) -> None:
+        async def drop() -> None:
+            try:
+                code = await self.redis.getdel(LINK_OF + user)
+                if code:
+                    await self.redis.delete(LINK + code)
+            except RedisError as e:
+                self._lost(e)
+        asyncio.ensure_future(drop())
+
+    def sweep_links(self, now: float) -> None:
+        """Codes expire in Redis by themselves."""
