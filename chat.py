@@ -2488,17 +2488,17 @@ class Hub:
 
     @classmethod
     async def read(cls, user: str, conv: str, id: int, head: dict, connection: ChatSocket) -> None:
-        await cls.commit("read", user=user, conv=conv, id=id, head=head, node=cls.backplane.node,
+        await cls.commit("read", user=user, conv=conv, upto=id, head=head, node=cls.backplane.node,
                          serial=connection.serial)
 
     @classmethod
     def apply_read(cls, event: dict) -> None:
         """Forward only: the same or an older id changes nothing. The user's
         other connections get the frame (not the one that moved it)."""
-        if cls.store.set_read(event["user"], event["conv"], event["id"]):
+        if cls.store.set_read(event["user"], event["conv"], event["upto"]):
             mine = event["node"] == cls.backplane.node
             send_to([c for c in cls.online.get(event["user"], ()) if not (mine and c.serial == event["serial"])],
-                    read_frame(event["head"], event["id"]))
+                    read_frame(event["head"], event["upto"]))
 
     @classmethod
     def apply_typing(cls, event: dict) -> None:

@@ -170,6 +170,7 @@ class RedisBackplane:
 
     waits = True  # commits wait for Redis and the read loop: handlers run as tasks
     BACKOFF = (0.05, 2.0)  # seconds between tries to reach Redis again: first, most
+    REWRITE_AFTER = 5.0  # seconds after a delete that Redis is asked to rewrite its append-only file
 
     def __init__(self, chat: Any, conf: Any) -> None:
         self.chat, self.conf = chat, conf
@@ -192,6 +193,7 @@ class RedisBackplane:
         self.degraded = False
         self.stopping = False
         self.tasks: list[asyncio.Task] = []
+        self.rewriting: Optional[asyncio.Future] = None  # a BGREWRITEAOF asked for soon
 
     def describe(self) -> str:
         return f"Redis {describe(self.conf.redis)}, node {self.node}"
@@ -222,8 +224,8 @@ class RedisBackplane:
         except RedisError as e:
             log.warning("could not mark this process's users offline: %s (the janitor will)", e)
         self.stopping = True
-        for task in self.tasks:
-            task.cancel()
+        for task in self.tasks + [self.rewriting]:
+            task and task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for waiting in self.waiters.values():
             for future in waiting:
@@ -429,6 +431,8 @@ class RedisBackplane:
             self.presence(event["user"], True, None)
         if event.get("origin") != self.node:
             return
+        if event["kind"] == "delete" and error is None:
+            self._rewrite_soon()
         waiting = self.waiters.pop(id, None)
         if waiting is None:
             self.early[id] = (result, error)
@@ -438,6 +442,23 @@ class RedisBackplane:
         for future in waiting:
             if not future.done():
                 future.set_result((result, error))
+
+    def _rewrite_soon(self) -> None:
+        """A delete took the text out of Redis's memory, but its append-only
+        file still holds the commands that wrote it, until Redis rewrites the
+        file: ask for that within REWRITE_AFTER (once for many deletes)."""
+        if self.rewriting is not None:
+            return
+
+        async def rewrite() -> None:
+            await asyncio.sleep(self.REWRITE_AFTER)
+            self.rewriting = None
+            try:
+                await self.redis.bgrewriteaof()
+            except RedisError as e:  # one is running already (it is then scheduled), or Redis is away
+                log.info("could not ask Redis to rewrite its append-only file: %s", e)
+
+        self.rewriting = asyncio.ensure_future(rewrite())
 
     # ---- presence, liveness, and the janitor
 
