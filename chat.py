@@ -229,8 +229,21 @@ Storage
 
 SQLite (``--db``, WAL mode) is written before anything is acked or relayed;
 a write that fails is rolled back whole and answered ``server_error``. The
-class-level dicts on ChatSocket are the live state, loaded at start; private
+class-level dicts on Hub are the live state, loaded at start; private
 messages that wait for their reader stay in SQLite.
+
+Several processes (``--redis URL``, chat_redis.py)
+--------------------------------------------------
+Every change is an event with an id from one sequence. With ``--redis`` a
+Lua script gives the id and appends the event to one Redis stream, the
+shared log, together with its durable copy; every process reads the log and
+applies each event, in id order, to its own class-level dicts and its own
+SQLite copy (``--db`` is not used), and sends it to its own connections. A
+sender's ack waits until its process has applied the event. Each process
+renews a key with a TTL; when one dies, a janitor marks its users offline.
+While Redis is away, sends get ``server_error`` and connects close with
+1013. Ids then skip numbers: never assume they are consecutive. ``welcome``
+and ``/healthz`` carry ``"node"``, the process serving the connection.
 """
 
 from __future__ import annotations

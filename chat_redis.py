@@ -498,6 +498,7 @@ class RedisBackplane:
         """Say this process is alive; notice a new data set or a log that
         moved on without us; put presence right; be the janitor if free."""
         Hub, ttl = self.chat.Hub, int(self.conf.node_ttl * 1000)
+        seen = self.last  # the read loop moves on while we wait: compare with this moment
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(NODE + self.node, 1, px=ttl)
         pipe.sadd(NODES, self.node)
@@ -509,10 +510,10 @@ class RedisBackplane:
             await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)
             return await self._reload("Redis holds another data set (it lost its data, or was flushed)")
         last = int(last or 0)
-        if last < self.last:
-            return await self._reload(f"Redis lost its newest events (its last id is {last}, we saw {self.last})")
-        if last - self.last > self.conf.redis_log:
-            return await self._reload(f"{last - self.last} events behind, beyond what the log keeps")
+        if last < seen:
+            return await self._reload(f"Redis lost its newest events (its last id is {last}, we saw {seen})")
+        if last - seen > self.conf.redis_log:
+            return await self._reload(f"{last - seen} events behind, beyond what the log keeps")
         for user in set(mine) - set(Hub.online):
             if user not in self.presence_tail:
                 self.presence(user, False, None)
