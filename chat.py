@@ -1873,6 +1873,10 @@ class Backplane:
         """"ok", or "degraded" while changes cannot be shared (load balancers route around it)."""
         return "ok"
 
+    def caught_up(self) -> Ready:
+        """Wait until this process has applied every change made so far (here: it has)."""
+        return Ready(None)
+
     async def start(self) -> None:
         """Before the first connection (main): with --redis, load the state."""
 
@@ -2594,6 +2598,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         (or claim the name if it is free), then send the connect sequence."""
         conf, ip, user_key = Hub.conf, self.request.remote_ip, key(name)
         user, device = Hub.users.get(user_key), None
+        if user is None or (link is None and Hub.device_of(token) is None):
+            # With --redis the name or the device may be minutes old on another
+            # process and not applied here yet: catch up before judging.
+            await Hub.backplane.caught_up()
+            user = Hub.users.get(user_key)
         if user is not None:
             if link is not None:
                 if not Hub.budgets.take("link", ip):

@@ -170,6 +170,7 @@ class RedisBackplane:
 
     waits = True  # commits wait for Redis and the read loop: handlers run as tasks
     BACKOFF = (0.05, 2.0)  # seconds between tries to reach Redis again: first, most
+    CATCH_UP = 2.0  # seconds a connect waits at most for this process to catch up with the log
     REWRITE_AFTER = 5.0  # seconds after a delete that Redis is asked to rewrite its append-only file
 
     def __init__(self, chat: Any, conf: Any) -> None:
@@ -194,6 +195,7 @@ class RedisBackplane:
         self.stopping = False
         self.tasks: list[asyncio.Task] = []
         self.rewriting: Optional[asyncio.Future] = None  # a BGREWRITEAOF asked for soon
+        self.catching_up: list[tuple[int, asyncio.Future]] = []  # (id, future) of connects waiting to reach id
 
     def describe(self) -> str:
         return f"Redis {describe(self.conf.redis)}, node {self.node}"
@@ -429,6 +431,11 @@ class RedisBackplane:
                 and event["user"] in Hub.online:
             # Judged dead while alive (a janitor, after a pause): put the user back.
             self.presence(event["user"], True, None)
+        if self.catching_up:
+            for target, reached in [w for w in self.catching_up if w[0] <= id]:
+                self.catching_up.remove((target, reached))
+                if not reached.done():
+                    reached.set_result(None)
         if event.get("origin") != self.node:
             return
         if event["kind"] == "delete" and error is None:
@@ -442,6 +449,24 @@ class RedisBackplane:
         for future in waiting:
             if not future.done():
                 future.set_result((result, error))
+
+    async def caught_up(self) -> None:
+        """Wait (at most CATCH_UP seconds) until this process has applied the
+        log as far as it reaches now: a name or device just made on another
+        process is then known here. Only a connect with a name or token not
+        known here pays this round trip."""
+        try:
+            newest = await self.redis.xrevrange(LOG, count=1)
+        except RedisError as e:
+            self._lost(e)
+            return
+        if not newest or int(newest[0][0].split("-")[0]) <= self.last:
+            return
+        target = int(newest[0][0].split("-")[0])
+        reached = asyncio.get_running_loop().create_future()
+        self.catching_up.append((target, reached))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reached, self.CATCH_UP)
 
     def _rewrite_soon(self) -> None:
         """A delete took the text out of Redis's memory, but its append-only
