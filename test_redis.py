@@ -18,7 +18,11 @@ order for 1,000 pipelined messages from two processes; a private message
 queued on one process and delivered on another; ``kill -9`` of a chat.py
 process (the janitor, a user with a tab on another process, resuming with
 ``since``); Redis stopped (SIGTERM) or killed (SIGKILL) during traffic;
-``--processes 2`` on one port; ``--processes`` without ``--redis``.
+``--processes 2`` on one port; ``--processes`` without ``--redis``; every
+feature (edits, deletes, reactions, search, scroll-back, read markers,
+devices, link codes) across processes and in a process that loads later,
+with a deleted text gone from every Redis key; a flushed Redis starting a
+new epoch.
 """
 
 import asyncio
@@ -555,3 +559,97 @@ class ProcessesNeedRedisTest(test_chat.ProcessCase):
         self.assertIn("--processes", err)
         self.assertIn("--redis", err)
         self.assertNotIn("Traceback", err)
+
+
+class EveryFeatureTest(RedisCase):
+    """Scroll-back, search, read markers, devices, edits, deletes and
+    reactions work across processes, and a process started later (which
+    loads everything from Redis) answers exactly as the others do."""
+
+    @redis_test
+    async def test_changes_cross_processes_and_a_new_process_has_them(self):
+        p1, p2 = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.presence(a, "UserB", "online")
+        first = (await self.say(a, "deploy logs are in"))["id"]
+        reply = (await self.ack(a, type="message", text="see above", reply_to=first))[0]["id"]
+        secret = (await self.say(b, "@UserA the vault code is 4471"))["id"]
+        await self.expect(a, "direct", id=secret)
+
+        edited = await self.reply(a, "edited", type="edit", id=first, text="deploy logs moved")
+        self.assertEqual(await self.expect(b, "edited", id=edited["id"]), edited)
+        reaction = await self.reply(b, "reaction", type="react", id=first, emoji="👍")
+        self.assertEqual(await self.expect(a, "reaction", id=reaction["id"]), reaction)
+        deleted = await self.reply(b, "deleted", type="delete", id=secret)
+        self.assertEqual(await self.expect(a, "deleted", id=deleted["id"]), deleted)
+        await self.ack(b, type="read", room="general", id=reply)
+        link = await self.reply(a, "link", type="link")
+
+        p3, = await self.cluster(1)  # loads from Redis alone
+        for port in (p2.port, p3.port):
+            b2, welcome = await self.connect("UserB", self.tokens["UserB"], port=port)
+            general = b2.joined["general"]
+            self.assertEqual(general["read"], reply, "the read marker moved on p2")
+            history = {m["id"]: m for m in general["history"]}
+            self.assertEqual(history[first]["text"], "deploy logs moved")
+            self.assertEqual(history[first]["reactions"], {"👍": ["UserB"]})
+            self.assertEqual(history[reply]["quote"], "deploy logs moved")
+            results = await self.reply(b2, "results", type="search", q="deploy moved")
+            self.assertEqual([m["id"] for m in results["messages"]], [first])
+            self.assertEqual((await self.reply(b2, "results", type="search", q="vault"))["messages"], [])
+            directs = await self.reply(b2, "history", type="history", directs=True)
+            self.assertEqual(directs["messages"], [{"type": "direct", "id": secret, "from": "UserB",
+                                                    "to": "UserA", "ts": directs["messages"][0]["ts"],
+                                                    "time": directs["messages"][0]["time"], "deleted": True}])
+            devices = await self.reply(b2, "devices", type="devices")
+            self.assertEqual([d["current"] for d in devices["devices"]], [True])
+
+        # A link code made on p1 signs a new device in on p3.
+        ws = await test_chat.websocket_connect(self.url(p3.port, username="UserA", link=link["code"]))
+        self.sockets.append(ws)
+        self.assertEqual((await self.read(ws, "the welcome of the new device"))["type"], "welcome")
+
+        # The deleted text is gone from Redis: no key holds it.
+        redis = await self.redis_client()
+        for key in await redis.keys("chat:*"):
+            kind = await redis.type(key)
+            if kind == "stream":
+                bodies = [f["e"] for _, f in await redis.xrange(key)]
+            elif kind == "hash":
+                bodies = list((await redis.hgetall(key)).values())
+            else:
+                continue
+            self.assertFalse([body for body in bodies if "vault" in body], key)
+        await redis.aclose()
+
+    async def redis_client(self):
+        import redis.asyncio
+        return redis.asyncio.Redis(port=self.redis_port, decode_responses=True)
+
+
+class RedisLostItsDataTest(RedisCase):
+    """Redis flushed (or started without its files): the processes start
+    over under a new epoch, nobody goes deaf, and clients start over."""
+
+    @redis_test
+    async def test_a_flushed_redis_is_a_new_data_set(self):
+        p1, p2 = await self.cluster(2)
+        a, welcome = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        for n in range(5):
+            await self.say(a, "before the flush %d" % n)
+        redis = await EveryFeatureTest.redis_client(self)
+        await redis.flushall()
+        await redis.aclose()
+        # Each process notices within a beat, closes its connections and loads the empty data set.
+        for ws in (a, b):
+            while (await ws.read_message()) is not None:
+                pass
+        a, again = await self.connect("UserA", port=p1.port)
+        self.assertNotEqual(again["epoch"], welcome["epoch"])
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.presence(a, "UserB", "online")
+        ack = await self.say(a, "after the flush")
+        self.assertEqual((await self.expect(b, "message", id=ack["id"]))["text"], "after the flush")
+        self.assertEqual(a.joined["general"]["history"], [])
