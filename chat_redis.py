@@ -195,6 +195,7 @@ class RedisBackplane:
         self.stopping = False
         self.tasks: list[asyncio.Task] = []
         self.rewriting: Optional[asyncio.Future] = None  # a BGREWRITEAOF asked for soon
+        self.reloading = False
         self.catching_up: list[tuple[int, asyncio.Future]] = []  # (id, future) of connects waiting to reach id
 
     def describe(self) -> str:
@@ -304,6 +305,15 @@ class RedisBackplane:
     async def _reload(self, why: str) -> None:
         """Start over from Redis: close every connection here (they come back
         with since, or through epoch), load a fresh projection."""
+        if self.reloading:
+            return
+        self.reloading = True
+        try:
+            await self._load_again(why)
+        finally:
+            self.reloading = False
+
+    async def _load_again(self, why: str) -> None:
         log.warning("node %s loads its state from Redis again: %s", self.node, why)
         chat, Hub = self.chat, self.chat.Hub
         for connection in Hub.everyone_but():
@@ -408,8 +418,24 @@ class RedisBackplane:
             pause = self.BACKOFF[0]
             self._reached()
             for _, entries in reply or ():
+                if self.last and self._id(entries[0][0]) > self.last + 1 and await self._left_behind():
+                    await self._reload(f"the log was trimmed past id {self.last}, the last one applied here")
+                    break
                 for _, fields in entries:
                     self._apply(json.loads(fields["e"]))
+
+    @staticmethod
+    def _id(entry: str) -> int:
+        return int(entry.split("-")[0])
+
+    async def _left_behind(self) -> bool:
+        """Whether events after the last one applied here were trimmed away.
+        (The log can have holes where a delete erased a message, but trimming
+        only ever removes its oldest entries: it is behind us if its oldest
+        kept entry is past the next one we need.)"""
+        info = await self.reader.xinfo_stream(LOG)
+        first = info.get("first-entry")
+        return first is not None and self._id(first[0]) > self.last + 1
 
     def _apply(self, event: dict) -> None:
         """One event from the log, applied once and in order; the commit
@@ -537,8 +563,6 @@ class RedisBackplane:
         last = int(last or 0)
         if last < seen:
             return await self._reload(f"Redis lost its newest events (its last id is {last}, we saw {seen})")
-        if last - seen > self.conf.redis_log:
-            return await self._reload(f"{last - seen} events behind, beyond what the log keeps")
         for user in set(mine) - set(Hub.online):
             if user not in self.presence_tail:
                 self.presence(user, False, None)

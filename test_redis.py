@@ -653,3 +653,77 @@ class RedisLostItsDataTest(RedisCase):
         ack = await self.say(a, "after the flush")
         self.assertEqual((await self.expect(b, "message", id=ack["id"]))["text"], "after the flush")
         self.assertEqual(a.joined["general"]["history"], [])
+
+
+class ProcessLifeTest(RedisCase):
+    """A process stopped cleanly, paused past its TTL, or left far behind."""
+
+    @redis_test
+    async def test_sigterm_marks_its_users_offline_at_once(self):
+        # A TTL far longer than the test: only the stopping process itself can say it.
+        p1, p2 = await self.cluster(2, "--node_ttl", "60")
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.connect("UserA", port=p1.port)
+        await self.connect("UserC", port=p1.port)
+        c, _ = await self.connect("UserC", self.tokens["UserC"], port=p2.port)
+        await self.seen(b, "online", "UserA", "UserC")
+        p1.proc.terminate()
+        self.assertEqual(await p1.proc.wait(), 0)
+        frames = await self.seen(b, "offline", "UserA")
+        frames += await self.sync(b)
+        self.assertFalse([f for f in frames if f["type"] == "presence" and "UserC" in f["offline"]],
+                         "UserC still has a tab on p2")
+
+    @redis_test
+    async def test_a_private_message_to_a_user_whose_process_just_died_comes_back_with_since(self):
+        p1, p2 = await self.cluster(2, "--node_ttl", "60")  # UserA stays "online" for the whole test
+        b, _ = await self.connect("UserB", port=p2.port)
+        a, _ = await self.connect("UserA", port=p1.port)
+        await self.presence(b, "UserA", "online")
+        since = (await self.say(a, "last words"))["id"]
+        p1.proc.kill()
+        await p1.proc.wait()
+        sent = await self.say(b, "@UserA did you get this?")  # not queued: UserA is online as far as Redis knows
+        self.assertFalse(sent.get("queued", False))
+        a, _ = await self.connect("UserA", self.tokens["UserA"], since=since, port=p2.port)
+        got = await self.expect(a, "direct", id=sent["id"])
+        self.assertEqual(got["text"], "did you get this?")
+
+    @redis_test
+    async def test_a_paused_process_judged_dead_puts_its_users_back(self):
+        p1, p2 = await self.cluster(2)
+        b, _ = await self.connect("UserB", port=p2.port)
+        a, _ = await self.connect("UserA", port=p1.port)
+        await self.presence(b, "UserA", "online")
+        os.kill(p1.proc.pid, signal.SIGSTOP)  # alive, but its key expires: the janitor takes it for dead
+        try:
+            self.patience = NODE_TTL + JANITOR_SLACK
+            await self.presence(b, "UserA", "offline")
+        finally:
+            os.kill(p1.proc.pid, signal.SIGCONT)
+        await self.presence(b, "UserA", "online")  # p1 woke, saw its user marked off, and said otherwise
+        self.patience = test_chat.READ_TIMEOUT
+        ack = await self.say(a, "still here")
+        await self.expect(b, "message", id=ack["id"])
+
+    @redis_test
+    async def test_a_process_left_behind_the_log_loads_again_and_its_clients_resume(self):
+        p1, p2 = await self.cluster(2, "--redis_log", "20")
+        redis = await EveryFeatureTest.redis_client(self)
+        await redis.config_set("stream-node-max-entries", 5)  # so that trimming "~ 20" trims this small log
+        await redis.aclose()
+        b, _ = await self.connect("UserB", port=p2.port)
+        a, _ = await self.connect("UserA", port=p1.port)
+        since = (await self.say(a, "before the pause"))["id"]
+        os.kill(p2.proc.pid, signal.SIGSTOP)
+        try:
+            sent = [(await self.say(a, "while p2 sleeps %d" % n))["id"] for n in range(60)]
+        finally:
+            os.kill(p2.proc.pid, signal.SIGCONT)
+        await self.logged(p2.proc, p2.log, b"loads its state from Redis again")
+        while (await b.read_message()) is not None:  # p2 closed its connections: they resume
+            pass
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=since, port=p2.port)
+        got = [m["id"] for m in b.joined["general"]["history"]]
+        self.assertEqual(got, sent[-len(got):])
+        self.assertEqual(len(got), min(len(sent), 100))  # --history 100: all 60
