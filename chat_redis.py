@@ -196,6 +196,7 @@ class RedisBackplane:
         self.tasks: list[asyncio.Task] = []
         self.rewriting: Optional[asyncio.Future] = None  # a BGREWRITEAOF asked for soon
         self.reloading = False
+        self.beat = max(0.2, min(1.0, conf.node_ttl / 3))  # seconds between beats
         self.catching_up: list[tuple[int, asyncio.Future]] = []  # (id, future) of connects waiting to reach id
 
     def describe(self) -> str:
@@ -533,7 +534,6 @@ class RedisBackplane:
         task.add_done_callback(lambda t: self.presence_tail.get(user) is t and self.presence_tail.pop(user))
 
     async def _beat_loop(self) -> None:
-        beat = max(0.2, min(1.0, self.conf.node_ttl / 3))
         while not self.stopping:
             try:
                 await self._beat()
@@ -543,7 +543,7 @@ class RedisBackplane:
                 self.degraded = True
                 log.error("node %s has not read the Redis log for %.0f s: /healthz says degraded",
                           self.node, time.monotonic() - self.heard)
-            await asyncio.sleep(beat)
+            await asyncio.sleep(self.beat)
 
     async def _beat(self) -> None:
         """Say this process is alive; notice a new data set or a log that
@@ -573,9 +573,14 @@ class RedisBackplane:
             await self._janitor()
 
     async def _janitor(self) -> None:
-        """Users of processes that stopped renewing their key go offline."""
-        if not await self.redis.set(JANITOR, self.node, nx=True, px=int(self.conf.node_ttl * 1000)):
-            return
+        """Users of processes that stopped renewing their key go offline. The
+        lock is short (a few beats) and its holder keeps it by renewing it,
+        so a janitor that dies is replaced within a few seconds."""
+        lease = int(3 * self.beat * 1000)
+        if not await self.redis.set(JANITOR, self.node, nx=True, px=lease):
+            if await self.redis.get(JANITOR) != self.node:
+                return
+            await self.redis.pexpire(JANITOR, lease)
         for node in await self.redis.smembers(NODES):
             if node == self.node or await self.redis.exists(NODE + node):
                 continue
