@@ -699,6 +699,7 @@ class Results:
     arrivals: dict[str, Any] = field(default_factory=dict)
     idle_big: dict[str, Any] = field(default_factory=dict)
     presence: dict[str, Any] = field(default_factory=dict)
+    redis: dict[str, Any] = field(default_factory=dict)   # run_redis (--redis, --quick)
     errors: list[str] = field(default_factory=list)
 
 
@@ -1706,6 +1707,8 @@ async def run_all(prof: Profile, tmp: Path, only: str | None = None) -> Results:
     for part in PARTS + ALONE:
         if only == part or (only is None and part in PARTS):
             await globals()[f"run_{part}"](res, prof, tmp)
+    if only == "redis" or (only is None and prof is QUICK):   # --redis; its small version in --quick
+        await run_redis(res, prof, tmp)
     return res
 
 
@@ -1815,6 +1818,467 @@ async def run_mailbox_rss(res: Results, prof: Profile, tmp: Path) -> None:
         log(f"ERROR mailbox RSS: {type(exc).__name__}: {exc}")
 
 
+################ Redis: several chat.py processes sharing one redis-server (--redis)
+#
+# python bench_chat.py --redis: the burst into 200 receivers through Redis
+# (chat_redis.py), with 1 chat.py process and with 2 (receivers split between
+# them, the senders on the first), fsync everysec, and once with fsync
+# always; then a run whose second process has no connections at all (what
+# applying an event costs a process that has nobody to tell).  After the
+# bursts, each run has a paced round (one sender, 20 messages/s: one event
+# per XREAD, one send() per delivery) with its latency.  Last, a projection
+# on paper from these costs.  Each run has a redis-server of its own on a
+# free 127.0.0.1 port, its files in the temporary directory, killed at the
+# end.  Server CPU is summed over the chat.py processes (Server.cpu_seconds,
+# as the other bursts); Redis's own CPU is read from its /proc the same way
+# and reported apart.  INFO commandstats before and after gives Redis's
+# commands per message.  --quick runs a small version (bursts only) when
+# redis-server and redis-py are installed, and prints why it skips otherwise.
+
+REDIS_BIN = "/usr/bin/redis-server"   # Debian's; else the one on PATH
+TARGET_REDIS_US = 3.0          # server CPU per delivery, burst into 200 through Redis, summed over processes
+REDIS_SENDERS = 10             # burst senders, all on process 1 (one connection's frames wait for each other's append)
+REDIS_BEAT_CMDS = 5            # commands of one process's beat (chat_redis.RedisBackplane._beat), about once a second
+PROJ_MSG_PER_USER_MIN = 1.0    # projection: messages each online user sends per minute
+PROJ_FANOUT = 100              # projection: receivers of each message (its room's members online)
+PROJ_USERS = (10_000, 100_000)
+PROJ_CORE = 0.7                # projection: at most this much of a core per chat.py process (headroom)
+REDIS_RUNS = itertools.count(1)   # numbers the runs' files and logs
+REDIS_MESSAGE_CMDS = ("evalsha", "incr", "xadd", "xread")   # what a message costs Redis (INCR, XADD: inside the script)
+
+
+@dataclass(frozen=True)
+class RedisRun:
+    """One configuration: a fresh redis-server and len(receivers) chat.py processes."""
+    label: str
+    fsync: str                   # redis-server --appendfsync
+    receivers: tuple[int, ...]   # receivers on each process (the senders are all on process 1)
+
+
+@dataclass(frozen=True)
+class RedisPlan:
+    runs: tuple[RedisRun, ...]
+    messages: int                # per burst, split among REDIS_SENDERS
+    rounds: int                  # measured bursts per run
+    warmup: bool                 # one unmeasured burst first (connection pools, caches)
+    paced_rate: float            # messages/s of the paced round (0: none)
+    paced_seconds: float
+
+
+def redis_plan(prof: Profile) -> RedisPlan:
+    """The Redis scenario's sizes: about 90 s for --redis, a few for --quick."""
+    if prof is QUICK:
+        return RedisPlan((RedisRun("1 process", "everysec", (50,)), RedisRun("2 processes", "everysec", (25, 25)),
+                          RedisRun("apply only", "everysec", (0, 0))), 100, 1, False, 0.0, 0.0)
+    return RedisPlan((RedisRun("1 process", "everysec", (200,)), RedisRun("2 processes", "everysec", (100, 100)),
+                      RedisRun("2 processes", "always", (100, 100)), RedisRun("apply only", "everysec", (0, 0))),
+                     1000, 3, True, prof.latency_rate, 5.0)
+
+
+def redis_missing() -> str | None:
+    """Why the Redis scenario cannot run here, or None."""
+    import shutil
+    if not (os.access(REDIS_BIN, os.X_OK) or shutil.which("redis-server")):
+        return "redis-server is not installed (apt install redis-server)"
+    try:
+        import redis.asyncio  # noqa: F401  (chat_redis.py needs it too)
+    except ImportError:
+        return "redis-py is not installed (pip install -r requirements-redis.txt)"
+    return None
+
+
+class RedisServer(Server):
+    """redis-server on a free 127.0.0.1 port, its files (the append-only file)
+    in a directory of its own under ``tmp``; killed by ``stop()`` like chat.py."""
+
+    def __init__(self, label: str, tmp: Path, fsync: str) -> None:
+        import shutil
+        port = free_port()
+        files = tmp / label
+        files.mkdir()
+        binary = REDIS_BIN if os.access(REDIS_BIN, os.X_OK) else shutil.which("redis-server") or REDIS_BIN
+        super().__init__(label, [binary, "--port", str(port), "--bind", HOST, "--dir", str(files),
+                                 "--save", "", "--appendonly", "yes", "--appendfsync", fsync,
+                                 "--daemonize", "no", "--logfile", ""], port, tmp)
+        self.url = f"redis://{HOST}:{port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        """Start it and wait (bounded) until PING answers +PONG."""
+        log(f"start {self.label}: {' '.join(self.argv[1:])}")
+        with open(self.logpath, "wb") as logfile:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logfile,
+                                         stderr=subprocess.STDOUT, cwd=self.logpath.parent)
+        Server.running.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.label} exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=1.0) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)  # polling a starting process; there is no event to await
+        self.stop()
+        raise BenchError(f"{self.label} did not answer PING in {timeout} s: {self.log_tail()}")
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([self.argv[0], "--version"], capture_output=True, text=True, timeout=5).stdout
+            return re.search(r"v=(\S+)", out).group(1)  # type: ignore[union-attr]
+        except (OSError, AttributeError, subprocess.SubprocessError):
+            return "?"
+
+
+async def commandstats(client: Any) -> dict[str, tuple[int, int]]:
+    """INFO commandstats: command -> (calls, usec); commands run by a script count too."""
+    info = await client.info("commandstats")
+    return {k[len("cmdstat_"):]: (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
+
+
+def log_complaints(server: Server) -> list[str]:
+    """Lines of a chat.py log at WARNING or worse, and tracebacks."""
+    try:
+        text = server.logpath.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if re.match(r"\[(W|E|C) ", line) or "Traceback" in line]
+
+
+class RedisWindow:
+    """What the chat.py processes, redis-server and this process spent between
+    begin() and end(): CPU from /proc, once each process is quiet; Redis's
+    commands from INFO commandstats (taken at ``done``, before the quiet wait,
+    so that idle XREADs and beats count less)."""
+
+    def __init__(self, servers: list[Server], redis: RedisServer, client: Any) -> None:
+        self.servers, self.redis, self.client = servers, redis, client
+
+    async def begin(self) -> None:
+        self.cpu0 = await asyncio.gather(*(s.quiet_cpu() for s in self.servers))
+        self.redis0, self.stats0 = self.redis.cpu_seconds(), await commandstats(self.client)
+        self.client0, self.t0 = time.process_time(), time.monotonic_ns()
+
+    async def idle(self, seconds: float = 1.0) -> dict[str, Any]:
+        """CPU seconds per second of each process and of Redis with no traffic
+        (beats, timers, Redis's cron): taken out of the paced round's figures."""
+        cpu0, redis0 = [s.cpu_seconds() for s in self.servers], self.redis.cpu_seconds()
+        await asyncio.sleep(seconds)
+        return {"cpu_per_s": [(s.cpu_seconds() - c) / seconds for s, c in zip(self.servers, cpu0)],
+                "redis_per_s": (self.redis.cpu_seconds() - redis0) / seconds}
+
+    async def end(self, done_ns: int, idle: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The window's figures; with ``idle``, its CPU per second is taken out."""
+        stats1 = await commandstats(self.client)
+        cpu1 = await asyncio.gather(*(s.quiet_cpu() for s in self.servers))
+        wall = (time.monotonic_ns() - self.t0) / 1e9
+        idle = idle or {"cpu_per_s": [0.0] * len(self.servers), "redis_per_s": 0.0}
+        for server in (*self.servers, self.redis):
+            server.check_alive()
+        before = self.stats0
+        calls = {c: v[0] - before.get(c, (0, 0))[0] for c, v in stats1.items()
+                 if c != "info" and v[0] != before.get(c, (0, 0))[0]}
+        return {"cpu_s": [b - a - rate * wall for a, b, rate in zip(self.cpu0, cpu1, idle["cpu_per_s"])],
+                "redis_cpu_s": self.redis.cpu_seconds() - self.redis0 - idle["redis_per_s"] * wall,
+                "client_cpu_s": time.process_time() - self.client0, "seconds": (done_ns - self.t0) / 1e9,
+                "calls": calls, "usec": {c: stats1[c][1] - before.get(c, (0, 0))[1] for c in calls}}
+
+
+def redis_figures(windows: list[dict[str, Any]], messages: int, receivers: list[int]) -> dict[str, Any]:
+    """The figures of some windows of ``messages`` messages each into ``receivers``, pooled."""
+    procs, n = len(receivers), sum(receivers)
+    m = messages * len(windows)
+    deliveries = m * n
+    per_proc = [sum(w["cpu_s"][i] for w in windows) for i in range(procs)]
+    cpu, redis_cpu = sum(per_proc), sum(w["redis_cpu_s"] for w in windows)
+    calls: collections.Counter[str] = collections.Counter()
+    usec: collections.Counter[str] = collections.Counter()
+    for w in windows:
+        calls.update(w["calls"])
+        usec.update(w["usec"])
+    seconds = sum(w["seconds"] for w in windows)
+    xread_per_proc = calls.get("xread", 0) / procs / len(windows)   # one read loop per process
+    return {
+        "messages": messages, "windows": len(windows), "deliveries": deliveries,
+        "cpu_us_per_delivery": round(cpu * 1e6 / deliveries, 2) if deliveries else None,
+        "window_cpu_us_per_delivery": [round(sum(w["cpu_s"]) * 1e6 / (messages * n), 2) for w in windows] if n else [],
+        "process_cpu_us_per_message": [round(c * 1e6 / m, 1) for c in per_proc],
+        "server_cpu_s": round(cpu, 3), "redis_cpu_s": round(redis_cpu, 3),
+        "redis_cpu_us_per_message": round(redis_cpu * 1e6 / m, 1),
+        "redis_cpu_us_per_delivery": round(redis_cpu * 1e6 / deliveries, 3) if deliveries else None,
+        "client_cpu_s": round(sum(w["client_cpu_s"] for w in windows), 2),
+        "deliveries_per_s": round(deliveries / seconds) if deliveries else None,
+        "messages_per_s": round(m / seconds),
+        "window_deliveries_per_s": [round(messages * n / w["seconds"]) for w in windows] if n else [],
+        "commands": dict(sorted(calls.items())),
+        "commands_per_message": {c: round(calls.get(c, 0) / m, 3) for c in REDIS_MESSAGE_CMDS},
+        "redis_us_per_call": {c: round(usec[c] / calls[c], 1) for c in REDIS_MESSAGE_CMDS if calls.get(c)},
+        "other_commands": sum(v for c, v in calls.items() if c not in REDIS_MESSAGE_CMDS),
+        "xread_per_process": round(xread_per_proc, 1),
+        "events_per_xread": round(messages / xread_per_proc, 2) if xread_per_proc else None,
+    }
+
+
+async def measure_redis_run(tmp: Path, run: RedisRun, plan: RedisPlan) -> dict[str, Any]:
+    """One configuration: bursts of plan.messages (split among the senders, all
+    on process 1) into every receiver, then the paced round; everything it
+    started is stopped when it returns or fails."""
+    import redis.asyncio as aioredis
+    slug = f"redis{next(REDIS_RUNS)}-{len(run.receivers)}p-{run.fsync}-{sum(run.receivers)}"   # unique in tmp
+    redis = RedisServer(slug, tmp, run.fsync)
+    servers: list[Server] = []
+    receivers: list[RawClient] = []
+    sends: list[Sender] = []
+    client = None
+    n = sum(run.receivers)
+    try:
+        redis.start()
+        for i in range(len(run.receivers)):
+            servers.append(chat_server(f"{slug}-p{i + 1}", tmp, extra=("--redis", redis.url)).start())
+        client = aioredis.Redis(host=HOST, port=redis.port, decode_responses=True)
+        window = RedisWindow(servers, redis, client)
+        tally, first = Tally(), 0
+        for server, count in zip(servers, run.receivers):
+            clients, _, errors = await connect_many(server.port, [f"r{first + i}" for i in range(count)], tally, 50)
+            first += count
+            receivers += clients
+            if errors:
+                raise BenchError(f"{server.label}: {len(errors)} of {count} connections failed, e.g. {errors[0]}")
+        for j in range(REDIS_SENDERS):
+            sends.append(await Sender.open(servers[0].port, f"s{j}"))
+        await settle()
+        share = -(-plan.messages // REDIS_SENDERS)
+        messages = share * REDIS_SENDERS
+
+        async def burst(k: int) -> dict[str, Any]:
+            tally.arm(messages * n)
+            for s in sends:
+                s.echo_count, s.echo_target, s.echoed = 0, messages, asyncio.Event()
+            await window.begin()
+
+            async def one(j: int, s: Sender) -> None:
+                for i in range(share):
+                    await s.send({"type": "message", "room": "general", "text": f"redis {k} {j} {i}"})
+
+            await asyncio.gather(*(one(j, s) for j, s in enumerate(sends)))
+            await tally.wait(10 + messages * n * 50e-6, f"{run.label} ({run.fsync}) burst N={n}")
+            await wait_echoes(sends, messages, run.label)
+            row = await window.end(tally.last_ns if n else time.monotonic_ns())
+            await settle(0.2)
+            return row
+
+        if plan.warmup:
+            await burst(-1)
+        out: dict[str, Any] = {"label": run.label, "fsync": run.fsync, "processes": len(servers),
+                               "receivers": list(run.receivers), "n": n, "senders": len(sends),
+                               "burst": redis_figures([await burst(k) for k in range(plan.rounds)], messages,
+                                                      list(run.receivers)), "paced": None}
+        if plan.paced_rate:
+            for s in sends[1:]:   # one sender: its own copy is one delivery, as in a real room
+                await s.close()
+            del sends[1:]
+            await asyncio.sleep(1.5)   # their departure reaches the others after --offline_grace (1 s)
+            await settle()
+            count = max(1, int(plan.paced_rate * plan.paced_seconds))
+            lat = Tally(latency=True)
+            for r in receivers:
+                r.tally = lat
+            lat.arm(count * n)
+            pacer = sends[0]
+            pacer.echo_count, pacer.echo_target, pacer.echoed = 0, count, asyncio.Event()
+            idle = await window.idle()
+            await window.begin()
+            await send_paced(pacer, plan.paced_rate, count)
+            await lat.wait(10, f"{run.label} ({run.fsync}) paced")
+            await wait_echoes([pacer], count, run.label)
+            paced = redis_figures([await window.end(time.monotonic_ns(), idle)], count, list(run.receivers))
+            samples = sorted(lat.latencies or [])
+            paced.update(rate=plan.paced_rate, idle_ms_per_s=[round(c * 1e3, 2) for c in idle["cpu_per_s"]],
+                         redis_idle_ms_per_s=round(idle["redis_per_s"] * 1e3, 2), p50_ms=round(percentile(samples, 0.50), 2) if samples else None,
+                         p99_ms=round(percentile(samples, 0.99), 2) if samples else None)
+            out["paced"] = paced
+        complaints = [line for s in servers for line in log_complaints(s)]
+        out.update(log_complaints=len(complaints), first_complaints=complaints[:3], redis_version=redis.version())
+        return out
+    finally:
+        if client is not None:
+            await client.aclose()
+        for s in sends:
+            await s.close()
+        drop(receivers)
+        for s in servers:
+            s.stop()
+        redis.stop()
+
+
+async def wait_echoes(sends: list[Sender], messages: int, label: str) -> None:
+    """Wait (bounded) until every sender has every message back: the senders'
+    process has applied them all (with no receivers, the only way to know)."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.echoed.wait() for s in sends)), 10 + messages * 1e-3)
+    except asyncio.TimeoutError:
+        raise BenchError(f"{label}: the senders got {[s.echo_count for s in sends]} of {messages} "
+                         f"messages each (missing deliveries)") from None
+
+
+def redis_costs(rows: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
+    """Per-event costs from one phase ("burst" or "paced") of the runs:
+    ``apply``, what a process with no connections spends on an event (every
+    process applies every event); ``send``, what the senders' process spends
+    beyond that (the frame, the append, the ack, the sender's own copy);
+    ``deliver``, per delivery, from the 2-process run; Redis per message
+    with 1 process, and what a second process adds (its XREADs)."""
+    def row(**match: Any) -> dict[str, Any] | None:
+        found = find(rows, **match)
+        return found if found and found.get(phase) else None
+    only, one = row(label="apply only"), row(processes=1, fsync="everysec")
+    two = row(processes=2, fsync="everysec", n=200) or next(
+        (r for r in rows if r["processes"] == 2 and r["n"] and r["fsync"] == "everysec" and r.get(phase)), None)
+    if not (only and one and two):
+        return None
+    sender_p, other_p = only[phase]["process_cpu_us_per_message"]
+    apply_us, send_us = other_p, max(0.0, sender_p - other_p)
+    deliver_us = (sum(two[phase]["process_cpu_us_per_message"]) - 2 * apply_us - send_us) / two["n"]
+    redis_extra = max(0.0, two[phase]["redis_cpu_us_per_message"] - one[phase]["redis_cpu_us_per_message"])
+    xread = two[phase]["commands_per_message"]["xread"] / 2
+    return {"phase": phase, "apply_us": round(apply_us, 1), "send_us": round(send_us, 1),
+            "deliver_us": round(deliver_us, 2),
+            "redis_us_per_message": round(one[phase]["redis_cpu_us_per_message"] - redis_extra, 1),
+            "redis_us_per_process": round(redis_extra, 1),
+            "lua_commands_per_message": round(sum(one[phase]["commands_per_message"][c] for c in ("incr", "xadd")), 2),
+            "xread_per_message_per_process": round(xread, 2)}
+
+
+def redis_projection(costs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Users per core and Redis operations per second at PROJ_USERS, on paper.
+    E = users x PROJ_MSG_PER_USER_MIN / 60 messages/s; with P processes each
+    pays E x apply + E / P x (send + PROJ_FANOUT x deliver); P is the fewest
+    that keep that under PROJ_CORE.  Redis: E x (1 EVALSHA + P x XREADs per
+    message per process, as measured) round trips, and each process's beat."""
+    import math
+    out = []
+    apply_s, fan_s = costs["apply_us"] * 1e-6, (costs["send_us"] + PROJ_FANOUT * costs["deliver_us"]) * 1e-6
+    for users in PROJ_USERS:
+        rate = users * PROJ_MSG_PER_USER_MIN / 60
+        row: dict[str, Any] = {"users": users, "messages_per_s": round(rate), "deliveries_per_s": round(rate * PROJ_FANOUT)}
+        if costs["deliver_us"] <= 0 or rate * apply_s >= PROJ_CORE:
+            row["processes"] = None   # noise, or applying every event alone fills a process
+            row["apply_cores_per_process"] = round(rate * apply_s, 2)
+            out.append(row)
+            continue
+        procs = max(1, math.ceil(rate * fan_s / (PROJ_CORE - rate * apply_s)))
+        cores = rate * (procs * apply_s + fan_s)
+        xread = costs["xread_per_message_per_process"]
+        row.update(processes=procs, chat_cores=round(cores, 2), users_per_core=round(users / cores),
+                   redis_round_trips_per_s=round(rate * (1 + procs * xread) + procs * REDIS_BEAT_CMDS),
+                   redis_commands_per_s=round(rate * (1 + costs["lua_commands_per_message"] + procs * xread)
+                                              + procs * REDIS_BEAT_CMDS),
+                   redis_core=round(rate * (costs["redis_us_per_message"] + procs * costs["redis_us_per_process"]) * 1e-6, 3))
+        out.append(row)
+    return out
+
+
+async def run_redis(res: Results, prof: Profile, tmp: Path) -> None:
+    """The Redis scenario (--redis; its small version in --quick when redis-server is here)."""
+    missing = redis_missing()
+    if missing:
+        res.redis = {"skipped": missing}
+        log(f"redis: skipped: {missing}")
+        if prof is not QUICK:   # asked for by name: that is an error
+            res.errors.append(f"redis: {missing}")
+        return
+    plan = redis_plan(prof)
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for run in plan.runs:
+        row = await guarded(res, f"redis {run.label} ({run.fsync})", measure_redis_run(tmp, run, plan))
+        if row is None:
+            continue
+        rows.append(row)
+        log(f"redis {run.label} ({run.fsync}): {row}")
+        if row["log_complaints"]:
+            log(f"redis {run.label}: {row['log_complaints']} warnings in the chat.py logs, e.g. {row['first_complaints']}")
+    costs = {phase: redis_costs(rows, phase) for phase in ("burst", "paced")}
+    res.redis = {"runs": rows, "seconds": round(time.monotonic() - started, 1), "target_us": TARGET_REDIS_US,
+                 "costs": costs, "projection_assumptions": {
+                     "messages_per_user_per_minute": PROJ_MSG_PER_USER_MIN, "fanout": PROJ_FANOUT,
+                     "core_per_process": PROJ_CORE, "users_online": "all",
+                     "events": "messages only (no presence, read markers, typing, edits)",
+                     "beat": f"{REDIS_BEAT_CMDS} commands a second per process"},
+                 "projection": {phase: redis_projection(c) for phase, c in costs.items() if c}}
+    log(f"redis: costs {costs}; projection {res.redis['projection']}")
+
+
+def report_redis(res: Results) -> list[str]:
+    """The table's lines for the Redis scenario."""
+    doc = getattr(res, "redis", None) or {}
+    if doc.get("skipped"):
+        return [f"  redis    skipped: {doc['skipped']}"]
+    rows = doc.get("runs") or []
+    if not rows:
+        return []
+    b0 = rows[0]["burst"]
+    lines = [f"  redis    Redis {rows[0]['redis_version']}, own redis-server per run ({doc['seconds']:.0f} s); "
+             f"load generator on this same machine ({os.cpu_count()} cpus); bursts: {rows[0]['senders']} senders "
+             f"on process 1, {b0['windows']} x {b0['messages']} messages (their own copies not counted)"]
+    one = find(rows, processes=1, fsync="everysec")
+    for r in rows:
+        split, b, p = "+".join(str(x) for x in r["receivers"]), r["burst"], r["paced"]
+        head = f"  redis    {r['label']:<11} {r['fsync']:<8} N={split:<7}"
+        per_proc = " + ".join(f"{c:.0f}" for c in b["process_cpu_us_per_message"])
+        if r["n"]:
+            met = "[met]" if b["cpu_us_per_delivery"] <= TARGET_REDIS_US else "[MISSED]"
+            speed = (f" = x{b['deliveries_per_s'] / one['burst']['deliveries_per_s']:.2f} of 1 process"
+                     if one and r is not one else "")
+            lines.append(f"{head} burst {b['cpu_us_per_delivery']:>5.2f} us CPU/delivery "
+                         f"(target <= {TARGET_REDIS_US:g} us {met}; {per_proc} us/message by process), "
+                         f"Redis {b['redis_cpu_us_per_message']:.0f} us/message, "
+                         f"{b['deliveries_per_s']} deliveries/s{speed}")
+        else:
+            lines.append(f"{head} burst: process 1 (senders only) {b['process_cpu_us_per_message'][0]:.0f} us/message, "
+                         f"process 2 (no connections) {b['process_cpu_us_per_message'][1]:.0f} us/event, "
+                         f"Redis {b['redis_cpu_us_per_message']:.0f} us/message")
+        c = b["commands_per_message"]
+        lines.append(f"{' ' * len(head)}       Redis per message: {c['evalsha']:.2f} EVALSHA (inside: {c['incr']:.2f} "
+                     f"INCR, {c['xadd']:.2f} XADD); {b['xread_per_process']:g} XREAD per process per burst "
+                     f"({b['events_per_xread']} events each); {b['other_commands']} other commands "
+                     f"(beats, connections)")
+        if p:
+            per_proc = " + ".join(f"{c:.0f}" for c in p["process_cpu_us_per_message"])
+            what = (f"{p['cpu_us_per_delivery']:.2f} us CPU/delivery ({per_proc} us/message by process), "
+                    f"p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms" if r["n"] else f"{per_proc} us/message by process")
+            lines.append(f"{' ' * len(head)} paced {p['rate']:g} messages/s: {what}, Redis "
+                         f"{p['redis_cpu_us_per_message']:.0f} us/message, "
+                         f"{p['commands_per_message']['xread'] / r['processes']:.2f} XREAD per message per process "
+                         f"(idle CPU taken out: {' + '.join(f'{c:g}' for c in p['idle_ms_per_s'])} ms/s, "
+                         f"Redis {p['redis_idle_ms_per_s']:g} ms/s)")
+    if r.get("log_complaints") is not None:
+        bad = [f"{r['label']} ({r['fsync']}): {r['log_complaints']}, e.g. {r['first_complaints'][0]}"
+               for r in rows if r["log_complaints"]]
+        lines.append("  redis    chat.py logs: " + ("; ".join(bad) if bad else "no warnings or errors"))
+    a = doc["projection_assumptions"]
+    for phase, proj in doc.get("projection", {}).items():
+        k = doc["costs"][phase]
+        lines.append(f"  redis    projection from {phase} costs ({a['messages_per_user_per_minute']:g} message/user/minute, "
+                     f"fan-out {a['fanout']}, all online, messages only, <= {a['core_per_process']:g} core per process): "
+                     f"apply {k['apply_us']} us/event in every process, send {k['send_us']} us, deliver "
+                     f"{k['deliver_us']} us; Redis {k['redis_us_per_message']} + {k['redis_us_per_process']} us/process "
+                     f"per message, {k['xread_per_message_per_process']} XREAD per message per process")
+        for u in proj:
+            if u.get("processes") is None:
+                why = (f"applying every event at these costs would take {u['apply_cores_per_process']} "
+                       f"of a core in every process" if k["deliver_us"] > 0 else "a cost came out <= 0 (noise)")
+                lines.append(f"  redis      {u['users']:>7} users, {u['messages_per_s']} messages/s: no projection ({why})")
+                continue
+            lines.append(f"  redis      {u['users']:>7} users, {u['messages_per_s']} messages/s, {u['deliveries_per_s']} "
+                         f"deliveries/s: {u['processes']} process{'es' if u['processes'] > 1 else ''}, {u['chat_cores']} cores of chat.py = "
+                         f"{u['users_per_core']} users/core; Redis {u['redis_round_trips_per_s']} round trips/s "
+                         f"({u['redis_commands_per_s']} commands/s with the script's), {u['redis_core']} of its core")
+    return lines
+
+
 ################ Report: one JSON line, then a table with the targets
 
 
@@ -1912,7 +2376,7 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> dict[st
            "latency": res.latency, "idle": res.idle, "dm": res.dm, "slow": res.slow,
            "reconnect_scan": res.reconnect, "mailbox_rss": res.mailbox,
            "storm": res.storm, "arrivals": res.arrivals, "idle50k": res.idle_big,
-           "presence_latency": res.presence, "cited": {"flask_socketio_burst_n200_us": FLASK_SOCKETIO_US},
+           "presence_latency": res.presence, "redis": res.redis, "cited": {"flask_socketio_burst_n200_us": FLASK_SOCKETIO_US},
            "targets": goals, "errors": res.errors, "ok": not res.errors}
     print(json.dumps(doc, separators=(",", ":")), flush=True)
 
@@ -1973,6 +2437,7 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> dict[st
                      f"RSS +{mb['rss_growth_mib']} MiB, {mb['rss_kib_per_msg']} KiB/message "
                      f"(target {tgt}){mark('mailbox_rss_kib_per_msg')}")
     lines += report_issue9(res, goals, mark)
+    lines += report_redis(res)
     for e in res.errors:
         lines.append(f"  ERROR    {e}")
     lines.append("  result   " + ("ok" if not res.errors else f"FAILED ({len(res.errors)} errors)"))
@@ -2107,7 +2572,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only the plain Tornado baseline server on PORT")
     parser.add_argument("--chart-from", type=Path, metavar="FILE",
                         help=f"only draw {CHART.relative_to(HERE)} from a saved run's output (its first line)")
+    parser.add_argument("--redis", action="store_true",
+                        help="only the Redis scenario: chat.py processes sharing a redis-server of their own "
+                             "(with --quick: its small version)")
     args = parser.parse_args(argv)
+    if args.redis:
+        args.only = "redis"
     if args.baseline_server:
         run_baseline_server(args.baseline_server)
         return 0
