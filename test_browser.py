@@ -1871,6 +1871,64 @@ def test_a_refused_change_is_told_in_a_plain_sentence(browser, server):
     pa.context.close()
 
 
+################ Tests: two processes over Redis (issue 13)
+
+
+@pytest.fixture
+def redis_pair(tmp_path):
+    """Two chat.py processes sharing one redis-server: one server to a user."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    redis = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = []
+    try:
+        for n in range(2):
+            srv = Server(tmp_path / f"unused{n}.db", "--rate", "0", "--names_per_hour", "0",
+                         "--redis", f"redis://127.0.0.1:{port}/0", "--presence_window", "0")
+            for _ in range(50):  # redis-server takes a moment to listen; chat.py refuses to start before
+                try:
+                    srv.start()
+                    break
+                except RuntimeError:
+                    srv.log.clear()
+                    threading.Event().wait(0.1)
+            else:
+                raise RuntimeError("chat.py could not reach redis-server")
+            servers.append(srv)
+        yield servers
+    finally:
+        for srv in servers:
+            srv.stop()
+        redis.kill()
+        redis.wait(5)
+
+
+def test_two_processes_over_redis_are_one_chat(browser, redis_pair):
+    p1, p2 = redis_pair
+    a, b = unique("A"), unique("B")
+    pa, pb = open_chat(browser, p1, a), open_chat(browser, p2, b)
+    expect(person(pa, b).locator(".dot")).to_have_attribute("data-presence", "online")
+    text = unique("across processes ")
+    say(pa, text)
+    expect(shown(pb, text)).to_have_count(1)
+    expect(pa.locator("#messages .msg.own").filter(has_text=text)).to_have_count(1)
+    secret = unique("private ")
+    say(pb, f"@{a} {secret}")
+    expect(dm_row(pa, b).locator(".badge")).to_have_text("1")
+    dm_row(pa, b).locator("button").click()
+    expect(shown(pa, secret)).to_have_count(1)
+    # A reload of B lands on the same process and finds both messages, once each.
+    pb.reload()
+    expect(pb.locator("#conn-state")).to_have_attribute("data-state", "online")
+    expect(shown(pb, text)).to_have_count(1)
+    assert not pa.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
 ################ Screenshots for the README (opt-in)
 
 
