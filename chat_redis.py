@@ -113,6 +113,7 @@ if kind == 'claim' then
   end
   redis.call('HSET', 'chat:names', event['user'], event['name'])
   redis.call('HSET', 'chat:looks', ARGV[4], event['user'])
+  event['ip'] = nil  -- counted, never kept
 end
 if kind == 'claim' or kind == 'device' then event['device'] = redis.call('INCR', 'chat:device') end
 if kind == 'direct' then event['waiting'] = redis.call('HEXISTS', 'chat:online', event['to']) == 0 end
@@ -208,6 +209,8 @@ class RedisBackplane:
         try:
             await self._load()
         except RedisError as e:
+            self.chat.Hub.store.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
             raise self.chat.StoreError(f"cannot use Redis at {describe(self.conf.redis)}: {e}") from None
         self.healthy = True
         self.tasks = [asyncio.ensure_future(job()) for job in (self._read_loop, self._beat_loop, self._signals)]
@@ -246,10 +249,10 @@ class RedisBackplane:
         """Fill the (empty) projection and the Hub from Redis."""
         Hub = self.chat.Hub
         await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)  # a new data set gets a name
+        state = await self.redis.hgetall(STATE)
+        nodes = await self.redis.smembers(NODES)
+        rooms, users = self._homes_in(state)
         while True:
-            state = await self.redis.hgetall(STATE)
-            nodes = await self.redis.smembers(NODES)
-            rooms, users = self._homes_in(state)
             snapshot = self.redis.pipeline(transaction=True)  # MULTI: one moment
             snapshot.get(EPOCH)
             snapshot.get("chat:id")
@@ -260,8 +263,11 @@ class RedisBackplane:
             for stream in [ROOM + r for r in rooms] + [DM + u for u in users]:
                 snapshot.xrange(stream)
             epoch, last, state, now_nodes, *rest = await snapshot.execute()
-            if self._homes_in(state) == (rooms, users) and now_nodes == nodes:
-                break  # else a room, a user or a process came between the two reads: again
+            now_rooms, now_users = self._homes_in(state)
+            if now_rooms <= rooms and now_users <= users and now_nodes == nodes:
+                break
+            # A room, a user or a process came since we listed them: again, with them too.
+            rooms, users, nodes = rooms | now_rooms, users | now_users, now_nodes
         present = rest[:len(nodes)]
         events = {}
         for body in state.values():
@@ -631,7 +637,8 @@ class RedisBackplane:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, self.BACKOFF[1])
             finally:
-                await pubsub.aclose()
+                with contextlib.suppress(RedisError):
+                    await pubsub.aclose()
 
     # ---- one-time link codes, shared by every process
 
