@@ -1824,7 +1824,10 @@ async def run_mailbox_rss(res: Results, prof: Profile, tmp: Path) -> None:
 # (chat_redis.py), with 1 chat.py process and with 2 (receivers split between
 # them, the senders on the first), fsync everysec, and once with fsync
 # always; then a run whose second process has no connections at all (what
-# applying an event costs a process that has nobody to tell).  After the
+# applying an event costs a process that has nobody to tell), and the
+# 2-process burst again with 50 senders (more in flight, bigger XREAD
+# batches).  A sender's next frame waits for its last append, so the senders
+# set how many messages are in flight, and the burst's cost.  After the
 # bursts, each run has a paced round (one sender, 20 messages/s: one event
 # per XREAD, one send() per delivery) with its latency.  Last, a projection
 # on paper from these costs.  Each run has a redis-server of its own on a
@@ -1837,7 +1840,7 @@ async def run_mailbox_rss(res: Results, prof: Profile, tmp: Path) -> None:
 
 REDIS_BIN = "/usr/bin/redis-server"   # Debian's; else the one on PATH
 TARGET_REDIS_US = 3.0          # server CPU per delivery, burst into 200 through Redis, summed over processes
-REDIS_SENDERS = 10             # burst senders, all on process 1 (one connection's frames wait for each other's append)
+REDIS_SENDERS = 10             # burst senders, all on process 1 (a connection's next frame waits for its last append)
 REDIS_BEAT_CMDS = 5            # commands of one process's beat (chat_redis.RedisBackplane._beat), about once a second
 PROJ_MSG_PER_USER_MIN = 1.0    # projection: messages each online user sends per minute
 PROJ_FANOUT = 100              # projection: receivers of each message (its room's members online)
@@ -1853,12 +1856,14 @@ class RedisRun:
     label: str
     fsync: str                   # redis-server --appendfsync
     receivers: tuple[int, ...]   # receivers on each process (the senders are all on process 1)
+    senders: int = REDIS_SENDERS     # in the bursts; how many messages are in flight at once
+    paced: bool = True               # a paced round after the bursts (when the plan has one)
 
 
 @dataclass(frozen=True)
 class RedisPlan:
     runs: tuple[RedisRun, ...]
-    messages: int                # per burst, split among REDIS_SENDERS
+    messages: int                # per burst, split among the run's senders
     rounds: int                  # measured bursts per run
     warmup: bool                 # one unmeasured burst first (connection pools, caches)
     paced_rate: float            # messages/s of the paced round (0: none)
@@ -1871,7 +1876,8 @@ def redis_plan(prof: Profile) -> RedisPlan:
         return RedisPlan((RedisRun("1 process", "everysec", (50,)), RedisRun("2 processes", "everysec", (25, 25)),
                           RedisRun("apply only", "everysec", (0, 0))), 100, 1, False, 0.0, 0.0)
     return RedisPlan((RedisRun("1 process", "everysec", (200,)), RedisRun("2 processes", "everysec", (100, 100)),
-                      RedisRun("2 processes", "always", (100, 100)), RedisRun("apply only", "everysec", (0, 0))),
+                      RedisRun("2 processes", "always", (100, 100)), RedisRun("apply only", "everysec", (0, 0)),
+                      RedisRun("2 processes", "everysec", (100, 100), senders=50, paced=False)),
                      1000, 3, True, prof.latency_rate, 5.0)
 
 
@@ -2035,8 +2041,19 @@ async def measure_redis_run(tmp: Path, run: RedisRun, plan: RedisPlan) -> dict[s
     n = sum(run.receivers)
     try:
         redis.start()
-        for i in range(len(run.receivers)):
-            servers.append(chat_server(f"{slug}-p{i + 1}", tmp, extra=("--redis", redis.url)).start())
+        # chat_redis.py puts each process's projection in tempfile.mkdtemp(): a killed process leaves
+        # it behind, so the processes get a TMPDIR in this run's directory, removed with it.
+        projections, saved = tmp / f"{slug}-projections", os.environ.get("TMPDIR")
+        projections.mkdir()
+        os.environ["TMPDIR"] = str(projections)
+        try:
+            for i in range(len(run.receivers)):
+                servers.append(chat_server(f"{slug}-p{i + 1}", tmp, extra=("--redis", redis.url)).start())
+        finally:
+            if saved is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = saved
         client = aioredis.Redis(host=HOST, port=redis.port, decode_responses=True)
         window = RedisWindow(servers, redis, client)
         tally, first = Tally(), 0
@@ -2046,11 +2063,11 @@ async def measure_redis_run(tmp: Path, run: RedisRun, plan: RedisPlan) -> dict[s
             receivers += clients
             if errors:
                 raise BenchError(f"{server.label}: {len(errors)} of {count} connections failed, e.g. {errors[0]}")
-        for j in range(REDIS_SENDERS):
+        for j in range(run.senders):
             sends.append(await Sender.open(servers[0].port, f"s{j}"))
         await settle()
-        share = -(-plan.messages // REDIS_SENDERS)
-        messages = share * REDIS_SENDERS
+        share = -(-plan.messages // run.senders)
+        messages = share * run.senders
 
         async def burst(k: int) -> dict[str, Any]:
             tally.arm(messages * n)
@@ -2075,7 +2092,7 @@ async def measure_redis_run(tmp: Path, run: RedisRun, plan: RedisPlan) -> dict[s
                                "receivers": list(run.receivers), "n": n, "senders": len(sends),
                                "burst": redis_figures([await burst(k) for k in range(plan.rounds)], messages,
                                                       list(run.receivers)), "paced": None}
-        if plan.paced_rate:
+        if plan.paced_rate and run.paced:
             for s in sends[1:]:   # one sender: its own copy is one delivery, as in a real room
                 await s.close()
             del sends[1:]
@@ -2102,15 +2119,14 @@ async def measure_redis_run(tmp: Path, run: RedisRun, plan: RedisPlan) -> dict[s
         complaints = [line for s in servers for line in log_complaints(s)]
         out.update(log_complaints=len(complaints), first_complaints=complaints[:3], redis_version=redis.version())
         return out
-    finally:
-        if client is not None:
-            await client.aclose()
-        for s in sends:
-            await s.close()
-        drop(receivers)
+    finally:   # the processes first: then no close below waits for an answer (a cancelled run must end fast)
         for s in servers:
             s.stop()
         redis.stop()
+        drop(receivers)
+        if client is not None:
+            await asyncio.gather(client.aclose(), return_exceptions=True)
+        await asyncio.gather(*(asyncio.wait_for(s.close(), 2) for s in sends), return_exceptions=True)
 
 
 async def wait_echoes(sends: list[Sender], messages: int, label: str) -> None:
@@ -2133,9 +2149,9 @@ def redis_costs(rows: list[dict[str, Any]], phase: str) -> dict[str, Any] | None
     def row(**match: Any) -> dict[str, Any] | None:
         found = find(rows, **match)
         return found if found and found.get(phase) else None
-    only, one = row(label="apply only"), row(processes=1, fsync="everysec")
-    two = row(processes=2, fsync="everysec", n=200) or next(
-        (r for r in rows if r["processes"] == 2 and r["n"] and r["fsync"] == "everysec" and r.get(phase)), None)
+    only, one = row(label="apply only", senders=REDIS_SENDERS), row(processes=1, fsync="everysec", senders=REDIS_SENDERS)
+    two = next((r for r in rows if r["processes"] == 2 and r["n"] and r["fsync"] == "everysec"
+                and r["senders"] == REDIS_SENDERS and r.get(phase)), None)
     if not (only and one and two):
         return None
     sender_p, other_p = only[phase]["process_cpu_us_per_message"]
@@ -2156,7 +2172,11 @@ def redis_projection(costs: dict[str, Any]) -> list[dict[str, Any]]:
     E = users x PROJ_MSG_PER_USER_MIN / 60 messages/s; with P processes each
     pays E x apply + E / P x (send + PROJ_FANOUT x deliver); P is the fewest
     that keep that under PROJ_CORE.  Redis: E x (1 EVALSHA + P x XREADs per
-    message per process, as measured) round trips, and each process's beat."""
+    message per process, as measured) round trips, and each process's beat;
+    its CPU, E x (its cost per message + P x its cost per process and
+    message), must fit in its one core.  The last row is the ceiling: every
+    process applies every event, so no number of processes goes past
+    E = PROJ_CORE / apply."""
     import math
     out = []
     apply_s, fan_s = costs["apply_us"] * 1e-6, (costs["send_us"] + PROJ_FANOUT * costs["deliver_us"]) * 1e-6
@@ -2177,6 +2197,10 @@ def redis_projection(costs: dict[str, Any]) -> list[dict[str, Any]]:
                                               + procs * REDIS_BEAT_CMDS),
                    redis_core=round(rate * (costs["redis_us_per_message"] + procs * costs["redis_us_per_process"]) * 1e-6, 3))
         out.append(row)
+    if costs["apply_us"] > 0:
+        rate = PROJ_CORE / (costs["apply_us"] * 1e-6)
+        out.append({"ceiling": True, "messages_per_s": round(rate),
+                    "users": round(rate * 60 / PROJ_MSG_PER_USER_MIN)})
     return out
 
 
@@ -2219,63 +2243,68 @@ def report_redis(res: Results) -> list[str]:
     rows = doc.get("runs") or []
     if not rows:
         return []
-    b0 = rows[0]["burst"]
-    lines = [f"  redis    Redis {rows[0]['redis_version']}, own redis-server per run ({doc['seconds']:.0f} s); "
-             f"load generator on this same machine ({os.cpu_count()} cpus); bursts: {rows[0]['senders']} senders "
-             f"on process 1, {b0['windows']} x {b0['messages']} messages (their own copies not counted)"]
-    one = find(rows, processes=1, fsync="everysec")
+    b0, more = rows[0]["burst"], " " * 11
+    lines = [f"  redis    through Redis {rows[0]['redis_version']}, a redis-server of its own per run "
+             f"({doc['seconds']:.0f} s); load generator on this same machine ({os.cpu_count()} cpus); bursts: "
+             f"{b0['windows']} x {b0['messages']} messages from the senders, all on process 1 (their own copies "
+             f"not counted)"]
     for r in rows:
-        split, b, p = "+".join(str(x) for x in r["receivers"]), r["burst"], r["paced"]
-        head = f"  redis    {r['label']:<11} {r['fsync']:<8} N={split:<7}"
+        b, p = r["burst"], r["paced"]
+        one = find(rows, processes=1, fsync="everysec", senders=r["senders"])   # deliveries/s against it
         per_proc = " + ".join(f"{c:.0f}" for c in b["process_cpu_us_per_message"])
+        head = (f"  redis    {r['label']}, fsync {r['fsync']}, N={'+'.join(str(x) for x in r['receivers'])}, "
+                f"{r['senders']} senders:")
         if r["n"]:
             met = "[met]" if b["cpu_us_per_delivery"] <= TARGET_REDIS_US else "[MISSED]"
             speed = (f" = x{b['deliveries_per_s'] / one['burst']['deliveries_per_s']:.2f} of 1 process"
                      if one and r is not one else "")
-            lines.append(f"{head} burst {b['cpu_us_per_delivery']:>5.2f} us CPU/delivery "
-                         f"(target <= {TARGET_REDIS_US:g} us {met}; {per_proc} us/message by process), "
-                         f"Redis {b['redis_cpu_us_per_message']:.0f} us/message, "
-                         f"{b['deliveries_per_s']} deliveries/s{speed}")
+            lines.append(f"{head} burst {b['cpu_us_per_delivery']:.2f} us CPU/delivery (target <= "
+                         f"{TARGET_REDIS_US:g} us {met}) = {per_proc} us/message by process; Redis "
+                         f"{b['redis_cpu_us_per_message']:.0f} us/message; {b['deliveries_per_s']} deliveries/s{speed}")
         else:
             lines.append(f"{head} burst: process 1 (senders only) {b['process_cpu_us_per_message'][0]:.0f} us/message, "
-                         f"process 2 (no connections) {b['process_cpu_us_per_message'][1]:.0f} us/event, "
+                         f"process 2 (no connections) {b['process_cpu_us_per_message'][1]:.0f} us/event; "
                          f"Redis {b['redis_cpu_us_per_message']:.0f} us/message")
         c = b["commands_per_message"]
-        lines.append(f"{' ' * len(head)}       Redis per message: {c['evalsha']:.2f} EVALSHA (inside: {c['incr']:.2f} "
-                     f"INCR, {c['xadd']:.2f} XADD); {b['xread_per_process']:g} XREAD per process per burst "
-                     f"({b['events_per_xread']} events each); {b['other_commands']} other commands "
-                     f"(beats, connections)")
+        lines.append(f"{more}Redis per message: {c['evalsha']:.2f} EVALSHA (inside it {c['incr']:.2f} INCR, "
+                     f"{c['xadd']:.2f} XADD); {b['xread_per_process']:g} XREAD per process per burst "
+                     f"({b['events_per_xread']} events each); {b['other_commands']} other commands (beats, connections)")
         if p:
             per_proc = " + ".join(f"{c:.0f}" for c in p["process_cpu_us_per_message"])
-            what = (f"{p['cpu_us_per_delivery']:.2f} us CPU/delivery ({per_proc} us/message by process), "
-                    f"p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms" if r["n"] else f"{per_proc} us/message by process")
-            lines.append(f"{' ' * len(head)} paced {p['rate']:g} messages/s: {what}, Redis "
-                         f"{p['redis_cpu_us_per_message']:.0f} us/message, "
+            what = (f"{p['cpu_us_per_delivery']:.2f} us CPU/delivery = {per_proc} us/message by process; "
+                    f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms" if r["n"] else f"{per_proc} us/message by process")
+            lines.append(f"{more}paced {p['rate']:g} messages/s, 1 sender: {what}; Redis "
+                         f"{p['redis_cpu_us_per_message']:.0f} us/message; "
                          f"{p['commands_per_message']['xread'] / r['processes']:.2f} XREAD per message per process "
-                         f"(idle CPU taken out: {' + '.join(f'{c:g}' for c in p['idle_ms_per_s'])} ms/s, "
+                         f"(idle CPU taken out: {' + '.join(f'{x:g}' for x in p['idle_ms_per_s'])} ms/s, "
                          f"Redis {p['redis_idle_ms_per_s']:g} ms/s)")
-    if r.get("log_complaints") is not None:
-        bad = [f"{r['label']} ({r['fsync']}): {r['log_complaints']}, e.g. {r['first_complaints'][0]}"
-               for r in rows if r["log_complaints"]]
-        lines.append("  redis    chat.py logs: " + ("; ".join(bad) if bad else "no warnings or errors"))
+    bad = [f"{r['label']} ({r['fsync']}): {r['log_complaints']}, e.g. {r['first_complaints'][0]}"
+           for r in rows if r["log_complaints"]]
+    lines.append("  redis    chat.py logs: " + ("; ".join(bad) if bad else "no warnings or errors"))
     a = doc["projection_assumptions"]
     for phase, proj in doc.get("projection", {}).items():
         k = doc["costs"][phase]
-        lines.append(f"  redis    projection from {phase} costs ({a['messages_per_user_per_minute']:g} message/user/minute, "
+        lines.append(f"  redis    on paper, {phase} costs ({a['messages_per_user_per_minute']:g} message/user/minute, "
                      f"fan-out {a['fanout']}, all online, messages only, <= {a['core_per_process']:g} core per process): "
                      f"apply {k['apply_us']} us/event in every process, send {k['send_us']} us, deliver "
                      f"{k['deliver_us']} us; Redis {k['redis_us_per_message']} + {k['redis_us_per_process']} us/process "
                      f"per message, {k['xread_per_message_per_process']} XREAD per message per process")
         for u in proj:
+            if u.get("ceiling"):
+                lines.append(f"{more}ceiling: every process applies every event, so at most {u['messages_per_s']} "
+                             f"messages/s ({u['users']} users) whatever the number of processes")
+                continue
             if u.get("processes") is None:
                 why = (f"applying every event at these costs would take {u['apply_cores_per_process']} "
                        f"of a core in every process" if k["deliver_us"] > 0 else "a cost came out <= 0 (noise)")
-                lines.append(f"  redis      {u['users']:>7} users, {u['messages_per_s']} messages/s: no projection ({why})")
+                lines.append(f"{more}{u['users']:>7} users, {u['messages_per_s']} messages/s: no projection ({why})")
                 continue
-            lines.append(f"  redis      {u['users']:>7} users, {u['messages_per_s']} messages/s, {u['deliveries_per_s']} "
-                         f"deliveries/s: {u['processes']} process{'es' if u['processes'] > 1 else ''}, {u['chat_cores']} cores of chat.py = "
-                         f"{u['users_per_core']} users/core; Redis {u['redis_round_trips_per_s']} round trips/s "
-                         f"({u['redis_commands_per_s']} commands/s with the script's), {u['redis_core']} of its core")
+            lines.append(f"{more}{u['users']:>7} users, {u['messages_per_s']} messages/s, {u['deliveries_per_s']} "
+                         f"deliveries/s: {u['processes']} process{'es' if u['processes'] > 1 else ''}, "
+                         f"{u['chat_cores']} cores of chat.py = {u['users_per_core']} users/core; Redis "
+                         f"{u['redis_round_trips_per_s']} round trips/s ({u['redis_commands_per_s']} commands/s "
+                         f"with the script's), {u['redis_core']} of its core"
+                         f"{'  [Redis saturated]' if u['redis_core'] > 1 else ''}")
     return lines
 
 
