@@ -2381,6 +2381,7 @@ class Hub:
         waiting, and come again (same ids) on the next connect."""
         done = cls.backplane.commit({"kind": "delivered", "user": user, "ids": [row[0] for row in rows]})
         if not isinstance(done, Ready):  # with --redis: nobody waits for it, but a failure is logged
+            done = asyncio.ensure_future(done)
             done.add_done_callback(lambda f: f.cancelled() or f.exception() is None
                                    or log.warning("could not mark messages to %s delivered: %s", user, f.exception()))
 

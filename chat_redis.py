@@ -199,6 +199,9 @@ class Wire(asyncio.Protocol):
                 future.set_exception(self.lost)
 
     def close(self) -> None:
+        """Fail what waits (connection_lost does, in a moment) and take no more."""
+        if self.lost is None:
+            self.lost = RedisConnectionError("connection to Redis closed")
         if self.transport is not None:
             self.transport.close()
 
@@ -330,7 +333,8 @@ class RedisBackplane:
         with_users = []
         try:
             for user in await self.redis.smembers(PRESENT + self.node):
-                with_users.append(self.commit({"kind": "presence", "user": user, "node": self.node, "on": False}))
+                with_users.append(asyncio.ensure_future(
+                    self._commit({"kind": "presence", "user": user, "node": self.node, "on": False})))
             if with_users:
                 await asyncio.wait(with_users, timeout=2)
             await self.redis.delete(NODE + self.node)
@@ -452,8 +456,10 @@ class RedisBackplane:
 
     # ---- appending
 
-    def commit(self, event: dict) -> asyncio.Future:
-        return asyncio.ensure_future(self._commit(event))
+    def commit(self, event: dict) -> Any:
+        """An awaitable of the result (a coroutine: a caller that does not
+        await it wraps it in a task, as Hub.deliver does)."""
+        return self._commit(event)
 
     async def _commit(self, event: dict) -> Any:
         """Append the event; once this process has applied it, what apply
@@ -498,15 +504,15 @@ class RedisBackplane:
             finally:
                 if self.opening is opening:
                     self.opening = None
+        # No timer per append: when Redis stops answering, the beat notices
+        # (redis-py times out) and _lost() closes this connection, which
+        # fails every append waiting on it.
         try:
-            return await asyncio.wait_for(self.appender.call("EVALSHA", self.append_sha, 0, *args), 5)
+            return await self.appender.call("EVALSHA", self.append_sha, 0, *args)
         except ResponseError as e:
             if not str(e).startswith("NOSCRIPT"):
                 raise
-            return await asyncio.wait_for(self.appender.call("EVAL", APPEND, 0, *args), 5)
-        except asyncio.TimeoutError:
-            self.appender.close()  # its other replies are as late: they all fail, and the next append reconnects
-            raise
+            return await self.appender.call("EVAL", APPEND, 0, *args)
 
     def _homes(self, event: dict) -> list[str]:
         """Where an event is kept beyond the log: "s:" streams, "h:" state fields."""
@@ -549,8 +555,8 @@ class RedisBackplane:
             try:
                 if self.log_reader is None or self.log_reader.lost is not None:
                     self.log_reader = await Wire.open(self.conf.redis)
-                reply = await asyncio.wait_for(
-                    self.log_reader.call("XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", LOG, f"{self.last}-0"), 6)
+                reply = await self.log_reader.call("XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", LOG,
+                                                   f"{self.last}-0")
             except (RedisError, OSError, asyncio.TimeoutError) as e:
                 self._lost(e)
                 if self.log_reader is not None:
@@ -735,9 +741,13 @@ class RedisBackplane:
             await self.redis.srem(NODES, node)
 
     def _lost(self, error: Exception) -> None:
+        """A command failed: appends and the read loop start over on new connections."""
         if self.healthy:
             log.warning("node %s lost Redis: %s", self.node, error)
         self.healthy = False
+        for wire in (self.appender, self.log_reader):
+            if wire is not None:
+                wire.close()
 
     def _reached(self) -> None:
         if not self.healthy:
