@@ -56,6 +56,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -265,6 +266,23 @@ class Wire(asyncio.Protocol):
         raise RedisConnectionError(f"Redis sent something that is not RESP: {bytes(buffer[at:at + 20])!r}")
 
 
+def remove_orphans() -> None:
+    """Projections of processes that are gone (killed, so they could not
+    clean up) are removed by the next process to start."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        found = re.fullmatch(r"chat-projection-(\d+)-\w+", name)
+        path = os.path.join(base, name)
+        try:
+            if not found or os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(found[1]), 0)  # alive: not an orphan
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def describe(url: str) -> str:
     """The Redis URL for a log line: host, port and database, never a password."""
     parts = urllib.parse.urlsplit(url)
@@ -284,6 +302,7 @@ class RedisBackplane:
     def __init__(self, chat: Any, conf: Any) -> None:
         self.chat, self.conf = chat, conf
         self.node = f"{socket.gethostname()}:{os.getpid()}"
+        remove_orphans()
         self.dir = tempfile.mkdtemp(prefix=f"chat-projection-{os.getpid()}-")
         self.projection = os.path.join(self.dir, "projection.db")  # this process's SQLite copy of the state
         # No automatic retries: a retried append whose first reply was lost would post twice.
