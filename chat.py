@@ -1854,10 +1854,11 @@ class Backplane:
         Hub.apply({"kind": "presence", "user": user, "node": self.node, "on": on, "device": device,
                    "at": utc_iso(time.time())})
 
-    def put_link(self, code: str, user: str, seconds: float) -> None:
+    def put_link(self, code: str, user: str, seconds: float) -> Ready:
         """A user has one code at a time: a new one replaces the last."""
         self.drop_link(user)
         self.links[code] = (user, time.monotonic() + seconds)
+        return Ready(None)
 
     def take_link(self, code: str) -> Ready:
         """The user a live code signs in as, or None; it is used up either way."""
@@ -2055,12 +2056,12 @@ class Hub:
         return signed_out
 
     @classmethod
-    def link(cls, user: str) -> tuple[str, float]:
+    async def link(cls, user: str) -> tuple[str, float]:
         """A one-time code that signs a new device in as user within LINK_SECONDS.
         A user has one code at a time: a new one replaces the last."""
         code = "".join(secrets.choice(LINK_ALPHABET) for _ in range(8))
         code = code[:4] + "-" + code[4:]
-        cls.backplane.put_link(code, user, LINK_SECONDS)
+        await cls.backplane.put_link(code, user, LINK_SECONDS)
         return code, time.time() + LINK_SECONDS
 
     @classmethod
@@ -2218,8 +2219,11 @@ class Hub:
     async def join(cls, user: str, name: str) -> None:
         """user joins the room called name, created if new: within the
         creator's --rooms_per_hour (here) and --max_rooms (in apply)."""
-        if key(name) not in cls.rooms and not cls.budgets.take("room", user):
-            raise ChatError("rate_limited", "you have made many rooms lately; try again later")
+        if key(name) not in cls.rooms:
+            if cls.conf.max_rooms and len(cls.rooms) >= cls.conf.max_rooms:
+                raise ChatError("too_many_rooms", "the server has as many rooms as it allows")
+            if not cls.budgets.take("room", user):
+                raise ChatError("rate_limited", "you have made many rooms lately; try again later")
         await cls.commit("member", user=user, room=name, on=True)
 
     @classmethod
@@ -3141,7 +3145,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     async def do_link(self, frame: dict, ref: Any) -> None:
         # {"type":"link"}
-        code, expires = Hub.link(self.user)
+        code, expires = await Hub.link(self.user)
         self.send(link_frame(code, utc_iso(expires)))
         self._ack(ref)
 
@@ -3390,10 +3394,13 @@ def redact(uri: str) -> str:
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log line, with tokens blotted out of the URL. An
-    accepted WebSocket (101) is a debug line: a storm would log thousands."""
+    accepted WebSocket (101) is a debug line: a storm would log thousands.
+    A /healthz that says "degraded" (503) is a warning: the backplane has
+    logged why, and a load balancer asks every few seconds."""
     status = handler.get_status()
+    degraded = status == 503 and isinstance(handler, HealthHandler)
     write = (access_log.debug if status == 101 else access_log.info if status < 400
-             else access_log.warning if status < 500 else access_log.error)
+             else access_log.warning if status < 500 or degraded else access_log.error)
     write("%d %s %s (%s) %.2fms", status, handler.request.method, redact(handler.request.uri or ""),
           handler.request.remote_ip, 1000.0 * handler.request.request_time())
 

@@ -89,11 +89,17 @@ SIGNAL = "chat:signal"  # pub/sub: typing
 # Appends one event: the checks that must hold across processes, the id, the
 # log, the durable homes. ARGV: the event as JSON, the log's length in ids,
 # each home's length, the name's skeleton (claim), --max_users, names per
-# address an hour, then the homes ("s:<stream>" or "h:<state field>"; a
-# field ending in "#" gets the new device id).
+# address an hour, the data set's epoch as this process knows it, --mailbox,
+# then the homes ("s:<stream>" or "h:<state field>"; a field ending in "#"
+# gets the new device id). Answers {'ok', id}, {'skip'} (nothing to record)
+# or {'err', code, sentence} (nothing written).
 APPEND = r"""
+if redis.call('GET', 'chat:epoch') ~= ARGV[7] then
+  return {'err', 'epoch', 'the data set changed; try again'}
+end
 local event = cjson.decode(ARGV[1])
 local kind = event['kind']
+local first_home = ARGV[9]
 if kind == 'claim' then
   if redis.call('HEXISTS', 'chat:names', event['user']) == 1 then
     return {'err', 'name_taken', event['name'] .. ' is taken; pick another name'}
@@ -117,10 +123,25 @@ if kind == 'claim' then
   redis.call('HSET', 'chat:names', event['user'], event['name'])
   redis.call('HSET', 'chat:looks', ARGV[4], event['user'])
   event['ip'] = nil  -- counted, never kept
-end
-if kind == 'claim' or kind == 'device' then event['device'] = redis.call('INCR', 'chat:device') end
-if kind == 'direct' then event['waiting'] = redis.call('HEXISTS', 'chat:online', event['to']) == 0 end
-if kind == 'presence' then
+elseif kind == 'direct' then
+  event['waiting'] = redis.call('HEXISTS', 'chat:online', event['to']) == 0
+  local kept = redis.call('SCARD', 'chat:waiting:' .. event['to'])
+  if event['waiting'] and kept >= tonumber(ARGV[8]) then
+    return {'err', 'mailbox_full', redis.call('HGET', 'chat:names', event['to']) .. ' has ' .. kept ..
+            ' messages waiting; try later'}
+  end
+elseif kind == 'edit' or kind == 'react' or kind == 'delete' then
+  -- Its message must still be kept: a delete erased it (and an edit racing
+  -- that delete must not bring its text back into Redis).
+  local target = event['target'] .. '-0'
+  if not first_home or #redis.call('XRANGE', string.sub(first_home, 3), target, target) == 0 then
+    return {'err', 'not_found', 'there is no such message that you can see'}
+  end
+elseif kind == 'read' then
+  local field = event['user'] .. ':' .. event['conv']
+  if tonumber(redis.call('HGET', 'chat:reads', field) or 0) >= event['upto'] then return {'skip'} end
+  redis.call('HSET', 'chat:reads', field, event['upto'])
+elseif kind == 'presence' then
   local present = 'chat:present:' .. event['node']
   if event['on'] then
     if redis.call('SADD', present, event['user']) == 0 then return {'skip'} end
@@ -131,23 +152,28 @@ if kind == 'presence' then
     if redis.call('HINCRBY', 'chat:online', event['user'], -1) <= 0 then redis.call('HDEL', 'chat:online', event['user']) end
   end
 end
+if kind == 'claim' or kind == 'device' then event['device'] = redis.call('INCR', 'chat:device') end
 local id = redis.call('INCR', 'chat:id')
 event['id'] = id
 local body = cjson.encode(event)
 local sid = id .. '-0'
 redis.call('XADD', 'chat:log', 'MINID', '~', math.max(id - tonumber(ARGV[2]), 0) .. '-0', sid, 'e', body)
 local erased = {}
-if kind == 'delete' then
+if kind == 'direct' and event['waiting'] then
+  redis.call('SADD', 'chat:waiting:' .. event['to'], id)
+elseif kind == 'delivered' then
+  for _, done in ipairs(event['ids']) do redis.call('SREM', 'chat:waiting:' .. event['user'], done) end
+elseif kind == 'edit' then
+  redis.call('SADD', 'chat:edits:' .. event['target'], id)
+elseif kind == 'delete' then
   -- The text goes from Redis: the message and its edits leave the log and its homes.
   local edits = 'chat:edits:' .. event['target']
   erased = redis.call('SMEMBERS', edits)
   table.insert(erased, tostring(event['target']))
   redis.call('DEL', edits)
   for _, gone in ipairs(erased) do redis.call('XDEL', 'chat:log', gone .. '-0') end
-elseif kind == 'edit' then
-  redis.call('SADD', 'chat:edits:' .. event['target'], id)
 end
-for i = 7, #ARGV do
+for i = 9, #ARGV do
   local home, where = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 3)
   if home == 's' then
     for _, gone in ipairs(erased) do redis.call('XDEL', where, gone .. '-0') end
@@ -221,6 +247,8 @@ class Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if not self.buffer.endswith(b"\r\n"):
+            return  # a reply ends with CRLF: a big one arriving in pieces is parsed once, when whole
         start = 0
         while self.pending:
             try:
@@ -342,6 +370,7 @@ class RedisBackplane:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise self.chat.StoreError(f"cannot use Redis at {describe(self.conf.redis)}: {e}") from None
         self.healthy = True
+        self.reached = time.monotonic()
         self.tasks = [asyncio.ensure_future(job()) for job in (self._read_loop, self._beat_loop, self._signals)]
 
     async def stop(self) -> None:
@@ -444,19 +473,16 @@ class RedisBackplane:
 
     async def _reload(self, why: str) -> None:
         """Start over from Redis: close every connection here (they come back
-        with since, or through epoch), load a fresh projection."""
+        with since, or through epoch) and load a fresh projection, trying
+        again with backoff until a load succeeds. Meanwhile connects are
+        refused (1013) and sends answered server_error, and what the read
+        loop brings is dropped (the load's snapshot covers it)."""
         if self.reloading:
             return
-        self.reloading = True
-        try:
-            await self._load_again(why)
-        finally:
-            self.reloading = False
-
-    async def _load_again(self, why: str) -> None:
+        self.reloading, self.healthy = True, False
         log.warning("node %s loads its state from Redis again: %s", self.node, why)
-        chat, Hub = self.chat, self.chat.Hub
-        for connection in Hub.everyone_but():
+        chat = self.chat
+        for connection in chat.Hub.everyone_but():
             connection._departed = True  # its presence is put right by the next beat
         chat.ChatSocket.close_all(1012, "the server reloaded; reconnect")
         for waiting in self.waiters.values():
@@ -464,14 +490,30 @@ class RedisBackplane:
                 if not future.done():
                     future.set_result((None, chat.ChatError("server_error", "the server reloaded; try again")))
         self.waiters, self.early = {}, {}
-        old = Hub.store
+        pause = self.BACKOFF[0]
+        try:
+            while not self.stopping:
+                self._fresh_projection()
+                try:
+                    await self._load()
+                    break
+                except (RedisError, OSError, asyncio.TimeoutError) as e:
+                    log.warning("node %s could not load from Redis (%s); trying again", self.node, e)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, self.BACKOFF[1])
+        finally:
+            self.reloading = False
+        self._reachable()
+
+    def _fresh_projection(self) -> None:
+        """An empty projection and an empty Hub, the old ones gone."""
+        Hub, old = self.chat.Hub, self.chat.Hub.store
         self.projection = os.path.join(self.dir, f"projection-{secrets.token_hex(4)}.db")
-        Hub.load(self.conf, chat.Store(self.projection), self)
+        Hub.load(self.conf, self.chat.Store(self.projection), self)
         old.close()
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(old.path + suffix)
-        await self._load()
 
     # ---- appending
 
@@ -492,15 +534,22 @@ class RedisBackplane:
         per_ip = int(self.chat.AT_ONCE + conf.names_per_hour) if conf.names_per_hour > 0 else 0
         try:
             reply = await self._append([json.dumps(event, ensure_ascii=False), conf.redis_log, conf.redis_history,
-                                        skeleton, conf.max_users, per_ip, *self._homes(event)])
+                                        skeleton, conf.max_users, per_ip, self.epoch, conf.mailbox,
+                                        *self._homes(event)])
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._lost(e)
             raise ChatError("server_error", "the server could not store that; try again") from None
         if reply[0] == b"err":
+            if reply[1] == b"epoch":  # Redis holds another data set: nothing was written to it
+                asyncio.ensure_future(self._reload("Redis holds another data set (it lost its data, or was flushed)"))
+                raise ChatError("server_error", "the server is starting over; try again")
             raise ChatError(reply[1].decode(), reply[2].decode())
         if reply[0] == b"skip":
             return None
         id = int(reply[1])
+        if id <= self.last and id not in self.early:
+            # Applied by a load that ran meanwhile, which kept no answer.
+            raise ChatError("server_error", "the server reloaded; try again")
         if id in self.early:
             result, error = self.early.pop(id)
         else:
@@ -569,6 +618,8 @@ class RedisBackplane:
     # ---- reading the log
 
     async def _read_loop(self) -> None:
+        """Read the log from the last id applied, for ever: nothing that goes
+        wrong in here ends it (a failure is logged, and it tries again)."""
         pause = self.BACKOFF[0]
         while not self.stopping:
             try:
@@ -576,22 +627,26 @@ class RedisBackplane:
                     self.log_reader = await Wire.open(self.conf.redis)
                 reply = await self.log_reader.call("XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", LOG,
                                                    f"{self.last}-0")
-            except (RedisError, OSError, asyncio.TimeoutError) as e:
-                self._lost(e)
+                self._read()
+                for _, entries in reply or ():
+                    if self.last and self._id(entries[0][0]) > self.last + 1 and await self._left_behind():
+                        await self._reload(f"the log was trimmed past id {self.last}, the last one applied here")
+                        break
+                    for _, fields in entries:
+                        self._apply(json.loads(fields[1]))  # fields: [b"e", body]
+                pause = self.BACKOFF[0]
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if isinstance(e, (RedisError, OSError, asyncio.TimeoutError)):
+                    self._lost(e)
+                else:
+                    log.exception("node %s: the read loop failed; it goes on", self.node)
                 if self.log_reader is not None:
                     self.log_reader.close()
                     self.log_reader = None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, self.BACKOFF[1])
-                continue
-            pause = self.BACKOFF[0]
-            self._reached()
-            for _, entries in reply or ():
-                if self.last and self._id(entries[0][0]) > self.last + 1 and await self._left_behind():
-                    await self._reload(f"the log was trimmed past id {self.last}, the last one applied here")
-                    break
-                for _, fields in entries:
-                    self._apply(json.loads(fields[1]))  # fields: [b"e", body]
 
     @staticmethod
     def _id(entry: str | bytes) -> int:
@@ -611,7 +666,7 @@ class RedisBackplane:
         waiting for it (in this process) gets the result."""
         Hub, ChatError = self.chat.Hub, self.chat.ChatError
         id = event["id"]
-        if id <= self.last:
+        if id <= self.last or self.reloading:  # a reload's snapshot covers what it drops
             return
         self.last = id
         result, error = None, None
@@ -705,8 +760,12 @@ class RedisBackplane:
         while not self.stopping:
             try:
                 await self._beat()
-            except RedisError as e:
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
                 self._lost(e)
+            except Exception:
+                log.exception("node %s: a beat failed; the next one goes on", self.node)
             if not self.degraded and time.monotonic() - self.heard > self.conf.node_ttl:
                 self.degraded = True
                 log.error("node %s has not read the Redis log for %.0f s: /healthz says degraded",
@@ -725,6 +784,9 @@ class RedisBackplane:
         pipe.get("chat:id")
         pipe.smembers(PRESENT + self.node)
         _, _, epoch, last, mine = await pipe.execute()
+        self._reachable()
+        if self.reloading:
+            return
         if epoch != self.epoch:
             await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)
             return await self._reload("Redis holds another data set (it lost its data, or was flushed)")
@@ -737,8 +799,8 @@ class RedisBackplane:
         for user in set(Hub.online) - set(mine):
             if user not in self.presence_tail:
                 self.presence(user, True, None)
-        if time.monotonic() - self.reached >= self.conf.node_ttl:  # everyone alive has renewed its key since
-            await self._janitor()
+        if self.healthy and time.monotonic() - self.reached >= self.conf.node_ttl:
+            await self._janitor()  # everyone alive has renewed its key since Redis came back
 
     async def _janitor(self) -> None:
         """Users of processes that stopped renewing their key go offline. The
@@ -756,8 +818,10 @@ class RedisBackplane:
             if users:
                 log.info("node %s is gone: %d of its users go offline", node, len(users))
             for user in users:
-                await self._commit({"kind": "presence", "user": user, "node": node, "on": False})
-            await self.redis.srem(NODES, node)
+                with contextlib.suppress(self.chat.ChatError):  # Redis went away again: the next beat goes on
+                    await self._commit({"kind": "presence", "user": user, "node": node, "on": False})
+            if not await self.redis.scard(PRESENT + node):
+                await self.redis.srem(NODES, node)
 
     def _lost(self, error: Exception) -> None:
         """A command failed: appends and the read loop start over on new connections."""
@@ -768,16 +832,24 @@ class RedisBackplane:
             if wire is not None:
                 wire.close()
 
-    def _reached(self) -> None:
-        if not self.healthy:
+    def _reachable(self) -> None:
+        """A command succeeded: appends and connects may go on (not while a
+        reload fills the projection)."""
+        if not self.healthy and not self.reloading:
             log.info("node %s reached Redis again", self.node)
             self.reached = time.monotonic()
+            self.healthy = True
+
+    def _read(self) -> None:
+        """The log was read."""
+        self._reachable()
         if self.degraded:
             log.info("node %s reads the Redis log again", self.node)
-        self.healthy, self.degraded, self.heard = True, False, time.monotonic()
+        self.degraded, self.heard = False, time.monotonic()
 
     def health(self) -> str:
-        return "degraded" if self.degraded or time.monotonic() - self.heard > self.conf.node_ttl else "ok"
+        stale = time.monotonic() - self.heard > self.conf.node_ttl
+        return "degraded" if self.degraded or self.reloading or stale else "ok"
 
     # ---- signals: typing, not kept
 
@@ -798,8 +870,13 @@ class RedisBackplane:
                 pause = self.BACKOFF[0]
                 async for message in pubsub.listen():
                     if message["type"] == "message":
-                        self.chat.Hub.apply(json.loads(message["data"]))
-            except RedisError:
+                        try:
+                            self.chat.Hub.apply(json.loads(message["data"]))
+                        except Exception:  # one bad signal must not end the others
+                            log.exception("node %s: a signal could not be applied", self.node)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, self.BACKOFF[1])
             finally:
@@ -808,16 +885,16 @@ class RedisBackplane:
 
     # ---- one-time link codes, shared by every process
 
-    def put_link(self, code: str, user: str, seconds: float) -> None:
-        async def put() -> None:
-            try:
-                old = await self.redis.set(LINK_OF + user, code, ex=int(seconds), get=True)
-                if old:
-                    await self.redis.delete(LINK + old)
-                await self.redis.set(LINK + code, user, ex=int(seconds))
-            except RedisError as e:
-                self._lost(e)
-        asyncio.ensure_future(put())
+    async def put_link(self, code: str, user: str, seconds: float) -> None:
+        """Stored before the code is shown, so any process takes it at once."""
+        try:
+            old = await self.redis.set(LINK_OF + user, code, ex=int(seconds), get=True)
+            if old:
+                await self.redis.delete(LINK + old)
+            await self.redis.set(LINK + code, user, ex=int(seconds))
+        except RedisError as e:
+            self._lost(e)
+            raise self.chat.ChatError("server_error", "the server could not make a code just now; try again") from None
 
     async def take_link(self, code: str) -> Optional[str]:
         try:

@@ -205,6 +205,27 @@ class RedisCase(test_chat.ProcessCase):
                 left -= set(frame[status])
         return frames
 
+    async def redis_client(self):
+        import redis.asyncio
+        return redis.asyncio.Redis(port=self.redis_port, decode_responses=True)
+
+    async def kept_anywhere(self, text):
+        """The Redis keys (streams and hashes) that hold `text`."""
+        redis = await self.redis_client()
+        found = []
+        for key in await redis.keys("chat:*"):
+            kind = await redis.type(key)
+            if kind == "stream":
+                bodies = [f["e"] for _, f in await redis.xrange(key)]
+            elif kind == "hash":
+                bodies = list((await redis.hgetall(key)).values())
+            else:
+                continue
+            if any(text in body for body in bodies):
+                found.append(key)
+        await redis.aclose()
+        return found
+
     async def room_history(self, ws, room="general"):
         """{id: text} of every message of `room`, paged back with history."""
         found, before = {}, None
@@ -499,6 +520,21 @@ class RedisOutageTest(RedisCase):
             await self.until_health(node.port, 200, "ok", RECOVERY)
         self.assertLessEqual(set(errors), {"server_error"})
 
+        # Both processes' keys expired while Redis was away. Once it is back,
+        # each renews its own before any janitor judges (they wait --node_ttl):
+        # nobody connected is shown offline, and both keys are there again.
+        redis = await self.redis_client()
+        for _ in range(200):
+            if await redis.exists("chat:janitor"):
+                break  # a janitor has looked
+            await asyncio.sleep(0.05)
+        else:
+            self.fail("no janitor ran within 10 s of Redis coming back")
+        self.assertEqual(len(await redis.keys("chat:node:*")), 2)
+        await redis.aclose()
+        self.assertEqual([f for f in await self.sync(b) if f["type"] == "presence" and f["offline"]], [],
+                         "a user still connected was shown offline after Redis came back")
+
         for port in (p2.port, p1.port):
             auditor, _ = await self.connect("Auditor", self.tokens.get("Auditor"), port=port)
             history = await self.room_history(auditor)
@@ -623,9 +659,52 @@ class EveryFeatureTest(RedisCase):
             self.assertFalse([body for body in bodies if "vault" in body], key)
         await redis.aclose()
 
-    async def redis_client(self):
-        import redis.asyncio
-        return redis.asyncio.Redis(port=self.redis_port, decode_responses=True)
+    @redis_test
+    async def test_a_read_marker_never_goes_back_in_what_redis_keeps(self):
+        p1, p2 = await self.cluster(2)
+        b, _ = await self.connect("UserB", port=p1.port)
+        low = (await self.say(b, "one"))["id"]
+        high = (await self.say(b, "two"))["id"]
+        await self.ack(b, type="read", room="general", id=high)
+        b2, _ = await self.connect("UserB", self.tokens["UserB"], port=p2.port)
+        await self.ack(b2, type="read", room="general", id=low)  # an older one: changes nothing
+        p3, = await self.cluster(1)
+        b3, _ = await self.connect("UserB", self.tokens["UserB"], port=p3.port)
+        self.assertEqual(b3.joined["general"]["read"], high)
+
+    @redis_test
+    async def test_an_edit_racing_a_delete_leaves_no_text_in_redis(self):
+        p1, p2 = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        a2, _ = await self.connect("UserA", self.tokens["UserA"], port=p2.port)
+        target = (await self.say(a, "soon gone"))["id"]
+        await self.expect(a2, "message", id=target)
+        delete, edit = self.ref(), self.ref()
+        self.send(a, type="delete", id=target, ref=delete)
+        self.send(a2, type="edit", id=target, text="RACING EDIT TEXT", ref=edit)
+        await self.until(a, "ack", ref=delete)
+        while True:  # the edit is acked (it came first, and the delete erased it too) or refused
+            frame = await self.read(a2, "the answer to the edit")
+            if frame.get("ref") == edit:
+                self.assertIn(frame["type"], ("ack", "error"))
+                if frame["type"] == "error":
+                    self.assertEqual(frame["code"], "not_found")
+                break
+        self.assertEqual(await self.kept_anywhere("RACING EDIT TEXT"), [])
+        self.assertEqual(await self.kept_anywhere("soon gone"), [])
+
+    @redis_test
+    async def test_a_private_message_refused_for_a_full_mailbox_is_not_kept(self):
+        p1, p2 = await self.cluster(2, "--mailbox", "2")
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.presence(a, "UserB", "online")
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        for n in range(2):
+            self.assertTrue((await self.say(a, "@UserB kept %d" % n))["queued"])
+        await self.error(a, "mailbox_full", type="message", text="@UserB ONE TOO MANY")
+        self.assertEqual(await self.kept_anywhere("ONE TOO MANY"), [])
 
 
 class RedisLostItsDataTest(RedisCase):
@@ -639,13 +718,18 @@ class RedisLostItsDataTest(RedisCase):
         b, _ = await self.connect("UserB", port=p2.port)
         for n in range(5):
             await self.say(a, "before the flush %d" % n)
-        redis = await EveryFeatureTest.redis_client(self)
+        redis = await self.redis_client()
         await redis.flushall()
+        # A message sent before the processes notice is refused, not written
+        # into the new data set (the script checks the epoch).
+        self.send(a, type="message", text="IN THE WINDOW", ref=self.ref())
         await redis.aclose()
         # Each process notices within a beat, closes its connections and loads the empty data set.
         for ws in (a, b):
             while (await ws.read_message()) is not None:
                 pass
+        for node in (p1, p2):
+            await self.until_health(node.port, 200, "ok", 10)
         a, again = await self.connect("UserA", port=p1.port)
         self.assertNotEqual(again["epoch"], welcome["epoch"])
         b, _ = await self.connect("UserB", port=p2.port)
@@ -653,6 +737,7 @@ class RedisLostItsDataTest(RedisCase):
         ack = await self.say(a, "after the flush")
         self.assertEqual((await self.expect(b, "message", id=ack["id"]))["text"], "after the flush")
         self.assertEqual(a.joined["general"]["history"], [])
+        self.assertEqual(await self.kept_anywhere("IN THE WINDOW"), [])
 
 
 class ProcessLifeTest(RedisCase):
@@ -709,7 +794,7 @@ class ProcessLifeTest(RedisCase):
     @redis_test
     async def test_a_process_left_behind_the_log_loads_again_and_its_clients_resume(self):
         p1, p2 = await self.cluster(2, "--redis_log", "20")
-        redis = await EveryFeatureTest.redis_client(self)
+        redis = await self.redis_client()
         await redis.config_set("stream-node-max-entries", 5)  # so that trimming "~ 20" trims this small log
         await redis.aclose()
         b, _ = await self.connect("UserB", port=p2.port)
@@ -723,6 +808,7 @@ class ProcessLifeTest(RedisCase):
         await self.logged(p2.proc, p2.log, b"loads its state from Redis again")
         while (await b.read_message()) is not None:  # p2 closed its connections: they resume
             pass
+        await self.until_health(p2.port, 200, "ok", 10)  # loaded again (connects were refused meanwhile)
         b, _ = await self.connect("UserB", self.tokens["UserB"], since=since, port=p2.port)
         got = [m["id"] for m in b.joined["general"]["history"]]
         self.assertEqual(got, sent[-len(got):])
