@@ -3281,11 +3281,13 @@ class ReadMarkerTest(FileCase):
         dm = await self.say(b, "@UserA private")
         await self.sync(a)
         await self.sync(a2)
-        await self.ack(a, type="read", room="general", id=room[1])
+        _, before = await self.ack(a, type="read", room="general", id=room[1])
+        self.assertEqual(before, [], "the tab that moved the marker is not told")
         self.assertEqual(await self.read(a2), {"type": "read", "room": "general", "id": room[1]})
         await self.quiet(a, "the tab that sent it")
         await self.ack(a, type="read", room="general", id=room[0])  # backwards: nothing changes
-        await self.ack(a2, type="read", **{"with": "userb", "id": dm["id"]})
+        _, before = await self.ack(a2, type="read", **{"with": "userb", "id": dm["id"]})
+        self.assertEqual(before, [], "the tab that moved the marker is not told")
         self.assertEqual(await self.read(a), {"type": "read", "with": "UserB", "id": dm["id"]})
         await self.quiet(a2)
         await self.restart()
@@ -3331,6 +3333,9 @@ class DeviceTest(ChatTestCase):
         self.assertNotEqual(second["token"], welcome["token"], "a token of its own")
         self.assertNotEqual(second["device"], welcome["device"])
         await self.refused("name_taken", 4409, username="Ana", link=link["code"])  # used up
+        again, welcome_again = await self.connect("Ana", second["token"])  # the phone's own token signs it in
+        self.assertEqual(welcome_again["device"], second["device"])
+        again.close()
         devices = await self.reply(a, "devices", type="devices")
         self.assertEqual([(d["id"], d["current"]) for d in devices["devices"]],
                          [(welcome["device"], True), (second["device"], False)])
