@@ -9,8 +9,12 @@ How the pieces fit
   new name or device, a process gaining or losing a user) is an event. The
   APPEND Lua script gives it the next id (``INCR chat:id``), ``XADD``\\ s it to
   the stream ``chat:log`` with that id, and writes its durable home, all
-  atomically. The sender is acked only after its own process has applied
-  the event, so it sees its message no later than the ack.
+  atomically. What must hold across processes is checked there, before
+  anything is written: the data set's epoch, a free name (and no
+  lookalike), --max_users, names per address, a mailbox with room, a
+  message still there to edit, react to or delete, a read marker that
+  moves forward. The sender is acked only after its own process has
+  applied the event, so it sees its message no later than the ack.
 * **Every process reads the log.** One ``XREAD BLOCK`` loop per process
   applies each event, in id order, through ``Hub.apply``: the same code the
   single-process server runs. Apply writes a private SQLite file (the
@@ -24,8 +28,8 @@ How the pieces fit
   room, membership and read marker in the hash ``chat:state``. At start a
   process reads all of it in one MULTI, with the log's last id, and applies
   it in id order to a fresh projection; then it reads the log from there.
-  A process that falls more than ``--redis_log`` ids behind loads again
-  the same way, and says so in its log.
+  A process whose next event was trimmed from the log loads again the same
+  way (its connections resume with ``since``), and says so in its log.
 * **Presence heals.** A process appends "on" when it gets a user's first
   connection and "off" when it loses its last; ``chat:online`` counts the
   processes a user is on, which decides whether a private message waits
@@ -43,8 +47,10 @@ How the pieces fit
   set; a process that sees it change or vanish closes its connections and
   starts over, and clients start over through ``epoch``.
 
-Typing goes over pub/sub (``chat:signal``): it is not kept. Cluster is out
-of scope: use one Redis, or Sentinel. Keys all start with ``chat:``.
+Typing goes over pub/sub (``chat:signal``): it is not kept. The appends and
+the read loop use a bare RESP connection each (``Wire``); everything else
+uses redis-py. One Redis instance: Cluster and Sentinel are out of scope.
+Keys all start with ``chat:``.
 """
 
 from __future__ import annotations
