@@ -1847,7 +1847,7 @@ PROJ_FANOUT = 100              # projection: receivers of each message (its room
 PROJ_USERS = (10_000, 100_000)
 PROJ_CORE = 0.7                # projection: at most this much of a core per chat.py process (headroom)
 REDIS_RUNS = itertools.count(1)   # numbers the runs' files and logs
-REDIS_MESSAGE_CMDS = ("evalsha", "incr", "xadd", "xread")   # what a message costs Redis (INCR, XADD: inside the script)
+REDIS_MESSAGE_CMDS = ("evalsha", "get", "incr", "xadd", "xread")   # what a message costs Redis (GET of the epoch, INCR, XADD: inside the script)
 
 
 @dataclass(frozen=True)
@@ -2163,7 +2163,7 @@ def redis_costs(rows: list[dict[str, Any]], phase: str) -> dict[str, Any] | None
             "deliver_us": round(deliver_us, 2),
             "redis_us_per_message": round(one[phase]["redis_cpu_us_per_message"] - redis_extra, 1),
             "redis_us_per_process": round(redis_extra, 1),
-            "lua_commands_per_message": round(sum(one[phase]["commands_per_message"][c] for c in ("incr", "xadd")), 2),
+            "lua_commands_per_message": round(sum(one[phase]["commands_per_message"][c] for c in ("get", "incr", "xadd")), 2),
             "xread_per_message_per_process": round(xread, 2)}
 
 
@@ -2266,7 +2266,7 @@ def report_redis(res: Results) -> list[str]:
                          f"process 2 (no connections) {b['process_cpu_us_per_message'][1]:.0f} us/event; "
                          f"Redis {b['redis_cpu_us_per_message']:.0f} us/message")
         c = b["commands_per_message"]
-        lines.append(f"{more}Redis per message: {c['evalsha']:.2f} EVALSHA (inside it {c['incr']:.2f} INCR, "
+        lines.append(f"{more}Redis per message: {c['evalsha']:.2f} EVALSHA (inside it {c['get']:.2f} GET, {c['incr']:.2f} INCR, "
                      f"{c['xadd']:.2f} XADD); {b['xread_per_process']:g} XREAD per process per burst "
                      f"({b['events_per_xread']} events each); {b['other_commands']} other commands (beats, connections)")
         if p:

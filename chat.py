@@ -254,6 +254,7 @@ import bisect
 import calendar
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import gc
@@ -291,6 +292,9 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 
 log = logging.getLogger("chat")
 HERE = os.path.dirname(os.path.abspath(__file__))
+# With --redis, the answers of the frame a task handles, held back until the
+# frames before it are answered (ChatSocket._pipelined): (connection, [answers]).
+HELD: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("held", default=None)
 
 
 ################ Settings
@@ -359,6 +363,7 @@ QUOTE = 100  # characters of its target a reply quotes
 MAX_EMOJI = 16  # bytes (UTF-8) in one reaction's emoji
 MAX_REACTIONS = 20  # distinct emoji on one message
 MAX_CHANGES = 1000  # change events a connect sequence carries at most
+IN_FLIGHT = 64  # with --redis: messages of one connection waiting for the backplane at once (then reading waits)
 GC_THRESHOLDS = (50_000, 20, 100)  # the cyclic collector's, for a server process (see main)
 TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux: hold small writes back until uncorked (see ChatSocket.get)
 
@@ -562,6 +567,16 @@ def parse_frame(data: str | bytes) -> dict:
     if not isinstance(frame, dict):
         raise ChatError("bad_request", "a frame must be a JSON object")
     return frame
+
+
+def peek_type(data: str | bytes) -> Any:
+    """A frame's "type", or None for a frame that is not a JSON object
+    (parse_frame says why, where the frame is handled)."""
+    try:
+        frame = json.loads(data)
+    except ValueError:
+        return None
+    return frame.get("type") if isinstance(frame, dict) else None
 
 
 def parse_since(value: Optional[str]) -> Optional[int]:
@@ -2555,6 +2570,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     _departed = False
     _flood_start = _flood_last = -FLOOD_CLOSE_AFTER  # when the current run of refused frames began, and its latest
     _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts
+    _answered: Optional[asyncio.Future] = None  # with --redis: done once the latest frame's answers are out
+    _in_flight = 0  # with --redis: frames being handled at once
 
     # ---- connection life
 
@@ -2709,7 +2726,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def refuse(self, error: ChatError, code: int) -> None:
         Metrics.count("refused", error.code)
-        self.send(error_frame(error.code, error.message))
+        send_to((self,), error_frame(error.code, error.message))  # never held (see _pipelined): it closes now
         self._close(code, error.code)
 
     def _greet(self, user: User, token: str, since: Optional[int]) -> None:
@@ -2878,7 +2895,39 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return self._run(self._auth(data))
         if self._dead or self.user is None:
             return None  # refused or closing: Tornado reads on until the client's close frame, we do not act on it
-        return self._run(self._handle(data))
+        if not Hub.backplane.waits:
+            finish(self._handle(data))
+            return None
+        # With --redis a message waits for the backplane, and the next frame
+        # need not wait for it: its append goes out right behind, on the same
+        # connection to Redis, so a client that sends fast fills the log's
+        # batches. Any other frame (a join, a history) waits until the frames
+        # before it are applied, so that it sees their effects; and answers
+        # always go out in frame order (_pipelined).
+        before, self._answered = self._answered, asyncio.get_running_loop().create_future()
+        message = peek_type(data) == "message"
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._pipelined(data, before, self._answered, message))
+        return None if message and self._in_flight < IN_FLIGHT else task
+
+    async def _pipelined(self, data: str | bytes, before: Optional[asyncio.Future], answered: asyncio.Future,
+                         message: bool) -> None:
+        """One frame with --redis: handled (a message at once, anything else
+        after the frames before it), its answers held until theirs are out."""
+        held: list[tuple[Optional[dict], Optional[bytes], bool]] = []
+        HELD.set((self, held))
+        try:
+            if before is not None and not message:
+                await before
+            await self._handle(data)
+            if before is not None:
+                await before
+        finally:
+            HELD.set(None)
+            for frame, payload, bulk in held:
+                send_to((self,), frame, payload, bulk)
+            self._in_flight -= 1
+            answered.set_result(None)
 
     async def _handle(self, data: str | bytes) -> None:
         """One client frame: checked, dispatched to do_<type>, answered."""
@@ -3190,11 +3239,19 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- sending and closing
 
     def send(self, frame: dict, bulk: bool = False) -> None:
-        """One frame to this connection."""
+        """One frame to this connection (an answer: held in frame order, see _pipelined)."""
+        held = HELD.get()
+        if held is not None and held[0] is self:
+            held[1].append((frame, None, bulk))
+            return
         send_to((self,), frame, bulk=bulk)
 
     def send_payload(self, payload: bytes) -> None:
         """An answer this connection asked for, already encoded."""
+        held = HELD.get()
+        if held is not None and held[0] is self:
+            held[1].append((None, payload, True))
+            return
         send_to((self,), None, payload, bulk=True)
 
     def too_slow(self) -> None:
