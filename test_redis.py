@@ -357,6 +357,31 @@ class OrderTest(RedisCase):
         return got
 
     @redis_test
+    async def test_pipelined_frames_are_answered_in_order_and_see_each_others_effects(self):
+        """A message's handler waits for Redis while the next frame is read;
+        answers still come in frame order, and a frame after a join sees it."""
+        p1, p2 = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.ack(b, type="join", room="pipes")
+        frames = [dict(type="message", text="one"), dict(type="message", text=""),
+                  dict(type="join", room="pipes"), dict(type="message", room="pipes", text="two"),
+                  dict(type="message", text="three"), dict(type="rooms")]
+        refs = [self.ref() for _ in frames]
+        for ref, frame in zip(refs, frames):
+            self.send(a, ref=ref, **frame)
+        answers = []
+        while len(answers) < len(refs):
+            frame = await self.read(a, "the answers")
+            if frame.get("ref") in refs:
+                answers.append(frame)
+        self.assertEqual([f["ref"] for f in answers], refs)
+        self.assertEqual([f["type"] for f in answers], ["ack", "error", "ack", "ack", "ack", "ack"])
+        ids = [answers[i]["id"] for i in (0, 3, 4)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual((await self.expect(b, "message", id=ids[1]))["text"], "two")
+
+    @redis_test
     async def test_two_senders_on_two_processes_one_order_everywhere(self):
         p1, p2, p3 = await self.cluster(3)
         s1, _ = await self.connect("Sender1", port=p1.port)
