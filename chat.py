@@ -2678,6 +2678,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return self.refuse(e, CLOSE_CODES.get(e.code, 4400))
         if self._dead:  # it went away while the backplane stored its name
             return
+        if Hub.backplane.waits and ((conf.max_tabs and len(Hub.online.get(user_key, ())) >= conf.max_tabs)
+                                    or (conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip)):
+            # Others came in while this one waited for the backplane.
+            return self.refuse(ChatError("too_many_connections", "too many connections; close one and try again"), 4429)
         self.user, self.device = user_key, device
         Hub.arrive(self, self.user, ip)
         try:
