@@ -2374,7 +2374,7 @@ class Hub:
                 return json.loads(row[1]), not row[4]
         waiting = event["waiting"] if "waiting" in event else recipient not in cls.online
         kept = cls.mailboxes.get(recipient, 0)
-        if waiting and kept >= cls.conf.mailbox:
+        if waiting and kept >= cls.conf.mailbox and "waiting" not in event:  # (with --redis, Redis counted)
             raise ChatError("mailbox_full", f"{cls.users[recipient].name} has {kept} messages waiting; try later")
         message = direct_frame(event["id"], cls.users[sender].name, cls.users[recipient].name, event["text"],
                                event["ts"], event["time"], cls.quote(event["reply_to"]))
@@ -2471,6 +2471,13 @@ class Hub:
         frame = deleted_frame(event["id"], target.frame)
         cls._change(target, tombstone_frame(target.frame), frame, None)
         cls.store.erase_soon()
+        if target.recipient is not None and cls.store.mark_delivered([target.id]):
+            # A private message still waiting waits no more: nothing is left to deliver.
+            left = cls.mailboxes.get(target.recipient, 0) - 1
+            if left > 0:
+                cls.mailboxes[target.recipient] = left
+            else:
+                cls.mailboxes.pop(target.recipient, None)
         return frame
 
     @classmethod
@@ -2637,6 +2644,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             # process and not applied here yet: catch up before judging.
             await Hub.backplane.caught_up()
             user = Hub.users.get(user_key)
+            if Hub.backplane.waits and conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
+                # Others came in while this one waited (with --redis; nothing is stored yet).
+                return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
         if user is not None:
             if link is not None:
                 if not Hub.budgets.take("link", ip):
@@ -2678,10 +2688,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return self.refuse(e, CLOSE_CODES.get(e.code, 4400))
         if self._dead:  # it went away while the backplane stored its name
             return
-        if Hub.backplane.waits and ((conf.max_tabs and len(Hub.online.get(user_key, ())) >= conf.max_tabs)
-                                    or (conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip)):
-            # Others came in while this one waited for the backplane.
-            return self.refuse(ChatError("too_many_connections", "too many connections; close one and try again"), 4429)
         self.user, self.device = user_key, device
         Hub.arrive(self, self.user, ip)
         try:
@@ -2730,7 +2736,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def refuse(self, error: ChatError, code: int) -> None:
         Metrics.count("refused", error.code)
-        send_to((self,), error_frame(error.code, error.message))  # never held (see _pipelined): it closes now
+        held = HELD.get()
+        if held is not None and held[0] is self:  # this frame's answers (a logout's ack) go before the close
+            for frame, payload, bulk in held[1]:
+                send_to((self,), frame, payload, bulk)
+            held[1].clear()
+        send_to((self,), error_frame(error.code, error.message))
         self._close(code, error.code)
 
     def _greet(self, user: User, token: str, since: Optional[int]) -> None:

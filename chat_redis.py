@@ -105,7 +105,13 @@ if redis.call('GET', 'chat:epoch') ~= ARGV[7] then
 end
 local event = cjson.decode(ARGV[1])
 local kind = event['kind']
-local first_home = ARGV[9]
+local cids = nil
+if (kind == 'message' or kind == 'direct') and type(event['cid']) == 'string' then
+  -- A repeat of a message already stored (its reply was lost): its first id.
+  cids = 'chat:cid:' .. event['user']
+  local first = redis.call('HGET', cids, event['cid'])
+  if first then return {'dup', tonumber(first)} end
+end
 if kind == 'claim' then
   if redis.call('HEXISTS', 'chat:names', event['user']) == 1 then
     return {'err', 'name_taken', event['name'] .. ' is taken; pick another name'}
@@ -137,10 +143,9 @@ elseif kind == 'direct' then
             ' messages waiting; try later'}
   end
 elseif kind == 'edit' or kind == 'react' or kind == 'delete' then
-  -- Its message must still be kept: a delete erased it (and an edit racing
-  -- that delete must not bring its text back into Redis).
-  local target = event['target'] .. '-0'
-  if not first_home or #redis.call('XRANGE', string.sub(first_home, 3), target, target) == 0 then
+  -- Not a message deleted a moment ago (an edit racing that delete must not
+  -- bring its text back into Redis). Older deletes are refused before this.
+  if redis.call('ZSCORE', 'chat:deleted', event['target']) then
     return {'err', 'not_found', 'there is no such message that you can see'}
   end
 elseif kind == 'read' then
@@ -165,6 +170,10 @@ local body = cjson.encode(event)
 local sid = id .. '-0'
 redis.call('XADD', 'chat:log', 'MINID', '~', math.max(id - tonumber(ARGV[2]), 0) .. '-0', sid, 'e', body)
 local erased = {}
+if cids then
+  redis.call('HSET', cids, event['cid'], id)
+  redis.call('EXPIRE', cids, 86400)  -- a page re-sends within minutes; a day is plenty
+end
 if kind == 'direct' and event['waiting'] then
   redis.call('SADD', 'chat:waiting:' .. event['to'], id)
 elseif kind == 'delivered' then
@@ -172,6 +181,12 @@ elseif kind == 'delivered' then
 elseif kind == 'edit' then
   redis.call('SADD', 'chat:edits:' .. event['target'], id)
 elseif kind == 'delete' then
+  redis.call('ZADD', 'chat:deleted', id, event['target'])
+  redis.call('ZREMRANGEBYRANK', 'chat:deleted', 0, -10001)  -- the newest 10,000 are enough for a race
+  local recipient = event['tomb']['recipient']
+  if type(recipient) == 'string' then  -- a private message still waiting waits no more
+    redis.call('SREM', 'chat:waiting:' .. recipient, event['target'])
+  end
   -- The text goes from Redis: the message and its edits leave the log and its homes.
   local edits = 'chat:edits:' .. event['target']
   erased = redis.call('SMEMBERS', edits)
@@ -225,16 +240,17 @@ class Wire(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}")
+        if self.lost is None:
+            self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}")
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
                 future.set_exception(self.lost)
 
-    def close(self) -> None:
-        """Fail what waits (connection_lost does, in a moment) and take no more."""
+    def close(self, why: Optional[Exception] = None) -> None:
+        """Fail what waits with `why` (connection_lost does, in a moment) and take no more."""
         if self.lost is None:
-            self.lost = RedisConnectionError("connection to Redis closed")
+            self.lost = why or RedisConnectionError("connection to Redis closed")
         if self.transport is not None:
             self.transport.close()
 
@@ -360,6 +376,7 @@ class RedisBackplane:
         self.tasks: list[asyncio.Task] = []
         self.rewriting: Optional[asyncio.Future] = None  # a BGREWRITEAOF asked for soon
         self.reloading = False
+        self.generation = 0  # how many reloads: an append that spans one is not waited for
         self.beat = max(0.2, min(1.0, conf.node_ttl / 3))  # seconds between beats
         self.catching_up: list[tuple[int, asyncio.Future]] = []  # (id, future) of connects waiting to reach id
 
@@ -486,6 +503,7 @@ class RedisBackplane:
         if self.reloading:
             return
         self.reloading, self.healthy = True, False
+        self.generation += 1  # appends answered from now on belong to the old state
         log.warning("node %s loads its state from Redis again: %s", self.node, why)
         chat = self.chat
         for connection in chat.Hub.everyone_but():
@@ -496,6 +514,10 @@ class RedisBackplane:
                 if not future.done():
                     future.set_result((None, chat.ChatError("server_error", "the server reloaded; try again")))
         self.waiters, self.early = {}, {}
+        for _, reached in self.catching_up:
+            if not reached.done():
+                reached.set_result(None)
+        self.catching_up = []
         pause = self.BACKOFF[0]
         try:
             while not self.stopping:
@@ -535,13 +557,16 @@ class RedisBackplane:
         if not self.healthy:
             raise ChatError("server_error", "the server cannot store that just now; try again")
         event["origin"] = self.node
-        conf = self.conf
+        generation, conf = self.generation, self.conf
         skeleton = self.chat.skeleton(event["name"]) if event["kind"] == "claim" else ""
         per_ip = int(self.chat.AT_ONCE + conf.names_per_hour) if conf.names_per_hour > 0 else 0
         try:
             reply = await self._append([json.dumps(event, ensure_ascii=False), conf.redis_log, conf.redis_history,
                                         skeleton, conf.max_users, per_ip, self.epoch, conf.mailbox,
                                         *self._homes(event)])
+        except ResponseError as e:  # Redis is there and said no (NOSCRIPT after a SCRIPT FLUSH): not stored
+            log.info("node %s: an append was refused: %s", self.node, e)
+            raise ChatError("server_error", "the server could not store that; try again") from None
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._lost(e)
             raise ChatError("server_error", "the server could not store that; try again") from None
@@ -553,6 +578,10 @@ class RedisBackplane:
         if reply[0] == b"skip":
             return None
         id = int(reply[1])
+        if self.reloading or generation != self.generation:
+            raise ChatError("server_error", "the server reloaded; try again")
+        if reply[0] == b"dup":
+            return await self._duplicate(event, id)
         if id <= self.last and id not in self.early:
             # Applied by a load that ran meanwhile, which kept no answer.
             raise ChatError("server_error", "the server reloaded; try again")
@@ -571,7 +600,7 @@ class RedisBackplane:
         restarted and forgot it). Never retried: see the module docstring."""
         if self.appender is None or self.appender.lost is not None:
             if self.opening is None:
-                self.opening = asyncio.ensure_future(Wire.open(self.conf.redis))
+                self.opening = asyncio.ensure_future(self._open_appender())
             opening = self.opening
             try:
                 self.appender = await opening
@@ -581,12 +610,41 @@ class RedisBackplane:
         # No timer per append: when Redis stops answering, the beat notices
         # (redis-py times out) and _lost() closes this connection, which
         # fails every append waiting on it.
+        appender = self.appender
         try:
-            return await self.appender.call("EVALSHA", self.append_sha, 0, *args)
+            return await appender.call("EVALSHA", self.append_sha, 0, *args)
         except ResponseError as e:
-            if not str(e).startswith("NOSCRIPT"):
-                raise
-            return await self.appender.call("EVAL", APPEND, 0, *args)
+            if str(e).startswith("NOSCRIPT"):
+                # Redis forgot the script (SCRIPT FLUSH). The appends behind this
+                # one failed alike; re-sending each would store them out of
+                # order, so they all fail (server_error: the client re-sends)
+                # and a new connection loads the script first.
+                appender.close(ResponseError("NOSCRIPT: Redis forgot the script; not stored"))
+            raise
+
+    async def _open_appender(self) -> Wire:
+        """A connection for appends, the script loaded before the first one."""
+        wire = await Wire.open(self.conf.redis)
+        try:
+            await wire.call("SCRIPT", "LOAD", APPEND)
+        except BaseException:
+            wire.close()
+            raise
+        return wire
+
+    async def _duplicate(self, event: dict, id: int) -> Any:
+        """A message or private message whose cid was stored before as id:
+        once that is applied here, answer as apply did the first time."""
+        if id > self.last:
+            waiting = asyncio.get_running_loop().create_future()
+            self.catching_up.append((id, waiting))
+            with contextlib.suppress(asyncio.TimeoutError):  # (a deleted message's id is not in the log)
+                await asyncio.wait_for(waiting, self.CATCH_UP)
+        row = self.chat.Hub.store.by_cid(event["user"], event["cid"])
+        if row is None:  # the first one was refused where it was applied
+            raise self.chat.ChatError("server_error", "the server could not store that; try again")
+        frame = json.loads(row[1])
+        return frame if event["kind"] == "message" else (frame, not row[4])
 
     def _homes(self, event: dict) -> list[str]:
         """Where an event is kept beyond the log: "s:" streams, "h:" state fields."""

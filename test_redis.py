@@ -732,6 +732,95 @@ class EveryFeatureTest(RedisCase):
         self.assertEqual(await self.kept_anywhere("ONE TOO MANY"), [])
 
 
+class PipelineEdgesTest(RedisCase):
+    """What a client that sends fast may meet, and what Redis keeps for it."""
+
+    @redis_test
+    async def test_a_repeated_cid_in_flight_is_one_message_and_one_waiting(self):
+        p1, p2 = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.presence(a, "UserB", "online")
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        refs = [self.ref(), self.ref()]
+        for ref in refs:  # a page re-sending before the first answer came
+            self.send(a, type="message", text="@UserB hello", cid="c1", ref=ref)
+        acks = [await self.expect(a, "ack", ref=ref) for ref in refs]
+        self.assertEqual(acks[0]["id"], acks[1]["id"])
+        self.assertTrue(acks[0]["queued"] and acks[1]["queued"])
+        redis = await self.redis_client()
+        self.assertEqual(await redis.smembers("chat:waiting:userb"), {str(acks[0]["id"])})
+        b, _ = await self.connect("UserB", self.tokens["UserB"], port=p2.port)
+        kept = [m for m in await self.sync(b) if m["type"] == "direct"]
+        self.assertEqual([m["id"] for m in kept], [acks[0]["id"]])
+        await self.expect(a, "delivered", id=acks[0]["id"])
+        self.assertEqual(await redis.smembers("chat:waiting:userb"), set())
+        await redis.aclose()
+
+    @redis_test
+    async def test_a_deleted_waiting_message_frees_its_mailbox_place(self):
+        p1, p2 = await self.cluster(2, "--mailbox", "1")
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.presence(a, "UserB", "online")
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        first = await self.say(a, "@UserB oops")
+        await self.reply(a, "deleted", type="delete", id=first["id"])
+        second = await self.say(a, "@UserB this one")  # the mailbox of one has room again
+        self.assertTrue(second["queued"])
+        p3, = await self.cluster(1, "--mailbox", "1")  # a process that loads it all later agrees
+        b, _ = await self.connect("UserB", self.tokens["UserB"], port=p3.port)
+        self.assertEqual([m["id"] for m in await self.sync(b) if m["type"] == "direct"], [second["id"]])
+
+    @redis_test
+    async def test_an_old_message_beyond_what_redis_keeps_can_still_be_deleted(self):
+        p1, _ = await self.cluster(2, "--redis_history", "5")
+        a, _ = await self.connect("UserA", port=p1.port)
+        old = await self.say(a, "my old message")
+        for n in range(40):
+            await self.say(a, "later %d" % n)
+        await self.reply(a, "reaction", type="react", id=old["id"], emoji="👍")
+        await self.reply(a, "deleted", type="delete", id=old["id"])
+        self.assertEqual(await self.kept_anywhere("my old message"), [])
+
+    @redis_test
+    async def test_logout_is_acked_before_the_close(self):
+        p1, _ = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        await self.ack(a, type="logout")
+        self.assertEqual((await self.read(a))["code"], "revoked")
+        self.assertIsNone(await self.raw_read(a, "the close"))
+        self.assertEqual(a.close_code, 4401)
+
+    @redis_test
+    async def test_messages_keep_their_order_when_redis_forgets_the_script(self):
+        p1, p2 = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        redis = await self.redis_client()
+        refs = {}
+        for n in range(300):
+            ref = self.ref()
+            refs[ref] = n
+            self.send(a, type="message", text="n%d" % n, ref=ref)
+            if n % 10 == 5:
+                await redis.script_flush()
+        stored = {}
+        while refs:
+            frame = await self.read(a, "the answers")
+            if frame.get("ref") in refs:
+                n = refs.pop(frame["ref"])
+                if frame["type"] == "ack":
+                    stored[frame["id"]] = n
+                else:
+                    self.assertEqual(frame["code"], "server_error", frame)
+        self.assertGreater(len(stored), 30)
+        in_id_order = [stored[id] for id in sorted(stored)]
+        self.assertEqual(in_id_order, sorted(in_id_order), "stored out of the order they were sent in")
+        await redis.aclose()
+
+
 class RedisLostItsDataTest(RedisCase):
     """Redis flushed (or started without its files): the processes start
     over under a new epoch, nobody goes deaf, and clients start over."""
