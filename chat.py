@@ -3033,12 +3033,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     async def do_message(self, frame: dict, ref: Any) -> None:
         # {"type":"message","room":"general","text":"hello","cid":"c7"}  or  text "@UserB hello"
         text = check_text(frame.get("text"), Hub.conf.max_text)
-        cid = check_cid(frame.get("cid"))
-        if cid is not None:
-            row = Hub.store.by_cid(self.user, cid)
-            if row is not None:  # stored before; its ack was lost on the way
-                id, _, _, recipient, delivered = row
-                return self._ack(ref, id=id, queued=recipient is not None and not delivered)
+        cid = check_cid(frame.get("cid"))  # a repeat is answered with the first message (apply decides)
         direct = DIRECT.match(text)
         if direct:
             to = self._known_user(direct[1])
