@@ -472,7 +472,7 @@ class RedisBackplane:
         for node, members in zip(nodes, present):
             for user in members:
                 if user in Hub.users:
-                    Hub.present.setdefault(user, set()).add(node)
+                    Hub.present[user] = Hub.present.get(user, frozenset()) | {node}
         Hub.names = self.chat.sorted_names(Hub.users[u].name for u in Hub.present)
         Hub.roster = self.chat.encode(Hub.names[:self.conf.roster])
         self.last = Hub.last_id = int(last or 0)

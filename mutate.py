@@ -637,10 +637,10 @@ MUTANTS = [
     M("read_marker_moves_back", "read markers move forward only",
       '" WHERE excluded.id > reads.id", (user, conv, id)', '"", (user, conv, id)'),
     M("read_not_echoed", "read: the user's other connections get the same frame",
-      '            send_to([c for c in cls.online.get(event["user"], ()) if not (mine and c.serial == event["serial"])],\n'
+      '            send_to([c for c in cls.online.get(event["user"], ()) if not (mine and id(c) == event["conn"])],\n'
       '                    read_frame(event["head"], event["upto"]))', "            pass"),
     M("read_echoed_to_self", "read: the other connections, not this one",
-      'send_to([c for c in cls.online.get(event["user"], ()) if not (mine and c.serial == event["serial"])],',
+      'send_to([c for c in cls.online.get(event["user"], ()) if not (mine and id(c) == event["conn"])],',
       'send_to(list(cls.online.get(event["user"], ())),'),
     M("read_not_in_joined", 'joined carries the user\'s read marker',
       'joined, budget = self._joined(Hub.rooms[r], since, budget, reads.get("#" + r, 0))',
@@ -791,8 +791,8 @@ MUTANTS = [
     M("tombstone_restored_over_message", "delete: the message becomes a tombstone (restored only when it is gone)",
       'if tomb is not None and cls.store.message(event["target"]) is None:', "if tomb is not None:"),
     M("read_serial_lost", "read: the other connections, not this one",
-      "head=head, node=cls.backplane.node,\n                         serial=connection.serial)",
-      "head=head, node=cls.backplane.node,\n                         serial=None)"),
+      "head=head, node=cls.backplane.node,\n                         conn=id(connection))",
+      "head=head, node=cls.backplane.node,\n                         conn=None)"),
     M("revoke_closes_before_ack", "revoke and logout are acked, then the device's connections close",
       'if event.get("node", cls.backplane.node) != cls.backplane.node:', "if True:"),
     M("edit_without_id", "edit, delete and react are events in the id sequence",
