@@ -256,10 +256,8 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
-import errno
 import gc
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -1466,7 +1464,7 @@ class Store:
         convs = " OR ".join([conv_word("r", r) for r in rooms] + [conv_word("u", user)])
         match = "text : (%s) AND conv : (%s)" % (" AND ".join('"%s"' % w for w in words), convs)
         return self._rows(
-            f"SELECT m.id, m.frame, m.sender, m.recipient, m.delivered FROM search JOIN messages m ON m.id = search.rowid"
+            "SELECT m.id, m.frame, m.sender, m.recipient, m.delivered FROM search JOIN messages m ON m.id = search.rowid"
             " WHERE search MATCH ? AND search.rowid < ? ORDER BY search.rowid DESC LIMIT ?",
             (match, before or 2**63 - 1, limit))
 
