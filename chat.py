@@ -2334,8 +2334,9 @@ class Hub:
         """Stored, kept in history, sent to every member. A repeated cid is
         not posted again: the first one's frame is the answer."""
         sender, room_key = event["user"], key(event["room"])
-        if event["cid"] is not None and cls.store.by_cid(sender, event["cid"]) is not None:
-            return json.loads(cls.store.by_cid(sender, event["cid"])[1])
+        row = cls.store.by_cid(sender, event["cid"]) if event["cid"] is not None else None
+        if row is not None:
+            return json.loads(row[1])
         message = message_frame(event["id"], cls.rooms[room_key].name, cls.users[sender].name, event["text"],
                                 event["ts"], event["time"], cls.quote(event["reply_to"]))
         payload = encode(message)
@@ -2404,6 +2405,15 @@ class Hub:
                                    or log.warning("could not mark messages to %s delivered: %s", user, f.exception()))
 
     @classmethod
+    def _unmailed(cls, user: str, count: int) -> None:
+        """count of user's waiting messages wait no more (delivered, or deleted)."""
+        left = cls.mailboxes.get(user, 0) - count
+        if left > 0:
+            cls.mailboxes[user] = left
+        else:
+            cls.mailboxes.pop(user, None)
+
+    @classmethod
     def apply_delivered(cls, event: dict) -> None:
         user = event["user"]
         try:
@@ -2411,11 +2421,7 @@ class Hub:
         except sqlite3.Error as e:
             log.warning("could not mark %d messages to %s delivered: %s", len(event["ids"]), cls.users[user].name, e)
             return
-        left = cls.mailboxes.get(user, 0) - len(ids)
-        if left > 0:
-            cls.mailboxes[user] = left
-        else:
-            cls.mailboxes.pop(user, None)
+        cls._unmailed(user, len(ids))
         for id, sender in ids:
             send_to(cls.online.get(sender, ()), delivered_frame(id, cls.users[user].name))
 
@@ -2471,12 +2477,7 @@ class Hub:
         cls._change(target, tombstone_frame(target.frame), frame, None)
         cls.store.erase_soon()
         if target.recipient is not None and cls.store.mark_delivered([target.id]):
-            # A private message still waiting waits no more: nothing is left to deliver.
-            left = cls.mailboxes.get(target.recipient, 0) - 1
-            if left > 0:
-                cls.mailboxes[target.recipient] = left
-            else:
-                cls.mailboxes.pop(target.recipient, None)
+            cls._unmailed(target.recipient, 1)  # a private message still waiting waits no more
         return frame
 
     @classmethod

@@ -773,8 +773,8 @@ MUTANTS = [
 
     # ---- every change an event, applied in one place (Hub.apply_<kind>)
     M("apply_message_cid_reposted", "A message whose cid this user already sent is not posted again (decided in apply)",
-      '        if event["cid"] is not None and cls.store.by_cid(sender, event["cid"]) is not None:\n',
-      "        if False:\n"),
+      '        row = cls.store.by_cid(sender, event["cid"]) if event["cid"] is not None else None\n',
+      "        row = None\n"),
     M("apply_direct_cid_reposted", "A private message whose cid was sent is not posted again (decided in apply)",
       "            if row is not None:\n                return json.loads(row[1]), not row[4]",
       "            if False:\n                return json.loads(row[1]), not row[4]"),
@@ -785,7 +785,7 @@ MUTANTS = [
                  "Ids already delivered reach it only with --redis (a recipient that arrived on another process, "
                  "or two processes delivering the same mail)."),
     M("delivered_mailbox_not_emptied", "mailbox_full counts only messages still waiting",
-      "left = cls.mailboxes.get(user, 0) - len(ids)", "left = cls.mailboxes.get(user, 0)"),
+      "cls._unmailed(user, len(ids))", "cls._unmailed(user, 0)"),
     M("grace_return_announced", "A user back within --offline_grace was never away",
       "back = cls.leaving.pop(user, None)", "back = None"),
     M("tombstone_restored_over_message", "delete: the message becomes a tombstone (restored only when it is gone)",
