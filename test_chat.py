@@ -478,6 +478,29 @@ class ConnectTest(ChatTestCase):
         self.assert_direct(await self.read(a2), "from tab one", "UserA", "UserB")
 
     @async_test
+    async def test_tabs_opened_and_closed_mid_conversation_get_what_follows(self):
+        """A room already talking: a tab that closes gets nothing more, and
+        one that opens (a user coming back, a second tab) gets the next
+        message, once."""
+        a, welcome_a = await self.connect("UserA")
+        b, welcome_b = await self.connect("UserB")
+        await self.sync(b)
+        await self.say(a, "before")
+        self.assert_message(await self.read(b), "before", "UserA")
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        b_again, _ = await self.connect("UserB", welcome_b["token"])
+        a2, _ = await self.connect("UserA", welcome_a["token"])
+        for ws in (a, b_again, a2):
+            await self.sync(ws)
+        ack = await self.say(a, "after")
+        for tab in (b_again, a2):
+            got = await self.read(tab)
+            self.assert_message(got, "after", "UserA")
+            self.assertEqual(got["id"], ack["id"])
+            await self.quiet(tab)
+
+    @async_test
     async def test_presence_only_on_first_and_last_tab(self):
         """presence online when the first tab opens, offline when the last
         closes; nothing for the tabs in between. Presence is server-wide:
@@ -2806,6 +2829,32 @@ class RosterTest(ChatTestCase):
         self.assertNotIn("room", online)
         await self.error(ws, "not_in_room", type="members", room="elsewhere")
         await self.error(ws, "bad_request", type="members", after="not a name")
+
+    @async_test
+    async def test_lists_follow_who_comes_goes_joins_and_leaves(self):
+        """The online and member lists are kept sorted from batch to batch,
+        not sorted afresh: they still say who is there after changes."""
+        socks = {name: (await self.connect(name))[0] for name in ("dave", "Bob", "carol", "Ann")}
+        await self.reply(socks["carol"], "left", type="leave", room="general")
+        await self.member(socks["dave"], "general", "carol", "leave")
+        socks["Bob"].close()
+        await self.presence(socks["dave"], "Bob", "offline")
+        ws, welcome = await self.connect("Cy")
+        await self.reply(socks["carol"], "joined", type="join", room="general")
+        await self.member(ws, "general", "carol", "join")
+        self.assertEqual((welcome["online"], welcome["online_count"]), (["Ann", "carol"], 4))
+        online, members = [], []
+        for got, room in ((online, None), (members, "general")):
+            after = None
+            while True:
+                frame = {"type": "members", **({"room": room} if room else {}), **({"after": after} if after else {})}
+                page = await self.reply(ws, "members", **frame)
+                got += page["members"]
+                if not page["more"]:
+                    break
+                after = page["members"][-1]
+        self.assertEqual(online, ["Ann", "carol", "Cy", "dave"])
+        self.assertEqual(members, ["Ann", "Bob", "carol", "Cy", "dave"])  # Bob is a member while away
 
     @async_test
     async def test_your_own_name_is_in_your_welcome_and_joined(self):
