@@ -275,7 +275,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import Any, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Awaitable, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import tornado.httpserver
 import tornado.httputil
@@ -963,18 +963,34 @@ class Protocol(tornado.websocket.WebSocketProtocol13):
     _header_next = False  # the next _read_bytes is a frame's first two bytes
     _refused = False  # closed for a protocol error: only the client's close frame is read now
 
-    async def _receive_frame(self) -> None:
+    # Plain functions that hand back Tornado's awaitables, not coroutines: an
+    # idle connection waits inside these calls, and a coroutine of ours in
+    # that chain would keep its frame alive, about 1 KiB per connection.
+    def _receive_frame(self) -> Awaitable[None]:
         self._header_next = True
-        await super()._receive_frame()
+        return super()._receive_frame()
 
-    async def _read_bytes(self, n: int) -> bytes:
-        data = await super()._read_bytes(n)
-        if self._header_next:
-            self._header_next = False
-            self.handler.frame_arrived()
-            if not data[1] & 0x80 and not self._refused:  # RFC 6455 5.1: a server must refuse these
-                self._refuse(1002, "client frames must be masked")
-        return data
+    def _read_bytes(self, n: int) -> Awaitable[bytes]:
+        if not self._header_next:
+            return super()._read_bytes(n)
+        self._header_next = False
+        # What Tornado's _read_bytes does, then the check before Tornado reads
+        # on: a callback added first runs first, and a read already done is
+        # checked now.
+        future = self.stream.read_bytes(n)
+        self._wire_bytes_in += n
+        if future.done():
+            self._header_read(future)
+        else:
+            future.add_done_callback(self._header_read)
+        return future
+
+    def _header_read(self, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # closed: Tornado's await of it ends the connection
+        self.handler.frame_arrived()
+        if not future.result()[1] & 0x80 and not self._refused:  # RFC 6455 5.1: a server must refuse these
+            self._refuse(1002, "client frames must be masked")
 
     def _handle_message(self, opcode: int, data: bytes) -> Any:
         if self._refused and opcode != 0x8:

@@ -2372,6 +2372,19 @@ class WireTest2(ChatTestCase):
         self.assertEqual(await self.closed_with(client_frame(0x1, b'{"type":"rooms"}', masked=False)), 1002)
 
     @async_test
+    async def test_an_unmasked_frame_right_behind_a_good_one_is_not_acted_on(self):
+        """Both in one packet: the second's header is read at once, and is
+        refused before Tornado reads on, so nobody receives its message."""
+        b, _ = await self.connect("UserB")
+        await self.sync(b)
+        good = client_frame(0x1, b'{"type":"message","text":"first"}')
+        bad = client_frame(0x1, b'{"type":"message","text":"second"}', masked=False)
+        self.assertEqual(await self.closed_with(good + bad), 1002)
+        got, _ = await self.until(b, "message")
+        self.assertEqual(got["text"], "first")
+        self.assertEqual([f for f in await self.sync(b) if f["type"] == "message"], [])
+
+    @async_test
     async def test_a_close_code_the_rfc_forbids_is_never_sent_back(self):
         for code, answer in ((1005, 1002), (1006, 1002), (1015, 1002), (2000, 1002), (1000, 1000), (4000, 4000)):
             with self.subTest(code=code):
