@@ -3360,17 +3360,19 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     corked: ClassVar[dict[int, socket.socket]] = {}  # id(connection) -> its socket, while get holds the 101 back
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None]:
         # Tornado sends the 101 response by itself, and the connect sequence
         # a moment later: two packets, two wake-ups of the client. Corked,
         # they leave as one when open() is done (at most 200 ms later if
         # anything went wrong: Linux sends a corked socket's data by then).
+        # Not a coroutine: Tornado's get() runs for the connection's whole
+        # life, and a coroutine around it would keep one more frame alive.
         if TCP_CORK is not None:
             with contextlib.suppress(OSError, AttributeError):
                 sock = self.request.connection.stream.socket  # type: ignore[union-attr]
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 1)
                 ChatSocket.corked[id(self)] = sock  # not an attribute: it would stay in every connection's dict
-        await super().get(*args, **kwargs)
+        return super().get(*args, **kwargs)
 
     def on_finish(self) -> None:
         if self.get_status() != 101:  # a refused handshake: its answer goes now
