@@ -1719,30 +1719,45 @@ class Outbox:
         self.written_at = 0.0  # when a write the kernel held back was taken: the reader is alive
 
     def push(self, wire: bytes, payload: bytes, bulk: bool = False) -> bool:
-        """Queue one frame; False when the reader has stopped reading."""
+        """Queue one frame; False when the reader has stopped reading.
+        (Every delivery comes through here: the usual path is kept short.)"""
         if self.closed:
             return True
+        size = len(wire)
         start = self.pushed
-        self.pushed += len(wire)
-        self.owed += len(wire)
-        if bulk and self._bulk_owed() + len(wire) <= self.bulk_cap:
+        self.pushed = start + size
+        self.owed += size
+        if bulk:
+            self._asked(start, size)
+        if self.stream is None:
+            return self._fallback(payload, size)
+        out = self.out
+        out.append(wire)
+        if self.writing:
+            return self.owed - self._bulk_owed() <= self.limit
+        if len(out) == 1:
+            dirty = Outbox.dirty
+            if not dirty:
+                tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)
+            dirty.append(self)
+        return True
+
+    def _asked(self, start: int, size: int) -> None:
+        """Bytes [start, start + size) answer the connection's own request."""
+        if self._bulk_owed() + size <= self.bulk_cap:
             if self.bulk and self.bulk[-1][1] == start:
-                self.bulk[-1][1] = self.pushed  # one range for a whole connect sequence
+                self.bulk[-1][1] = start + size  # one range for a whole connect sequence
             else:
-                self.bulk.append([start, self.pushed])
-        if self.stream is None:  # fallback: Tornado frames and writes it
-            try:
-                future = self.handler.write_message(payload)
-            except tornado.websocket.WebSocketClosedError:
-                return True
-            future.add_done_callback(lambda f, n=len(wire): self._written(n))
-        else:
-            self.out.append(wire)
-            if not self.writing and len(self.out) == 1:
-                if not Outbox.dirty:
-                    tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)
-                Outbox.dirty.append(self)
-        return not ((self.writing or self.stream is None) and self.owed - self._bulk_owed() > self.limit)
+                self.bulk.append([start, start + size])
+
+    def _fallback(self, payload: bytes, size: int) -> bool:
+        """Tornado frames and writes it (see raw_stream)."""
+        try:
+            future = self.handler.write_message(payload)
+        except tornado.websocket.WebSocketClosedError:
+            return True
+        future.add_done_callback(lambda f: self._written(size))
+        return self.owed - self._bulk_owed() <= self.limit
 
     @classmethod
     def flush_all(cls) -> None:
@@ -1833,13 +1848,12 @@ def send_to(connections: Iterable[ChatSocket], frame: Optional[dict], payload: O
     A bulk frame answers the connection's own request (see Outbox)."""
     payload = payload or encode(frame)
     wire = ws_frame(payload)
-    count = 0
     # A snapshot: a connection closed on the way (1013) leaves the live sets.
-    for connection in tuple(connections):
-        count += 1
+    connections = tuple(connections)
+    for connection in connections:
         if not connection.outbox.push(wire, payload, bulk):
             connection.too_slow()
-    Metrics.sent(frame["type"] if frame else payload_type(payload), count)
+    Metrics.sent(frame["type"] if frame else payload_type(payload), len(connections))
 
 
 def payload_type(payload: bytes) -> str:
