@@ -798,6 +798,23 @@ MUTANTS = [
     M("edit_without_id", "edit, delete and react are events in the id sequence",
       'NUMBERED = frozenset({"message", "direct", "edit", "delete", "react"})',
       'NUMBERED = frozenset({"message", "direct", "delete", "react"})'),
+    # ---- what is gathered once and kept: it must be dropped when it changes
+    M("room_connections_kept_on_arrival", "A tab that opens or closes mid-conversation gets what follows, and only that",
+      "        for room_key in cls.users[user].rooms:\n            cls.rooms[room_key].here = None",
+      "        for room_key in cls.users[user].rooms:\n            pass"),
+    M("room_connections_kept_on_join", "Joining a room: its messages from then on",
+      "        room.here = None\n        if member:", "        if member:"),
+    M("roster_keeps_who_went", "welcome.online and joined.members: who is there now",
+      "names = [name for name in names if name not in gone]", "names = [name for name in names if name not in came]"),
+    M("roster_unsorted", "Rosters are sorted case-insensitively",
+      "return sorted(names + came, key=key)", "return names + came"),
+    M("header_checked_after_tornado", "An unmasked frame is refused before it is acted on",
+      "        if future.done():\n            self._header_read(future)\n        else:\n"
+      "            future.add_done_callback(self._header_read)",
+      "        future.add_done_callback(self._header_read)"),
+    M("push_unbounded_while_writing", "A reader that stops reading is closed with 1013 at --max_queue",
+      "            return self.owed - self._bulk_owed() <= self.limit\n        if len(out) == 1:",
+      "            return True\n        if len(out) == 1:"),
 ]
 
 
