@@ -699,6 +699,7 @@ class Results:
     arrivals: dict[str, Any] = field(default_factory=dict)
     idle_big: dict[str, Any] = field(default_factory=dict)
     presence: dict[str, Any] = field(default_factory=dict)
+    floor: dict[str, Any] = field(default_factory=dict)   # measure_send_floor, beside the paced rounds
     redis: dict[str, Any] = field(default_factory=dict)   # run_redis (--redis, --quick)
     errors: list[str] = field(default_factory=list)
 
@@ -796,6 +797,64 @@ async def measure_latency(server: Server, receivers: list[RawClient], rate: floa
     samples = tally.latencies or []
     runs.samples += samples
     runs.round_p99_ms.append(round(percentile(sorted(samples), 0.99), 3))
+
+
+# The reader of measure_send_floor, in a process of its own (as the clients
+# of the paced rounds are): n connections, drained as data comes.
+SEND_FLOOR_READER = """
+import select, socket, sys, time
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+poll = select.epoll()
+for s in socks:
+    s.setblocking(False)
+    poll.register(s.fileno(), select.EPOLLIN)
+by_fd = {s.fileno(): s for s in socks}
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for fd, _ in poll.poll(0.2):
+        try:
+            while by_fd[fd].recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+"""
+
+
+def measure_send_floor(n: int, rate: float, seconds: float, size: int = 160) -> dict[str, Any]:
+    """What one send() costs here, with no server around it: a bare loop
+    sends ``size`` bytes to each of n loopback sockets, ``rate`` rounds a
+    second, while another process reads them (as the paced rounds do).
+    CPU of the sending thread alone (user and system) per send: the least a
+    delivery can cost when each message is its own send() to each receiver."""
+    with socket.create_server((HOST, 0), backlog=n) as listener:
+        port = listener.getsockname()[1]
+        reader = subprocess.Popen([sys.executable, "-c", SEND_FLOOR_READER, str(port), str(n), str(seconds + 10)])
+        try:
+            socks = []
+            listener.settimeout(10)
+            for _ in range(n):
+                sock, _ = listener.accept()
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)
+                socks.append(sock)
+            data, rounds, sent = b"x" * size, int(rate * seconds), 0
+            time.sleep(0.3)
+            cpu = 0.0
+            start = time.monotonic()
+            for i in range(rounds):
+                t0 = time.thread_time()
+                for sock in socks:
+                    sent += sock.send(data) // size
+                cpu += time.thread_time() - t0
+                time.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))   # pacing, as send_paced
+            for sock in socks:
+                sock.close()
+            return {"n": n, "msg_per_s": rate, "bytes": size, "sends": sent,
+                    "us_per_send": round(cpu * 1e6 / max(1, sent), 2)}
+        finally:
+            reader.kill()
+            reader.wait()
 
 
 async def measure_idle(tmp: Path, count: int, tabs: int, concurrency: int) -> dict[str, Any]:
@@ -1670,6 +1729,8 @@ async def run_latency_suite(res: Results, prof: Profile, tmp: Path, paced_only: 
             for server, label in ((chat, "chat"), (base, "baseline")):
                 await measure_latency(server, receivers[label], rate, seconds, runs[label])
         res.latency = [runs[label].summary(rate, n) for label in ("chat", "baseline")]
+        res.floor = await asyncio.to_thread(measure_send_floor, n, rate, min(seconds, 5.0))
+        log(f"send floor: {res.floor}")
         for lat in res.latency:
             log(f"{lat['server']}: latency p50 {lat['p50_ms']} ms p99 {lat['p99_ms']} ms "
                 f"(rounds {lat['round_p99_ms']})")
@@ -2367,7 +2428,8 @@ def targets_issue9(res: Results) -> dict[str, Any]:
     if lat:
         v = lat["cpu_us_per_delivery"]
         out["paced_cpu_us_per_delivery"] = goal(v, TARGET_PACED_US, v <= TARGET_PACED_US if lat["n"] == 200 else None,
-                                                n=lat["n"], msg_per_s=lat["msg_per_s"])
+                                                n=lat["n"], msg_per_s=lat["msg_per_s"],
+                                                send_floor_us=res.floor.get("us_per_send"))
     if len(res.storm) >= 2 and res.storm[1]["n"] == 4 * res.storm[0]["n"]:
         small, big = res.storm[0], res.storm[1]
         ratio = round(big["cpu_s"] / small["cpu_s"], 2) if small["cpu_s"] else None
@@ -2405,7 +2467,7 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> dict[st
            "latency": res.latency, "idle": res.idle, "dm": res.dm, "slow": res.slow,
            "reconnect_scan": res.reconnect, "mailbox_rss": res.mailbox,
            "storm": res.storm, "arrivals": res.arrivals, "idle50k": res.idle_big,
-           "presence_latency": res.presence, "redis": res.redis, "cited": {"flask_socketio_burst_n200_us": FLASK_SOCKETIO_US},
+           "presence_latency": res.presence, "send_floor": res.floor, "redis": res.redis, "cited": {"flask_socketio_burst_n200_us": FLASK_SOCKETIO_US},
            "targets": goals, "errors": res.errors, "ok": not res.errors}
     print(json.dumps(doc, separators=(",", ":")), flush=True)
 
@@ -2436,6 +2498,11 @@ def print_report(res: Results, goals: dict[str, Any], seconds: float) -> dict[st
             lines.append(f"  paced    chat             {lt['msg_per_s']:g} messages/s into {lt['n']}: "
                          f"{lt['cpu_us_per_delivery']:.2f} us CPU/delivery  (target <= {TARGET_PACED_US:g} us "
                          f"at N=200){mark('paced_cpu_us_per_delivery')}")
+    if res.floor:
+        f = res.floor
+        lines.append(f"  floor    a bare send() of {f['bytes']} bytes to each of {f['n']} loopback sockets, "
+                     f"{f['msg_per_s']:g} rounds/s: {f['us_per_send']:.2f} us CPU/send (no server: the least "
+                     f"a paced delivery costs on this machine)")
     for i in res.idle:
         tgt = f"  (target <= {TARGET_RSS_KIB:g} KiB){mark('rss_kib_per_idle_conn')}"
         if i["n"] == TARGET_CONNS:
