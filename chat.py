@@ -3543,6 +3543,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     A /healthz that says "degraded" (503) is a warning: the backplane has
     logged why, and a load balancer asks every few seconds."""
     status = handler.get_status()
+    if status == 101 and not access_log.isEnabledFor(logging.DEBUG):
+        return  # nothing to format: arrivals in a storm each skip it
     degraded = status == 503 and isinstance(handler, HealthHandler)
     write = (access_log.debug if status == 101 else access_log.info if status < 400
              else access_log.warning if status < 500 or degraded else access_log.error)
