@@ -1369,6 +1369,18 @@ random_frames = st.one_of(
 )
 
 
+class EncodeNamesTest(unittest.TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(names=st.lists(st.one_of(st.from_regex(r"[A-Za-z0-9_.\-]{1,32}", fullmatch=True),
+                                    st.text(st.one_of(st.sampled_from('"\\,\x00\x1f\x7f\u00e9\u2028'),
+                                                      st.characters(blacklist_categories=("Cs",))),
+                                            max_size=6)), max_size=12))
+    def test_rosters_are_written_exactly_as_json_would(self, names):
+        """The fast path for name lists writes what json would, whatever the
+        names hold (a stray quote or control character takes json itself)."""
+        self.assertEqual(chat.encode_names(names), chat.encode(names))
+
+
 class PropertyTest(ChatTestCase):
     runs = 0
 
