@@ -771,6 +771,15 @@ def flagged(payload: bytes, flag: str) -> bytes:
     return b'%s,"%s":true}' % (payload[:-1], flag.encode())
 
 
+def dressed(row: Row, reader: str) -> bytes:
+    """A stored message as reader (a user key) is sent it: a private one
+    that still waits says "buffered" to its reader and "queued" to its sender."""
+    id, payload, sender, recipient, delivered = row
+    if recipient is None or delivered:
+        return payload
+    return flagged(payload, "buffered" if recipient == reader else "queued")
+
+
 def message_frame(id: int, room: str, sender: str, text: str, ts: str, local: str,
                   reply: Optional[tuple[int, Optional[str]]] = None) -> dict:
     frame = {"type": "message", "id": id, "room": room, "from": sender, "text": text, "ts": ts, "time": local}
@@ -2266,7 +2275,7 @@ class Hub:
             tabs = cls.online.get(user)
             if tabs:
                 read = cls.store.reads(user).get("#" + room_key, 0)
-                joined = next(iter(tabs))._joined(room, None, cls.conf.max_queue, read)[0]
+                joined = Greeting.joined(room, user, None, cls.conf.max_queue, read)[0]
                 send_to(tabs, None, joined, bulk=True)
         else:
             if room is None or user not in room.members:
@@ -2558,13 +2567,129 @@ class Hub:
             send_to(cls.online.get(key(event["to"]), ()), typing_frame(event["user"], None, event["to"]))
 
 
+################ Greeting: the connect sequence
+
+
+class Greeting:
+    """The connect sequence of a connection just let in: welcome, one
+    joined per room, then private messages, then (with since) what changed
+    meanwhile; at most about --max_queue bytes in all (see the manual).
+    Private messages take the newest that fit in half; room histories share
+    what is left, in the order of the rooms' names.
+
+    It is the one answer built from every part of the state at once, under
+    one budget, and it is sent once: it lives only while it is sent. A
+    joined frame is built the same way for a join later (joined), here or
+    on another connection of the user (Hub.apply_member).
+    """
+
+    __slots__ = ("connection", "user", "me")
+
+    def __init__(self, connection: ChatSocket, user: User) -> None:
+        self.connection = connection
+        self.user = user
+        self.me: str = connection.user  # type: ignore[assignment]  # its key: set before it is greeted
+
+    def send(self, token: str, since: Optional[int]) -> None:
+        """The whole sequence, into the connection's Outbox; then its mail is delivered."""
+        connection, user, me = self.connection, self.user, self.me
+        conf = Hub.conf
+        directs, cut = self._owed_directs(since, conf.max_queue // 2)
+        my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
+        roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
+        reads = Hub.store.reads(me)
+        read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
+        welcome = welcome_payload(user.name, token, connection.device, roster, online_count, my_rooms, read_with, conf,
+                                  Hub.store.epoch, cut, Hub.backplane.node if Hub.backplane.waits else None)
+        connection.send_payload(welcome)
+        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))  # what rooms share
+        for r in sorted(user.rooms):
+            joined, budget = Greeting.joined(Hub.rooms[r], me, since, budget, reads.get("#" + r, 0))
+            connection.send_payload(joined)
+        for _, payload in directs:
+            connection.send_payload(payload)
+        if since:  # what changed since, to messages it has (newer ones came in their current state)
+            for payload in self._owed_changes(since, sorted(user.rooms), budget):
+                connection.send_payload(payload)
+        mail = [row for row, _ in directs if row[3] == me and not row[4]]
+        if mail and not connection._dead:
+            Hub.deliver(me, mail)
+        # From now on answers it asks for (joins, histories) may be owed up to
+        # this much beyond --max_queue; a client that asks and never reads is cut off.
+        connection.outbox.bulk_cap = conf.max_queue
+
+    def _owed_directs(self, since: Optional[int], budget: int) -> tuple[list[tuple[Row, bytes]], bool]:
+        """The private messages a connect sequence carries, oldest first, as
+        (row, payload): those waiting for the user, and with since those
+        after it; only the newest that fit in budget bytes. The second value
+        says whether any were left out."""
+        mailbox = Hub.conf.mailbox
+        rows = {row[0]: row for row in Hub.store.mail(self.me, mailbox)}
+        cut = False
+        if since is not None:
+            replay = Hub.store.direct_page(self.me, None, None, since, mailbox)
+            cut = len(replay) == mailbox  # there may be more beyond the limit
+            rows.update((row[0], row) for row in replay)
+        chosen = []
+        for id in sorted(rows, reverse=True):
+            payload = dressed(rows[id], self.me)
+            if len(payload) > budget:
+                cut = True  # the rest are older: the client asks for them with history
+                break
+            budget -= len(payload)
+            chosen.append((rows[id], payload))
+        chosen.reverse()
+        return chosen, cut
+
+    def _owed_changes(self, since: int, rooms: list[str], budget: int) -> list[bytes]:
+        """The change events after since, oldest first: the newest that fit
+        in budget bytes, at most MAX_CHANGES. A client that missed more asks
+        for its conversations again with history (see the manual)."""
+        chosen = []
+        for payload in Hub.store.changes(self.me, rooms, since, MAX_CHANGES):
+            if len(payload) > budget:
+                break
+            budget -= len(payload)
+            chosen.append(payload)
+        chosen.reverse()
+        return chosen
+
+    @staticmethod
+    def joined(room: Room, user: str, since: Optional[int], budget: int, read: int) -> tuple[bytes, int]:
+        """The joined frame of room for user (a key), holding only messages
+        after since and only the newest that fit in budget bytes; and what
+        is left of it. It says "truncated" when messages after since were
+        left out: cut for the budget, or older than the history keeps."""
+        roster, member_count = roster_with(room.names, room.roster, Hub.users[user].name, Hub.conf.roster)
+        if len(roster) > budget:
+            roster = b"[]"  # the client pages through the members it lacks (member_count says how many)
+        room_budget = budget - len(joined_payload(room.name, roster, member_count, read, [], True))
+        held = Hub.history.get(key(room.name))
+        newer = held if since is None else [m for m in held if m[0] > since]
+        truncated = False
+        if since is not None and newer and len(newer) == len(held):
+            # Every kept message is new to it: were there more before them? An
+            # indexed look-up, so a resume costs the same however big the room.
+            truncated = Hub.store.room_has(key(room.name), since, held[0][0])
+        fits = 0
+        for _, payload in reversed(newer):
+            if len(payload) + 1 > room_budget:  # and its comma
+                break
+            room_budget -= len(payload) + 1
+            fits += 1
+        truncated = truncated or fits < len(newer)
+        kept = [payload for _, payload in newer[len(newer) - fits:]]
+        joined = joined_payload(room.name, roster, member_count, read, kept, truncated)
+        return joined, max(0, budget - len(joined))
+
+
 ################ The socket: one connection, the protocol only
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
-    """One connection of one user: the handshake and its checks, the connect
-    sequence, liveness, and the client's frames, each checked and handed to
-    the Hub. What it is owed waits in its Outbox."""
+    """One connection of one user: the handshake and its checks, liveness,
+    and the client's frames, each checked and handed to the Hub. Its
+    Greeting sends the connect sequence; what it is owed waits in its Outbox."""
 
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
 
@@ -2693,7 +2818,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.user, self.device = user_key, device
         Hub.arrive(self, self.user, ip)
         try:
-            self._greet(user, token, since)
+            Greeting(self, user).send(token, since)
         except Exception:  # a bug, not the client's doing: never leave a ghost online
             log.exception("could not greet %s", user.name)
             self._close(1011, "server error")
@@ -2745,107 +2870,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             held[1].clear()
         send_to((self,), error_frame(error.code, error.message))
         self._close(code, error.code)
-
-    def _greet(self, user: User, token: str, since: Optional[int]) -> None:
-        """The connect sequence: welcome, one joined per room, then private
-        messages; at most about --max_queue bytes in all (see the manual).
-        Private messages take the newest that fit in half; room histories
-        share what is left, in the order of the rooms' names."""
-        conf = Hub.conf
-        directs, cut = self._owed_directs(since, conf.max_queue // 2)
-        my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
-        roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
-        reads = Hub.store.reads(self.user)
-        read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
-        welcome = welcome_payload(user.name, token, self.device, roster, online_count, my_rooms, read_with, conf,
-                                  Hub.store.epoch, cut, Hub.backplane.node if Hub.backplane.waits else None)
-        self.send_payload(welcome)
-        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))  # what rooms share
-        for r in sorted(user.rooms):
-            joined, budget = self._joined(Hub.rooms[r], since, budget, reads.get("#" + r, 0))
-            self.send_payload(joined)
-        for _, payload in directs:
-            self.send_payload(payload)
-        if since:  # what changed since, to messages it has (newer ones came in their current state)
-            for payload in self._owed_changes(since, sorted(user.rooms), budget):
-                self.send_payload(payload)
-        mail = [row for row, _ in directs if row[3] == self.user and not row[4]]
-        if mail and not self._dead:
-            Hub.deliver(self.user, mail)
-        # From now on answers it asks for (joins, histories) may be owed up to
-        # this much beyond --max_queue; a client that asks and never reads is cut off.
-        self.outbox.bulk_cap = conf.max_queue
-
-    def _owed_directs(self, since: Optional[int], budget: int) -> tuple[list[tuple[Row, bytes]], bool]:
-        """The private messages a connect sequence carries, oldest first, as
-        (row, payload): those waiting for the user, and with since those
-        after it; only the newest that fit in budget bytes. The second value
-        says whether any were left out."""
-        mailbox = Hub.conf.mailbox
-        rows = {row[0]: row for row in Hub.store.mail(self.user, mailbox)}
-        cut = False
-        if since is not None:
-            replay = Hub.store.direct_page(self.user, None, None, since, mailbox)
-            cut = len(replay) == mailbox  # there may be more beyond the limit
-            rows.update((row[0], row) for row in replay)
-        chosen = []
-        for id in sorted(rows, reverse=True):
-            payload = self._dressed(rows[id])
-            if len(payload) > budget:
-                cut = True  # the rest are older: the client asks for them with history
-                break
-            budget -= len(payload)
-            chosen.append((rows[id], payload))
-        chosen.reverse()
-        return chosen, cut
-
-    def _owed_changes(self, since: int, rooms: list[str], budget: int) -> list[bytes]:
-        """The change events after since, oldest first: the newest that fit
-        in budget bytes, at most MAX_CHANGES. A client that missed more asks
-        for its conversations again with history (see the manual)."""
-        chosen = []
-        for payload in Hub.store.changes(self.user, rooms, since, MAX_CHANGES):
-            if len(payload) > budget:
-                break
-            budget -= len(payload)
-            chosen.append(payload)
-        chosen.reverse()
-        return chosen
-
-    def _dressed(self, row: Row) -> bytes:
-        """A stored message as this user is sent it: a private one that
-        still waits says "buffered" to its reader and "queued" to its sender."""
-        id, payload, sender, recipient, delivered = row
-        if recipient is None or delivered:
-            return payload
-        return flagged(payload, "buffered" if recipient == self.user else "queued")
-
-    def _joined(self, room: Room, since: Optional[int], budget: int, read: int) -> tuple[bytes, int]:
-        """The joined frame for room, holding only messages after since and
-        only the newest that fit in budget bytes; and what is left of it.
-        It says "truncated" when messages after since were left out: cut
-        for the budget, or older than the history keeps."""
-        roster, member_count = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
-        if len(roster) > budget:
-            roster = b"[]"  # the client pages through the members it lacks (member_count says how many)
-        room_budget = budget - len(joined_payload(room.name, roster, member_count, read, [], True))
-        held = Hub.history.get(key(room.name))
-        newer = held if since is None else [m for m in held if m[0] > since]
-        truncated = False
-        if since is not None and newer and len(newer) == len(held):
-            # Every kept message is new to it: were there more before them? An
-            # indexed look-up, so a resume costs the same however big the room.
-            truncated = Hub.store.room_has(key(room.name), since, held[0][0])
-        fits = 0
-        for _, payload in reversed(newer):
-            if len(payload) + 1 > room_budget:  # and its comma
-                break
-            room_budget -= len(payload) + 1
-            fits += 1
-        truncated = truncated or fits < len(newer)
-        kept = [payload for _, payload in newer[len(newer) - fits:]]
-        joined = joined_payload(room.name, roster, member_count, read, kept, truncated)
-        return joined, max(0, budget - len(joined))
 
     def on_close(self) -> None:
         self._dead = True
@@ -3112,7 +3136,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         room = Hub.rooms.get(key(name))
         read = Hub.store.reads(self.user).get("#" + key(name), 0)
         if room is not None and self.user in room.members:
-            self.send_payload(self._joined(room, None, Hub.conf.max_queue, read)[0])  # a fresh copy
+            self.send_payload(Greeting.joined(room, self.user, None, Hub.conf.max_queue, read)[0])  # a fresh copy
         else:
             if len(Hub.users[self.user].rooms) >= ROOMS_PER_USER:
                 raise ChatError("too_many_rooms", f"you are in {ROOMS_PER_USER} rooms; leave one first")
@@ -3161,7 +3185,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             raise ChatError("bad_request", "history needs a 'room', a 'with', or \"directs\": true")
         more, budget, kept = len(rows) > limit, Hub.conf.max_queue, []
         for row in rows[:limit]:  # newest first: keep the newest that fit
-            payload = self._dressed(row)
+            payload = dressed(row, self.user)
             if len(payload) > budget and kept:
                 more = True
                 break
@@ -3185,7 +3209,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         before, _ = check_page({"before": frame.get("before")})
         rooms = sorted(Hub.users[self.user].rooms)  # the rooms it is in now, and its own private messages
         rows = Hub.store.search(self.user, rooms, words, before, SEARCH_PAGE + 1)
-        found = [self._dressed(row) for row in rows[:SEARCH_PAGE]]
+        found = [dressed(row, self.user) for row in rows[:SEARCH_PAGE]]
         self.send_payload(listing_payload("results", {"q": q}, found, len(rows) > SEARCH_PAGE))
         self._ack(ref)
 
