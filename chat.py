@@ -1958,7 +1958,7 @@ class Hub:
     flushing: ClassVar[Optional[object]] = None  # the timer of the next flush
     names: ClassVar[list[str]] = []  # everyone online, sorted as clients see them
     roster: ClassVar[bytes] = b"[]"  # the first --roster of names, encoded once for every welcome
-    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # ChatSocket.ping_all and sweep
+    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # Liveness.ping_all and sweep
 
     @classmethod
     def load(cls, conf: Config, store: Store, backplane: Optional[Backplane] = None) -> None:
@@ -2105,7 +2105,7 @@ class Hub:
             cls.timers = [tornado.ioloop.PeriodicCallback(cls.sweep, 1000 * SWEEP_EVERY),
                           tornado.ioloop.PeriodicCallback(Metrics.measure_lag, 1000)]
             if cls.conf.ping_interval > 0:
-                cls.timers.append(tornado.ioloop.PeriodicCallback(ChatSocket.ping_all, 1000 * cls.conf.ping_interval))
+                cls.timers.append(tornado.ioloop.PeriodicCallback(Liveness.ping_all, 1000 * cls.conf.ping_interval))
             for timer in cls.timers:
                 timer.start()
         cls.per_ip[ip] = cls.per_ip.get(ip, 0) + 1
@@ -2683,13 +2683,70 @@ class Greeting:
         return joined, max(0, budget - len(joined))
 
 
+################ Liveness: a client that vanished sends no close frame, so we ask
+
+
+class Liveness:
+    """Every --ping_interval: ping each connection, and --ping_timeout later
+    drop those that answered neither this ping nor anything else.
+
+    A client that vanishes just after a pong is pinged at most one interval
+    later and dropped one timeout after that: within 2 x the interval. The
+    ping waits behind whatever the connection is owed, so a client that
+    stopped reading is dropped the same way, whatever else it sends.
+    We do this rather than use Tornado's own ping timeout, which waits
+    five more seconds for a close handshake a vanished client never sends.
+
+    One timer for the process (Hub.arrive starts it), not one per
+    connection; what it knows of a connection is two attributes of it, its
+    latest ping's payload and when it was last heard from.
+    """
+
+    @staticmethod
+    def heard(connection: ChatSocket, data: bytes) -> None:
+        """A pong came."""
+        # Each connection's ping carries its own random payload, and it waits
+        # behind everything written before it: only a client that read all
+        # of that can echo it, and no other connection can answer for it.
+        if data == connection._ping_payload:
+            connection._heard = time.monotonic()
+
+    @classmethod
+    def ping_all(cls) -> None:
+        """Ping every open connection, and look again --ping_timeout later."""
+        sent = time.monotonic()
+        pinged = [c for c in Hub.everyone_but() if not c._dead]
+        for connection in pinged:
+            connection._ping_payload = secrets.token_bytes(8)
+            try:
+                connection.ping(connection._ping_payload)
+            except tornado.websocket.WebSocketClosedError:
+                pass
+        tornado.ioloop.IOLoop.current().call_later(Hub.conf.ping_timeout, cls._drop_silent, pinged, sent)
+
+    @classmethod
+    def _drop_silent(cls, pinged: list, sent: float) -> None:
+        """Close those of pinged heard from neither by a pong nor by a taken
+        write since sent, without a close handshake the peer would never answer."""
+        for connection in pinged:
+            if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:
+                log.info("%s stopped answering pings", connection.user)
+                connection._dead = True
+                connection.outbox.close(drain=False)
+                if connection.outbox.stream is not None:
+                    connection.outbox.stream.close()  # no close handshake with a peer that is gone
+                else:
+                    connection.close(1001, "ping timed out")
+
+
 ################ The socket: one connection, the protocol only
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
-    """One connection of one user: the handshake and its checks, liveness,
-    and the client's frames, each checked and handed to the Hub. Its
-    Greeting sends the connect sequence; what it is owed waits in its Outbox."""
+    """One connection of one user: the handshake and its checks, and the
+    client's frames, each checked and handed to the Hub. Its Greeting sends
+    the connect sequence, Liveness pings it, and what it is owed waits in
+    its Outbox."""
 
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
 
@@ -2700,7 +2757,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     _dead = False  # closing: nothing more is read or written
     _departed = False
     _flood_start = _flood_last = -FLOOD_CLOSE_AFTER  # when the current run of refused frames began, and its latest
-    _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts
+    _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts (Liveness)
     _answered: Optional[asyncio.Future] = None  # with --redis: done once the latest frame's answers are out
     _in_flight = 0  # with --redis: frames being handled at once
 
@@ -2728,7 +2785,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._messages = Bucket(conf.burst)  # frames it may send: --rate, --burst
         self._frames = Bucket(WIRE_FACTOR * conf.burst)  # wire frames of any kind
         self._typing = Bucket(TYPING[0])
-        self._heard = time.monotonic()
+        self._heard = time.monotonic()  # when it was last heard from (Liveness)
         # Frames are already gathered into one write per loop turn; Nagle's
         # algorithm would only hold that write back for the peer's delayed ACK.
         self.set_nodelay(True)
@@ -2888,47 +2945,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             Hub.depart(self, self.user, self.request.remote_ip)
 
     def on_pong(self, data: bytes) -> None:
-        # Each connection's ping carries its own random payload, and it waits
-        # behind everything written before it: only a client that read all
-        # of that can echo it, and no other connection can answer for it.
-        if data == self._ping_payload:
-            self._heard = time.monotonic()
-
-    # ---- liveness: a client that vanished sends no close frame, so we ask
-
-    @classmethod
-    def ping_all(cls) -> None:
-        """Every --ping_interval: ping each connection, and --ping_timeout later
-        drop those that answered neither this ping nor anything else.
-
-        A client that vanishes just after a pong is pinged at most one interval
-        later and dropped one timeout after that: within 2 x the interval. The
-        ping waits behind whatever the connection is owed, so a client that
-        stopped reading is dropped the same way, whatever else it sends.
-        We do this rather than use Tornado's own ping timeout, which waits
-        five more seconds for a close handshake a vanished client never sends.
-        """
-        sent = time.monotonic()
-        pinged = [c for c in Hub.everyone_but() if not c._dead]
-        for connection in pinged:
-            connection._ping_payload = secrets.token_bytes(8)
-            try:
-                connection.ping(connection._ping_payload)
-            except tornado.websocket.WebSocketClosedError:
-                pass
-        tornado.ioloop.IOLoop.current().call_later(Hub.conf.ping_timeout, cls._drop_silent, pinged, sent)
-
-    @classmethod
-    def _drop_silent(cls, pinged: list, sent: float) -> None:
-        for connection in pinged:
-            if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:
-                log.info("%s stopped answering pings", connection.user)
-                connection._dead = True
-                connection.outbox.close(drain=False)
-                if connection.outbox.stream is not None:
-                    connection.outbox.stream.close()  # no close handshake with a peer that is gone
-                else:
-                    connection.close(1001, "ping timed out")
+        Liveness.heard(self, data)
 
     # ---- client frames: on_message dispatches to do_<type>
 

@@ -738,7 +738,7 @@ MUTANTS = [
     M("bulk_uncapped", "Answers a client asked for go at its pace, up to --max_queue at a time",
       "if bulk and self._bulk_owed() + len(wire) <= self.bulk_cap:", "if bulk:"),
     M("any_pong_counts", "A pong counts only if it echoes this connection's latest ping",
-      "if data == self._ping_payload:", "if True:"),
+      "if data == connection._ping_payload:", "if True:"),
     M("ping_payload_constant", "each connection's ping carries its own random payload",
       "connection._ping_payload = secrets.token_bytes(8)", 'connection._ping_payload = b"ping"'),
     M("silent_never_dropped", "A client that stops answering pings is dropped",
