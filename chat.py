@@ -289,9 +289,6 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 
 log = logging.getLogger("chat")
 HERE = os.path.dirname(os.path.abspath(__file__))
-# With --redis, the answers of the frame a task handles, held back until the
-# frames before it are answered (ChatSocket._pipelined): (connection, [answers]).
-HELD: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("held", default=None)
 
 
 ################ Settings
@@ -2739,6 +2736,88 @@ class Liveness:
                     connection.close(1001, "ping timed out")
 
 
+################ Pipeline: with --redis, a connection's frames in flight, answered in order
+
+
+class Pipeline:
+    """With --redis: one connection's frames while the backplane has them,
+    and the order their answers go out in.
+
+    A message waits for the backplane, and the next frame need not wait for
+    it: its append goes out right behind, on the same connection to Redis,
+    so a client that sends fast fills the log's batches. Any other frame (a
+    join, a history) waits until the frames before it are applied, so that
+    it sees their effects; and answers always go out in frame order: the
+    task of each frame holds its answers to the connection (HELD) until the
+    frame before it is answered. Tornado reads the next frame at once after
+    a message, up to IN_FLIGHT of them; after anything else, when it is done.
+
+    A connection gets one at its first frame with --redis. In one process
+    every handler finishes before the next frame is read, in order already,
+    and none is made.
+    """
+
+    # The answers of the frame a task handles, held back until the frames
+    # before it are answered: (connection, [(frame, payload, bulk)]).
+    HELD: ClassVar[contextvars.ContextVar[Optional[tuple]]] = contextvars.ContextVar("held", default=None)
+
+    __slots__ = ("connection", "answered", "in_flight")
+
+    def __init__(self, connection: ChatSocket) -> None:
+        self.connection = connection
+        self.answered: Optional[asyncio.Future] = None  # done once the latest frame's answers are out
+        self.in_flight = 0  # frames being handled at once
+
+    def take(self, data: str | bytes) -> Optional[asyncio.Future]:
+        """Start handling one frame; what Tornado must wait for before it
+        reads the next, if anything."""
+        before, self.answered = self.answered, asyncio.get_running_loop().create_future()
+        message = peek_type(data) == "message"
+        self.in_flight += 1
+        task = asyncio.ensure_future(self._in_order(data, before, self.answered, message))
+        return None if message and self.in_flight < IN_FLIGHT else task
+
+    async def _in_order(self, data: str | bytes, before: Optional[asyncio.Future], answered: asyncio.Future,
+                        message: bool) -> None:
+        """One frame: handled (a message at once, anything else after the
+        frames before it), its answers held until theirs are out."""
+        connection = self.connection
+        held: list[tuple[Optional[dict], Optional[bytes], bool]] = []
+        Pipeline.HELD.set((connection, held))
+        try:
+            if before is not None and not message:
+                await before
+            await connection._handle(data)
+            if before is not None:
+                await before
+        finally:
+            Pipeline.HELD.set(None)
+            for frame, payload, bulk in held:
+                send_to((connection,), frame, payload, bulk)
+            self.in_flight -= 1
+            answered.set_result(None)
+
+    @staticmethod
+    def hold(connection: ChatSocket, frame: Optional[dict], payload: Optional[bytes], bulk: bool) -> bool:
+        """Hold an answer to connection if this task is handling one of its
+        frames (it goes out when that frame is answered); False: send it now."""
+        held = Pipeline.HELD.get()
+        if held is None or held[0] is not connection:
+            return False
+        held[1].append((frame, payload, bulk))
+        return True
+
+    @staticmethod
+    def release(connection: ChatSocket) -> None:
+        """Send the answers held for connection now, before what must follow
+        them at once (the close of a refused connection)."""
+        held = Pipeline.HELD.get()
+        if held is not None and held[0] is connection:
+            for frame, payload, bulk in held[1]:
+                send_to((connection,), frame, payload, bulk)
+            held[1].clear()
+
+
 ################ The socket: one connection, the protocol only
 
 
@@ -2758,8 +2837,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     _departed = False
     _flood_start = _flood_last = -FLOOD_CLOSE_AFTER  # when the current run of refused frames began, and its latest
     _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts (Liveness)
-    _answered: Optional[asyncio.Future] = None  # with --redis: done once the latest frame's answers are out
-    _in_flight = 0  # with --redis: frames being handled at once
+    _pipeline: Optional[Pipeline] = None  # with --redis, from its first frame: its frames in flight
 
     # ---- connection life
 
@@ -2920,11 +2998,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def refuse(self, error: ChatError, code: int) -> None:
         Metrics.count("refused", error.code)
-        held = HELD.get()
-        if held is not None and held[0] is self:  # this frame's answers (a logout's ack) go before the close
-            for frame, payload, bulk in held[1]:
-                send_to((self,), frame, payload, bulk)
-            held[1].clear()
+        Pipeline.release(self)  # this frame's answers (a logout's ack) go before the close
         send_to((self,), error_frame(error.code, error.message))
         self._close(code, error.code)
 
@@ -2957,36 +3031,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if not Hub.backplane.waits:
             finish(self._handle(data))
             return None
-        # With --redis a message waits for the backplane, and the next frame
-        # need not wait for it: its append goes out right behind, on the same
-        # connection to Redis, so a client that sends fast fills the log's
-        # batches. Any other frame (a join, a history) waits until the frames
-        # before it are applied, so that it sees their effects; and answers
-        # always go out in frame order (_pipelined).
-        before, self._answered = self._answered, asyncio.get_running_loop().create_future()
-        message = peek_type(data) == "message"
-        self._in_flight += 1
-        task = asyncio.ensure_future(self._pipelined(data, before, self._answered, message))
-        return None if message and self._in_flight < IN_FLIGHT else task
-
-    async def _pipelined(self, data: str | bytes, before: Optional[asyncio.Future], answered: asyncio.Future,
-                         message: bool) -> None:
-        """One frame with --redis: handled (a message at once, anything else
-        after the frames before it), its answers held until theirs are out."""
-        held: list[tuple[Optional[dict], Optional[bytes], bool]] = []
-        HELD.set((self, held))
-        try:
-            if before is not None and not message:
-                await before
-            await self._handle(data)
-            if before is not None:
-                await before
-        finally:
-            HELD.set(None)
-            for frame, payload, bulk in held:
-                send_to((self,), frame, payload, bulk)
-            self._in_flight -= 1
-            answered.set_result(None)
+        if self._pipeline is None:  # with --redis a handler may wait for the backplane
+            self._pipeline = Pipeline(self)
+        return self._pipeline.take(data)
 
     async def _handle(self, data: str | bytes) -> None:
         """One client frame: checked, dispatched to do_<type>, answered."""
@@ -3293,20 +3340,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- sending and closing
 
     def send(self, frame: dict, bulk: bool = False) -> None:
-        """One frame to this connection (an answer: held in frame order, see _pipelined)."""
-        held = HELD.get()
-        if held is not None and held[0] is self:
-            held[1].append((frame, None, bulk))
-            return
-        send_to((self,), frame, bulk=bulk)
+        """One frame to this connection (an answer: with --redis, held in frame order, see Pipeline)."""
+        if not Pipeline.hold(self, frame, None, bulk):
+            send_to((self,), frame, bulk=bulk)
 
     def send_payload(self, payload: bytes) -> None:
         """An answer this connection asked for, already encoded."""
-        held = HELD.get()
-        if held is not None and held[0] is self:
-            held[1].append((None, payload, True))
-            return
-        send_to((self,), None, payload, bulk=True)
+        if not Pipeline.hold(self, None, payload, True):
+            send_to((self,), None, payload, bulk=True)
 
     def too_slow(self) -> None:
         """It stopped reading: the kernel holds all it will and still more is
