@@ -290,9 +290,6 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 
 log = logging.getLogger("chat")
 HERE = os.path.dirname(os.path.abspath(__file__))
-# With --redis, the answers of the frame a task handles, held back until the
-# frames before it are answered (ChatSocket._pipelined): (connection, [answers]).
-HELD: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("held", default=None)
 
 
 ################ Settings
@@ -782,6 +779,15 @@ def flagged(payload: bytes, flag: str) -> bytes:
     """A stored message with one more key set to true ("buffered", "queued"),
     without decoding it: a message payload is a JSON object."""
     return b'%s,"%s":true}' % (payload[:-1], flag.encode())
+
+
+def dressed(row: Row, reader: str) -> bytes:
+    """A stored message as reader (a user key) is sent it: a private one
+    that still waits says "buffered" to its reader and "queued" to its sender."""
+    id, payload, sender, recipient, delivered = row
+    if recipient is None or delivered:
+        return payload
+    return flagged(payload, "buffered" if recipient == reader else "queued")
 
 
 def message_frame(id: int, room: str, sender: str, text: str, ts: str, local: str,
@@ -2023,7 +2029,7 @@ class Hub:
     flushing: ClassVar[Optional[object]] = None  # the timer of the next flush
     names: ClassVar[list[str]] = []  # everyone online, sorted as clients see them
     roster: ClassVar[bytes] = b"[]"  # the first --roster of names, encoded once for every welcome
-    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # ChatSocket.ping_all and sweep
+    timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # Liveness.ping_all and sweep
 
     @classmethod
     def load(cls, conf: Config, store: Store, backplane: Optional[Backplane] = None) -> None:
@@ -2170,7 +2176,7 @@ class Hub:
             cls.timers = [tornado.ioloop.PeriodicCallback(cls.sweep, 1000 * SWEEP_EVERY),
                           tornado.ioloop.PeriodicCallback(Metrics.measure_lag, 1000)]
             if cls.conf.ping_interval > 0:
-                cls.timers.append(tornado.ioloop.PeriodicCallback(ChatSocket.ping_all, 1000 * cls.conf.ping_interval))
+                cls.timers.append(tornado.ioloop.PeriodicCallback(Liveness.ping_all, 1000 * cls.conf.ping_interval))
             for timer in cls.timers:
                 timer.start()
         cls.per_ip[ip] = cls.per_ip.get(ip, 0) + 1
@@ -2355,7 +2361,7 @@ class Hub:
             tabs = cls.online.get(user)
             if tabs:
                 read = cls.store.reads(user).get("#" + room_key, 0)
-                joined = next(iter(tabs))._joined(room, None, cls.conf.max_queue, read)[0]
+                joined = Greeting.joined(room, user, None, cls.conf.max_queue, read)[0]
                 send_to(tabs, None, joined, bulk=True)
         else:
             if room is None or user not in room.members:
@@ -2648,13 +2654,268 @@ class Hub:
             send_to(cls.online.get(key(event["to"]), ()), typing_frame(event["user"], None, event["to"]))
 
 
+################ Greeting: the connect sequence
+
+
+class Greeting:
+    """The connect sequence of a connection just let in: welcome, one
+    joined per room, then private messages, then (with since) what changed
+    meanwhile; at most about --max_queue bytes in all (see the manual).
+    Private messages take the newest that fit in half; room histories share
+    what is left, in the order of the rooms' names.
+
+    It is the one answer built from every part of the state at once, under
+    one budget, and it is sent once: it lives only while it is sent. A
+    joined frame is built the same way for a join later (joined), here or
+    on another connection of the user (Hub.apply_member).
+    """
+
+    __slots__ = ("connection", "user", "me")
+
+    def __init__(self, connection: ChatSocket, user: User) -> None:
+        self.connection = connection
+        self.user = user
+        self.me: str = connection.user  # type: ignore[assignment]  # its key: set before it is greeted
+
+    def send(self, token: str, since: Optional[int]) -> None:
+        """The whole sequence, into the connection's Outbox; then its mail is delivered."""
+        connection, user, me = self.connection, self.user, self.me
+        conf = Hub.conf
+        directs, cut = self._owed_directs(since, conf.max_queue // 2)
+        my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
+        roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
+        reads = Hub.store.reads(me)
+        read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
+        welcome = welcome_payload(user.name, token, connection.device, roster, online_count, my_rooms, read_with, conf,
+                                  Hub.store.epoch, cut, Hub.backplane.node if Hub.backplane.waits else None)
+        connection.send_payload(welcome)
+        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))  # what rooms share
+        for r in sorted(user.rooms):
+            joined, budget = Greeting.joined(Hub.rooms[r], me, since, budget, reads.get("#" + r, 0))
+            connection.send_payload(joined)
+        for _, payload in directs:
+            connection.send_payload(payload)
+        if since:  # what changed since, to messages it has (newer ones came in their current state)
+            for payload in self._owed_changes(since, sorted(user.rooms), budget):
+                connection.send_payload(payload)
+        mail = [row for row, _ in directs if row[3] == me and not row[4]]
+        if mail and not connection._dead:
+            Hub.deliver(me, mail)
+        # From now on answers it asks for (joins, histories) may be owed up to
+        # this much beyond --max_queue; a client that asks and never reads is cut off.
+        connection.outbox.bulk_cap = conf.max_queue
+
+    def _owed_directs(self, since: Optional[int], budget: int) -> tuple[list[tuple[Row, bytes]], bool]:
+        """The private messages a connect sequence carries, oldest first, as
+        (row, payload): those waiting for the user, and with since those
+        after it; only the newest that fit in budget bytes. The second value
+        says whether any were left out."""
+        mailbox = Hub.conf.mailbox
+        rows = {row[0]: row for row in Hub.store.mail(self.me, mailbox)}
+        cut = False
+        if since is not None:
+            replay = Hub.store.direct_page(self.me, None, None, since, mailbox)
+            cut = len(replay) == mailbox  # there may be more beyond the limit
+            rows.update((row[0], row) for row in replay)
+        chosen = []
+        for id in sorted(rows, reverse=True):
+            payload = dressed(rows[id], self.me)
+            if len(payload) > budget:
+                cut = True  # the rest are older: the client asks for them with history
+                break
+            budget -= len(payload)
+            chosen.append((rows[id], payload))
+        chosen.reverse()
+        return chosen, cut
+
+    def _owed_changes(self, since: int, rooms: list[str], budget: int) -> list[bytes]:
+        """The change events after since, oldest first: the newest that fit
+        in budget bytes, at most MAX_CHANGES. A client that missed more asks
+        for its conversations again with history (see the manual)."""
+        chosen = []
+        for payload in Hub.store.changes(self.me, rooms, since, MAX_CHANGES):
+            if len(payload) > budget:
+                break
+            budget -= len(payload)
+            chosen.append(payload)
+        chosen.reverse()
+        return chosen
+
+    @staticmethod
+    def joined(room: Room, user: str, since: Optional[int], budget: int, read: int) -> tuple[bytes, int]:
+        """The joined frame of room for user (a key), holding only messages
+        after since and only the newest that fit in budget bytes; and what
+        is left of it. It says "truncated" when messages after since were
+        left out: cut for the budget, or older than the history keeps."""
+        roster, member_count = roster_with(room.names, room.roster, Hub.users[user].name, Hub.conf.roster)
+        if len(roster) > budget:
+            roster = b"[]"  # the client pages through the members it lacks (member_count says how many)
+        room_budget = budget - len(joined_payload(room.name, roster, member_count, read, [], True))
+        held = Hub.history.get(key(room.name))
+        newer = held if since is None else [m for m in held if m[0] > since]
+        truncated = False
+        if since is not None and newer and len(newer) == len(held):
+            # Every kept message is new to it: were there more before them? An
+            # indexed look-up, so a resume costs the same however big the room.
+            truncated = Hub.store.room_has(key(room.name), since, held[0][0])
+        fits = 0
+        for _, payload in reversed(newer):
+            if len(payload) + 1 > room_budget:  # and its comma
+                break
+            room_budget -= len(payload) + 1
+            fits += 1
+        truncated = truncated or fits < len(newer)
+        kept = [payload for _, payload in newer[len(newer) - fits:]]
+        joined = joined_payload(room.name, roster, member_count, read, kept, truncated)
+        return joined, max(0, budget - len(joined))
+
+
+################ Liveness: a client that vanished sends no close frame, so we ask
+
+
+class Liveness:
+    """Every --ping_interval: ping each connection, and --ping_timeout later
+    drop those that answered neither this ping nor anything else.
+
+    A client that vanishes just after a pong is pinged at most one interval
+    later and dropped one timeout after that: within 2 x the interval. The
+    ping waits behind whatever the connection is owed, so a client that
+    stopped reading is dropped the same way, whatever else it sends.
+    We do this rather than use Tornado's own ping timeout, which waits
+    five more seconds for a close handshake a vanished client never sends.
+
+    One timer for the process (Hub.arrive starts it), not one per
+    connection; what it knows of a connection is two attributes of it, its
+    latest ping's payload and when it was last heard from.
+    """
+
+    @staticmethod
+    def heard(connection: ChatSocket, data: bytes) -> None:
+        """A pong came."""
+        # Each connection's ping carries its own random payload, and it waits
+        # behind everything written before it: only a client that read all
+        # of that can echo it, and no other connection can answer for it.
+        if data == connection._ping_payload:
+            connection._heard = time.monotonic()
+
+    @classmethod
+    def ping_all(cls) -> None:
+        """Ping every open connection, and look again --ping_timeout later."""
+        sent = time.monotonic()
+        pinged = [c for c in Hub.everyone_but() if not c._dead]
+        for connection in pinged:
+            connection._ping_payload = secrets.token_bytes(8)
+            try:
+                connection.ping(connection._ping_payload)
+            except tornado.websocket.WebSocketClosedError:
+                pass
+        tornado.ioloop.IOLoop.current().call_later(Hub.conf.ping_timeout, cls._drop_silent, pinged, sent)
+
+    @classmethod
+    def _drop_silent(cls, pinged: list, sent: float) -> None:
+        """Close those of pinged heard from neither by a pong nor by a taken
+        write since sent, without a close handshake the peer would never answer."""
+        for connection in pinged:
+            if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:
+                log.info("%s stopped answering pings", connection.user)
+                connection._dead = True
+                connection.outbox.close(drain=False)
+                if connection.outbox.stream is not None:
+                    connection.outbox.stream.close()  # no close handshake with a peer that is gone
+                else:
+                    connection.close(1001, "ping timed out")
+
+
+################ Pipeline: with --redis, a connection's frames in flight, answered in order
+
+
+class Pipeline:
+    """With --redis: one connection's frames while the backplane has them,
+    and the order their answers go out in.
+
+    A message waits for the backplane, and the next frame need not wait for
+    it: its append goes out right behind, on the same connection to Redis,
+    so a client that sends fast fills the log's batches. Any other frame (a
+    join, a history) waits until the frames before it are applied, so that
+    it sees their effects; and answers always go out in frame order: the
+    task of each frame holds its answers to the connection (HELD) until the
+    frame before it is answered. Tornado reads the next frame at once after
+    a message, up to IN_FLIGHT of them; after anything else, when it is done.
+
+    A connection gets one at its first frame with --redis. In one process
+    every handler finishes before the next frame is read, in order already,
+    and none is made.
+    """
+
+    # The answers of the frame a task handles, held back until the frames
+    # before it are answered: (connection, [(frame, payload, bulk)]).
+    HELD: ClassVar[contextvars.ContextVar[Optional[tuple]]] = contextvars.ContextVar("held", default=None)
+
+    __slots__ = ("connection", "answered", "in_flight")
+
+    def __init__(self, connection: ChatSocket) -> None:
+        self.connection = connection
+        self.answered: Optional[asyncio.Future] = None  # done once the latest frame's answers are out
+        self.in_flight = 0  # frames being handled at once
+
+    def take(self, data: str | bytes) -> Optional[asyncio.Future]:
+        """Start handling one frame; what Tornado must wait for before it
+        reads the next, if anything."""
+        before, self.answered = self.answered, asyncio.get_running_loop().create_future()
+        message = peek_type(data) == "message"
+        self.in_flight += 1
+        task = asyncio.ensure_future(self._in_order(data, before, self.answered, message))
+        return None if message and self.in_flight < IN_FLIGHT else task
+
+    async def _in_order(self, data: str | bytes, before: Optional[asyncio.Future], answered: asyncio.Future,
+                        message: bool) -> None:
+        """One frame: handled (a message at once, anything else after the
+        frames before it), its answers held until theirs are out."""
+        connection = self.connection
+        held: list[tuple[Optional[dict], Optional[bytes], bool]] = []
+        Pipeline.HELD.set((connection, held))
+        try:
+            if before is not None and not message:
+                await before
+            await connection._handle(data)
+            if before is not None:
+                await before
+        finally:
+            Pipeline.HELD.set(None)
+            for frame, payload, bulk in held:
+                send_to((connection,), frame, payload, bulk)
+            self.in_flight -= 1
+            answered.set_result(None)
+
+    @staticmethod
+    def hold(connection: ChatSocket, frame: Optional[dict], payload: Optional[bytes], bulk: bool) -> bool:
+        """Hold an answer to connection if this task is handling one of its
+        frames (it goes out when that frame is answered); False: send it now."""
+        held = Pipeline.HELD.get()
+        if held is None or held[0] is not connection:
+            return False
+        held[1].append((frame, payload, bulk))
+        return True
+
+    @staticmethod
+    def release(connection: ChatSocket) -> None:
+        """Send the answers held for connection now, before what must follow
+        them at once (the close of a refused connection)."""
+        held = Pipeline.HELD.get()
+        if held is not None and held[0] is connection:
+            for frame, payload, bulk in held[1]:
+                send_to((connection,), frame, payload, bulk)
+            held[1].clear()
+
+
 ################ The socket: one connection, the protocol only
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
-    """One connection of one user: the handshake and its checks, the connect
-    sequence, liveness, and the client's frames, each checked and handed to
-    the Hub. What it is owed waits in its Outbox."""
+    """One connection of one user: the handshake and its checks, and the
+    client's frames, each checked and handed to the Hub. Its Greeting sends
+    the connect sequence, Liveness pings it, and what it is owed waits in
+    its Outbox."""
 
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
 
@@ -2665,9 +2926,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     _dead = False  # closing: nothing more is read or written
     _departed = False
     _flood_start = _flood_last = -FLOOD_CLOSE_AFTER  # when the current run of refused frames began, and its latest
-    _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts
-    _answered: Optional[asyncio.Future] = None  # with --redis: done once the latest frame's answers are out
-    _in_flight = 0  # with --redis: frames being handled at once
+    _ping_payload = b""  # this connection's latest ping; only a pong that echoes it counts (Liveness)
+    _pipeline: Optional[Pipeline] = None  # with --redis, from its first frame: its frames in flight
 
     # ---- connection life
 
@@ -2693,7 +2953,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._messages = Bucket(conf.burst)  # frames it may send: --rate, --burst
         self._frames = Bucket(WIRE_FACTOR * conf.burst)  # wire frames of any kind
         self._typing = Bucket(TYPING[0])
-        self._heard = time.monotonic()
+        self._heard = time.monotonic()  # when it was last heard from (Liveness)
         # Frames are already gathered into one write per loop turn; Nagle's
         # algorithm would only hold that write back for the peer's delayed ACK.
         self.set_nodelay(True)
@@ -2783,7 +3043,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.user, self.device = user_key, device
         Hub.arrive(self, self.user, ip)
         try:
-            self._greet(user, token, since)
+            Greeting(self, user).send(token, since)
         except Exception:  # a bug, not the client's doing: never leave a ghost online
             log.exception("could not greet %s", user.name)
             self._close(1011, "server error")
@@ -2828,114 +3088,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def refuse(self, error: ChatError, code: int) -> None:
         Metrics.count("refused", error.code)
-        held = HELD.get()
-        if held is not None and held[0] is self:  # this frame's answers (a logout's ack) go before the close
-            for frame, payload, bulk in held[1]:
-                send_to((self,), frame, payload, bulk)
-            held[1].clear()
+        Pipeline.release(self)  # this frame's answers (a logout's ack) go before the close
         send_to((self,), error_frame(error.code, error.message))
         self._close(code, error.code)
-
-    def _greet(self, user: User, token: str, since: Optional[int]) -> None:
-        """The connect sequence: welcome, one joined per room, then private
-        messages; at most about --max_queue bytes in all (see the manual).
-        Private messages take the newest that fit in half; room histories
-        share what is left, in the order of the rooms' names."""
-        conf = Hub.conf
-        directs, cut = self._owed_directs(since, conf.max_queue // 2)
-        my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
-        roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
-        reads = Hub.store.reads(self.user)
-        read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
-        welcome = welcome_payload(user.name, token, self.device, roster, online_count, my_rooms, read_with, conf,
-                                  Hub.store.epoch, cut, Hub.backplane.node if Hub.backplane.waits else None)
-        self.send_payload(welcome)
-        budget = max(0, conf.max_queue - len(welcome) - sum(len(p) for _, p in directs))  # what rooms share
-        for r in sorted(user.rooms):
-            joined, budget = self._joined(Hub.rooms[r], since, budget, reads.get("#" + r, 0))
-            self.send_payload(joined)
-        for _, payload in directs:
-            self.send_payload(payload)
-        if since:  # what changed since, to messages it has (newer ones came in their current state)
-            for payload in self._owed_changes(since, sorted(user.rooms), budget):
-                self.send_payload(payload)
-        mail = [row for row, _ in directs if row[3] == self.user and not row[4]]
-        if mail and not self._dead:
-            Hub.deliver(self.user, mail)
-        # From now on answers it asks for (joins, histories) may be owed up to
-        # this much beyond --max_queue; a client that asks and never reads is cut off.
-        self.outbox.bulk_cap = conf.max_queue
-
-    def _owed_directs(self, since: Optional[int], budget: int) -> tuple[list[tuple[Row, bytes]], bool]:
-        """The private messages a connect sequence carries, oldest first, as
-        (row, payload): those waiting for the user, and with since those
-        after it; only the newest that fit in budget bytes. The second value
-        says whether any were left out."""
-        mailbox = Hub.conf.mailbox
-        rows = {row[0]: row for row in Hub.store.mail(self.user, mailbox)}
-        cut = False
-        if since is not None:
-            replay = Hub.store.direct_page(self.user, None, None, since, mailbox)
-            cut = len(replay) == mailbox  # there may be more beyond the limit
-            rows.update((row[0], row) for row in replay)
-        chosen = []
-        for id in sorted(rows, reverse=True):
-            payload = self._dressed(rows[id])
-            if len(payload) > budget:
-                cut = True  # the rest are older: the client asks for them with history
-                break
-            budget -= len(payload)
-            chosen.append((rows[id], payload))
-        chosen.reverse()
-        return chosen, cut
-
-    def _owed_changes(self, since: int, rooms: list[str], budget: int) -> list[bytes]:
-        """The change events after since, oldest first: the newest that fit
-        in budget bytes, at most MAX_CHANGES. A client that missed more asks
-        for its conversations again with history (see the manual)."""
-        chosen = []
-        for payload in Hub.store.changes(self.user, rooms, since, MAX_CHANGES):
-            if len(payload) > budget:
-                break
-            budget -= len(payload)
-            chosen.append(payload)
-        chosen.reverse()
-        return chosen
-
-    def _dressed(self, row: Row) -> bytes:
-        """A stored message as this user is sent it: a private one that
-        still waits says "buffered" to its reader and "queued" to its sender."""
-        id, payload, sender, recipient, delivered = row
-        if recipient is None or delivered:
-            return payload
-        return flagged(payload, "buffered" if recipient == self.user else "queued")
-
-    def _joined(self, room: Room, since: Optional[int], budget: int, read: int) -> tuple[bytes, int]:
-        """The joined frame for room, holding only messages after since and
-        only the newest that fit in budget bytes; and what is left of it.
-        It says "truncated" when messages after since were left out: cut
-        for the budget, or older than the history keeps."""
-        roster, member_count = roster_with(room.names, room.roster, Hub.users[self.user].name, Hub.conf.roster)
-        if len(roster) > budget:
-            roster = b"[]"  # the client pages through the members it lacks (member_count says how many)
-        room_budget = budget - len(joined_payload(room.name, roster, member_count, read, [], True))
-        held = Hub.history.get(key(room.name))
-        newer = held if since is None else [m for m in held if m[0] > since]
-        truncated = False
-        if since is not None and newer and len(newer) == len(held):
-            # Every kept message is new to it: were there more before them? An
-            # indexed look-up, so a resume costs the same however big the room.
-            truncated = Hub.store.room_has(key(room.name), since, held[0][0])
-        fits = 0
-        for _, payload in reversed(newer):
-            if len(payload) + 1 > room_budget:  # and its comma
-                break
-            room_budget -= len(payload) + 1
-            fits += 1
-        truncated = truncated or fits < len(newer)
-        kept = [payload for _, payload in newer[len(newer) - fits:]]
-        joined = joined_payload(room.name, roster, member_count, read, kept, truncated)
-        return joined, max(0, budget - len(joined))
 
     def on_close(self) -> None:
         self._dead = True
@@ -2954,47 +3109,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             Hub.depart(self, self.user, self.request.remote_ip)
 
     def on_pong(self, data: bytes) -> None:
-        # Each connection's ping carries its own random payload, and it waits
-        # behind everything written before it: only a client that read all
-        # of that can echo it, and no other connection can answer for it.
-        if data == self._ping_payload:
-            self._heard = time.monotonic()
-
-    # ---- liveness: a client that vanished sends no close frame, so we ask
-
-    @classmethod
-    def ping_all(cls) -> None:
-        """Every --ping_interval: ping each connection, and --ping_timeout later
-        drop those that answered neither this ping nor anything else.
-
-        A client that vanishes just after a pong is pinged at most one interval
-        later and dropped one timeout after that: within 2 x the interval. The
-        ping waits behind whatever the connection is owed, so a client that
-        stopped reading is dropped the same way, whatever else it sends.
-        We do this rather than use Tornado's own ping timeout, which waits
-        five more seconds for a close handshake a vanished client never sends.
-        """
-        sent = time.monotonic()
-        pinged = [c for c in Hub.everyone_but() if not c._dead]
-        for connection in pinged:
-            connection._ping_payload = secrets.token_bytes(8)
-            try:
-                connection.ping(connection._ping_payload)
-            except tornado.websocket.WebSocketClosedError:
-                pass
-        tornado.ioloop.IOLoop.current().call_later(Hub.conf.ping_timeout, cls._drop_silent, pinged, sent)
-
-    @classmethod
-    def _drop_silent(cls, pinged: list, sent: float) -> None:
-        for connection in pinged:
-            if max(connection._heard, connection.outbox.written_at) < sent and not connection._dead:
-                log.info("%s stopped answering pings", connection.user)
-                connection._dead = True
-                connection.outbox.close(drain=False)
-                if connection.outbox.stream is not None:
-                    connection.outbox.stream.close()  # no close handshake with a peer that is gone
-                else:
-                    connection.close(1001, "ping timed out")
+        Liveness.heard(self, data)
 
     # ---- client frames: on_message dispatches to do_<type>
 
@@ -3006,36 +3121,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if not Hub.backplane.waits:
             finish(self._handle(data))
             return None
-        # With --redis a message waits for the backplane, and the next frame
-        # need not wait for it: its append goes out right behind, on the same
-        # connection to Redis, so a client that sends fast fills the log's
-        # batches. Any other frame (a join, a history) waits until the frames
-        # before it are applied, so that it sees their effects; and answers
-        # always go out in frame order (_pipelined).
-        before, self._answered = self._answered, asyncio.get_running_loop().create_future()
-        message = peek_type(data) == "message"
-        self._in_flight += 1
-        task = asyncio.ensure_future(self._pipelined(data, before, self._answered, message))
-        return None if message and self._in_flight < IN_FLIGHT else task
-
-    async def _pipelined(self, data: str | bytes, before: Optional[asyncio.Future], answered: asyncio.Future,
-                         message: bool) -> None:
-        """One frame with --redis: handled (a message at once, anything else
-        after the frames before it), its answers held until theirs are out."""
-        held: list[tuple[Optional[dict], Optional[bytes], bool]] = []
-        HELD.set((self, held))
-        try:
-            if before is not None and not message:
-                await before
-            await self._handle(data)
-            if before is not None:
-                await before
-        finally:
-            HELD.set(None)
-            for frame, payload, bulk in held:
-                send_to((self,), frame, payload, bulk)
-            self._in_flight -= 1
-            answered.set_result(None)
+        if self._pipeline is None:  # with --redis a handler may wait for the backplane
+            self._pipeline = Pipeline(self)
+        return self._pipeline.take(data)
 
     async def _handle(self, data: str | bytes) -> None:
         """One client frame: checked, dispatched to do_<type>, answered."""
@@ -3202,7 +3290,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         room = Hub.rooms.get(key(name))
         read = Hub.store.reads(self.user).get("#" + key(name), 0)
         if room is not None and self.user in room.members:
-            self.send_payload(self._joined(room, None, Hub.conf.max_queue, read)[0])  # a fresh copy
+            self.send_payload(Greeting.joined(room, self.user, None, Hub.conf.max_queue, read)[0])  # a fresh copy
         else:
             if len(Hub.users[self.user].rooms) >= ROOMS_PER_USER:
                 raise ChatError("too_many_rooms", f"you are in {ROOMS_PER_USER} rooms; leave one first")
@@ -3251,7 +3339,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             raise ChatError("bad_request", "history needs a 'room', a 'with', or \"directs\": true")
         more, budget, kept = len(rows) > limit, Hub.conf.max_queue, []
         for row in rows[:limit]:  # newest first: keep the newest that fit
-            payload = self._dressed(row)
+            payload = dressed(row, self.user)
             if len(payload) > budget and kept:
                 more = True
                 break
@@ -3275,7 +3363,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         before, _ = check_page({"before": frame.get("before")})
         rooms = sorted(Hub.users[self.user].rooms)  # the rooms it is in now, and its own private messages
         rows = Hub.store.search(self.user, rooms, words, before, SEARCH_PAGE + 1)
-        found = [self._dressed(row) for row in rows[:SEARCH_PAGE]]
+        found = [dressed(row, self.user) for row in rows[:SEARCH_PAGE]]
         self.send_payload(listing_payload("results", {"q": q}, found, len(rows) > SEARCH_PAGE))
         self._ack(ref)
 
@@ -3342,20 +3430,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # ---- sending and closing
 
     def send(self, frame: dict, bulk: bool = False) -> None:
-        """One frame to this connection (an answer: held in frame order, see _pipelined)."""
-        held = HELD.get()
-        if held is not None and held[0] is self:
-            held[1].append((frame, None, bulk))
-            return
-        send_to((self,), frame, bulk=bulk)
+        """One frame to this connection (an answer: with --redis, held in frame order, see Pipeline)."""
+        if not Pipeline.hold(self, frame, None, bulk):
+            send_to((self,), frame, bulk=bulk)
 
     def send_payload(self, payload: bytes) -> None:
         """An answer this connection asked for, already encoded."""
-        held = HELD.get()
-        if held is not None and held[0] is self:
-            held[1].append((None, payload, True))
-            return
-        send_to((self,), None, payload, bulk=True)
+        if not Pipeline.hold(self, None, payload, True):
+            send_to((self,), None, payload, bulk=True)
 
     def too_slow(self) -> None:
         """It stopped reading: the kernel holds all it will and still more is

@@ -4615,11 +4615,11 @@ class SlowWriteAliveTest(ChatTestCase):
         sent = time.monotonic()
         connection._heard = sent - 100  # no pong since long before the ping
         connection.outbox.written_at = sent + 1  # but a held-back write was taken after it
-        chat.ChatSocket._drop_silent([connection], sent)
+        chat.Liveness._drop_silent([connection], sent)
         self.assertFalse(connection._dead)
         await self.ack(a, type="rooms")
         connection.outbox.written_at = sent - 1  # nothing taken since the ping: gone
-        chat.ChatSocket._drop_silent([connection], sent)
+        chat.Liveness._drop_silent([connection], sent)
         self.assertTrue(connection._dead)
 
 
