@@ -732,6 +732,8 @@ class RedisBackplane:
         id = event["id"]
         if id <= self.last or self.reloading:  # a reload's snapshot covers what it drops
             return
+        if self.last and id > self.last + 1:
+            self._erased(self.last + 1, id - 1)
         self.last = id
         result, error = None, None
         try:
@@ -756,13 +758,33 @@ class RedisBackplane:
             self._rewrite_soon()
         waiting = self.waiters.pop(id, None)
         if waiting is None:
-            self.early[id] = (result, error)
-            while len(self.early) > 10000:  # never claimed (its append was cancelled)
-                del self.early[next(iter(self.early))]
+            self._keep_early(id, (result, error))
             return
         for future in waiting:
             if not future.done():
                 future.set_result((result, error))
+
+    def _erased(self, first: int, last: int) -> None:
+        """Ids first..last are not in the log: a delete erased them (a
+        message, its edits) before this process read them. A commit of this
+        process waiting for one of them hears that its message is gone,
+        now or when its append's reply comes (early)."""
+        gone = (None, self.chat.ChatError("not_found", "that message was deleted"))
+        for id in [id for id in self.waiters if first <= id <= last]:
+            for future in self.waiters.pop(id):
+                if not future.done():
+                    future.set_result(gone)
+        if last - first < 1000:  # a delete erases a message and its edits: a few ids
+            for id in range(first, last + 1):
+                self._keep_early(id, gone)
+
+    def _keep_early(self, id: int, outcome: tuple[Any, Optional[Exception]]) -> None:
+        """The outcome of an id applied (or erased) before its append's reply
+        came back; the oldest go when many were never claimed (their
+        appends were cancelled, or another process made them)."""
+        self.early[id] = outcome
+        while len(self.early) > 10000:
+            del self.early[next(iter(self.early))]
 
     async def caught_up(self) -> None:
         """Wait (at most CATCH_UP seconds) until this process has applied the

@@ -35,6 +35,7 @@ import os
 import shutil
 import signal
 import subprocess
+import types
 import unittest
 
 from tornado import gen
@@ -917,3 +918,37 @@ class ProcessLifeTest(RedisCase):
         got = [m["id"] for m in b.joined["general"]["history"]]
         self.assertEqual(got, sent[-len(got):])
         self.assertEqual(len(got), min(len(sent), 100))  # --history 100: all 60
+
+
+class ErasedBeforeReadTest(unittest.IsolatedAsyncioTestCase):
+    """A delete erases a message and its edits from the log (XDEL). A process
+    that had not read them yet finds a hole in the ids, and its own commits
+    waiting for one of them are answered all the same: an edit racing a
+    delete on another process used to wait for ever. Redis is faked here
+    (only the append's reply): the race is too narrow to force on a real one."""
+
+    async def test_a_commit_whose_event_was_erased_unread_is_answered_not_found(self):
+        import chat_redis
+        conf = types.SimpleNamespace(redis="redis://127.0.0.1:9/0", node_ttl=10, redis_log=1000,
+                                     redis_history=1000, max_users=0, names_per_hour=0, mailbox=10)
+        backplane = chat_redis.RedisBackplane(test_chat.chat, conf)
+        self.addCleanup(shutil.rmtree, backplane.dir, True)
+        backplane.healthy, backplane.last, backplane.epoch = True, 10, "e"
+        replies, appended = iter([[b"ok", b"11"], [b"ok", b"12"]]), asyncio.Event()
+
+        async def append(args):
+            appended.set()
+            return next(replies)
+        backplane._append = append
+        edit = asyncio.ensure_future(backplane.commit({"kind": "device", "user": "ann", "hash": "h", "label": "x"}))
+        await appended.wait()  # the commit has its id, 11, and waits to read it from the log
+        self.assertFalse(edit.done())
+        # The log goes on at 14: 11-13 were erased before this process read them.
+        backplane._apply({"id": 14, "kind": "presence", "user": "nobody", "node": "elsewhere", "on": True})
+        with self.assertRaises(test_chat.chat.ChatError) as raised:
+            await asyncio.wait_for(edit, 5)
+        self.assertEqual(raised.exception.code, "not_found")
+        # An append whose reply comes back only after the hole was passed: the same answer.
+        with self.assertRaises(test_chat.chat.ChatError) as raised:
+            await backplane.commit({"kind": "device", "user": "ann", "hash": "h", "label": "x"})
+        self.assertEqual(raised.exception.code, "not_found")
