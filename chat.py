@@ -2711,7 +2711,9 @@ class Greeting:
         after it; only the newest that fit in budget bytes. The second value
         says whether any were left out."""
         mailbox = Hub.conf.mailbox
-        rows = {row[0]: row for row in Hub.store.mail(self.me, mailbox)}
+        # Most people have no mail waiting, and Hub.mailboxes knows: no query then.
+        waiting = Hub.store.mail(self.me, mailbox) if Hub.mailboxes.get(self.me) else []
+        rows = {row[0]: row for row in waiting}
         cut = False
         if since is not None:
             replay = Hub.store.direct_page(self.me, None, None, since, mailbox)
