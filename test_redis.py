@@ -206,6 +206,17 @@ class RedisCase(test_chat.ProcessCase):
                 left -= set(frame[status])
         return frames
 
+    async def b_left(self, *args):
+        """Two processes (chat.py args): UserA on the first, and UserB, who
+        came on the second and left again. Returns (p1, p2, a)."""
+        p1, p2 = await self.cluster(2, *args)
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.presence(a, "UserB", "online")  # or arriving and leaving could cancel out
+        b.close()
+        await self.presence(a, "UserB", "offline")
+        return p1, p2, a
+
     async def redis_client(self):
         import redis.asyncio
         return redis.asyncio.Redis(port=self.redis_port, decode_responses=True)
@@ -404,12 +415,7 @@ class OfflineDirectTest(RedisCase):
 
     @redis_test
     async def test_queued_on_one_process_delivered_once_on_the_other(self):
-        p1, p2 = await self.cluster(2)
-        a, _ = await self.connect("UserA", port=p1.port)
-        b, _ = await self.connect("UserB", port=p2.port)
-        await self.presence(a, "UserB", "online")  # or arriving and leaving could cancel out
-        b.close()
-        await self.presence(a, "UserB", "offline")
+        p1, p2, a = await self.b_left()
         ack = await self.say(a, "@UserB while you were away")
         self.assertIs(ack.get("queued"), True, ack)
 
@@ -711,12 +717,7 @@ class EveryFeatureTest(RedisCase):
 
     @redis_test
     async def test_a_private_message_refused_for_a_full_mailbox_is_not_kept(self):
-        p1, p2 = await self.cluster(2, "--mailbox", "2")
-        a, _ = await self.connect("UserA", port=p1.port)
-        b, _ = await self.connect("UserB", port=p2.port)
-        await self.presence(a, "UserB", "online")
-        b.close()
-        await self.presence(a, "UserB", "offline")
+        p1, p2, a = await self.b_left("--mailbox", "2")
         for n in range(2):
             self.assertTrue((await self.say(a, "@UserB kept %d" % n))["queued"])
         await self.error(a, "mailbox_full", type="message", text="@UserB ONE TOO MANY")
@@ -728,12 +729,7 @@ class PipelineEdgesTest(RedisCase):
 
     @redis_test
     async def test_a_repeated_cid_in_flight_is_one_message_and_one_waiting(self):
-        p1, p2 = await self.cluster(2)
-        a, _ = await self.connect("UserA", port=p1.port)
-        b, _ = await self.connect("UserB", port=p2.port)
-        await self.presence(a, "UserB", "online")
-        b.close()
-        await self.presence(a, "UserB", "offline")
+        p1, p2, a = await self.b_left()
         refs = [self.ref(), self.ref()]
         for ref in refs:  # a page re-sending before the first answer came
             self.send(a, type="message", text="@UserB hello", cid="c1", ref=ref)
@@ -751,12 +747,7 @@ class PipelineEdgesTest(RedisCase):
 
     @redis_test
     async def test_a_deleted_waiting_message_frees_its_mailbox_place(self):
-        p1, p2 = await self.cluster(2, "--mailbox", "1")
-        a, _ = await self.connect("UserA", port=p1.port)
-        b, _ = await self.connect("UserB", port=p2.port)
-        await self.presence(a, "UserB", "online")
-        b.close()
-        await self.presence(a, "UserB", "offline")
+        p1, p2, a = await self.b_left("--mailbox", "1")
         first = await self.say(a, "@UserB oops")
         await self.reply(a, "deleted", type="delete", id=first["id"])
         second = await self.say(a, "@UserB this one")  # the mailbox of one has room again
