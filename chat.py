@@ -1757,7 +1757,7 @@ class Outbox:
         out = self.out
         out.append(wire)
         if self.writing:
-            return self.owed - self._bulk_owed() <= self.limit
+            return self._within_limit()
         if len(out) == 1:
             dirty = Outbox.dirty
             if not dirty:
@@ -1780,6 +1780,10 @@ class Outbox:
         except tornado.websocket.WebSocketClosedError:
             return True
         future.add_done_callback(lambda f: self._written(size))
+        return self._within_limit()
+
+    def _within_limit(self) -> bool:
+        """Whether what it owes, its own answers aside, is within --max_queue."""
         return self.owed - self._bulk_owed() <= self.limit
 
     @classmethod
