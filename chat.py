@@ -2055,7 +2055,7 @@ class Hub:
                 cls.rooms[room].empty_since = None
                 cls.users[user].rooms.add(room)
         for room in cls.rooms.values():
-            cls._refresh_room(room)
+            cls._set_names(room, sorted_names(cls.users[u].name for u in room.members))
         cls.mailboxes = state["mail"]
         loop = tornado.ioloop.IOLoop.current()
         for handle in [*cls.leaving.values(), cls.flushing]:
@@ -2311,8 +2311,7 @@ class Hub:
                 continue
             joined = sorted_names(cls.users[u].name for u, a in changes.items() if a == "join")
             left = sorted_names(cls.users[u].name for u, a in changes.items() if a == "leave")
-            room.names = resorted(room.names, joined, left)
-            room.roster = encode_names(room.names[:cls.conf.roster])
+            cls._set_names(room, resorted(room.names, joined, left))
             send_to(cls.members_online(room, but=cls._alone(changes)), member_frame(room.name, joined, left))
 
     @staticmethod
@@ -2322,9 +2321,10 @@ class Hub:
         return next(iter(changes)) if len(changes) == 1 else None
 
     @classmethod
-    def _refresh_room(cls, room: Room) -> None:
-        room.names = sorted_names(cls.users[u].name for u in room.members)
-        room.roster = encode_names(room.names[:cls.conf.roster])
+    def _set_names(cls, room: Room, names: list[str]) -> None:
+        """The room's member list, sorted, and its first --roster names encoded."""
+        room.names = names
+        room.roster = encode_names(names[:cls.conf.roster])
 
     # ---- rooms
 
