@@ -961,6 +961,10 @@ def send_now(stream: tornado.iostream.IOStream, data: bytes) -> int:
         return 0
 
 
+def nagle_stays_off(value: bool) -> None:
+    """A WebSocket's stream.set_nodelay: TCP_NODELAY is set once (see ChatSocket.get)."""
+
+
 def may_send_close(code: int) -> bool:
     """Whether a close code may appear on the wire (RFC 6455 7.4): 1004-1006
     and 1015 never may, 1016-2999 are not assigned."""
@@ -2962,6 +2966,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._heard = time.monotonic()  # when it was last heard from (Liveness)
         # Frames are already gathered into one write per loop turn; Nagle's
         # algorithm would only hold that write back for the peer's delayed ACK.
+        # (Where get could set it already, this call does nothing.)
         self.set_nodelay(True)
         try:
             name = check_name(self._query("username"), "bad_username")
@@ -3488,7 +3493,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         # life, and a coroutine around it would keep one more frame alive.
         if TCP_CORK is not None:
             with contextlib.suppress(OSError, AttributeError):
-                sock = self.request.connection.stream.socket  # type: ignore[union-attr]
+                stream = self.request.connection.stream  # type: ignore[union-attr]
+                sock = stream.socket
+                # Nagle's algorithm off for good, now. Tornado switches it on
+                # and off around each response, a system call each time, and
+                # switching it on sends what a corked socket holds: the 101
+                # would leave alone after all.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream.set_nodelay = nagle_stays_off  # type: ignore[method-assign]
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 1)
                 ChatSocket.corked[id(self)] = sock  # not an attribute: it would stay in every connection's dict
         return super().get(*args, **kwargs)
