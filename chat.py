@@ -1747,7 +1747,7 @@ class Outbox:
 
     def push(self, wire: bytes, payload: bytes, bulk: bool = False) -> bool:
         """Queue one frame; False when the reader has stopped reading.
-        (Every delivery comes through here: the usual path is kept short.)"""
+        (push_many writes out the usual path of this for speed: they agree.)"""
         if self.closed:
             return True
         size = len(wire)
@@ -1768,6 +1768,32 @@ class Outbox:
                 tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)
             dirty.append(self)
         return True
+
+    @classmethod
+    def push_many(cls, connections: Sequence[ChatSocket], wire: bytes, payload: bytes,
+                  bulk: bool = False) -> list[ChatSocket]:
+        """push() the same frame to each connection; those whose reader has
+        stopped. A message to a room of 200 is 200 pushes, and a call each
+        was half their cost: the usual case (an open raw stream with no
+        write in flight, not asked for) is written out here, as in push."""
+        slow = []
+        size = len(wire)
+        dirty = cls.dirty
+        for connection in connections:
+            outbox = connection.outbox
+            if bulk or outbox.writing or outbox.closed or outbox.stream is None:
+                if not outbox.push(wire, payload, bulk):
+                    slow.append(connection)
+                continue
+            outbox.pushed += size
+            outbox.owed += size
+            out = outbox.out
+            out.append(wire)
+            if len(out) == 1:
+                if not dirty:
+                    tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)
+                dirty.append(outbox)
+        return slow
 
     def _asked(self, start: int, size: int) -> None:
         """Bytes [start, start + size) answer the connection's own request."""
@@ -1881,9 +1907,8 @@ def send_to(connections: Iterable[ChatSocket], frame: Optional[dict], payload: O
     wire = ws_frame(payload)
     # A snapshot: a connection closed on the way (1013) leaves the live sets.
     connections = tuple(connections)
-    for connection in connections:
-        if not connection.outbox.push(wire, payload, bulk):
-            connection.too_slow()
+    for connection in Outbox.push_many(connections, wire, payload, bulk):
+        connection.too_slow()
     Metrics.sent(frame["type"] if frame else payload_type(payload), len(connections))
 
 

@@ -816,6 +816,16 @@ MUTANTS = [
     M("push_unbounded_while_writing", "A reader that stops reading is closed with 1013 at --max_queue",
       "            return self._within_limit()\n        if len(out) == 1:",
       "            return True\n        if len(out) == 1:"),
+    M("push_many_never_flushed", "Every message reaches every member of the room",
+      "                    tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)\n"
+      "                dirty.append(outbox)\n",
+      "                    tornado.ioloop.IOLoop.current().add_callback(Outbox.flush_all)\n"),
+    M("push_many_owes_nothing", "A reader that stops reading is closed with 1013 at --max_queue",
+      "            outbox.pushed += size\n            outbox.owed += size\n",
+      "            outbox.pushed += size\n"),
+    M("push_many_ignores_writing", "A reader that stops reading is closed with 1013 at --max_queue",
+      "if bulk or outbox.writing or outbox.closed or outbox.stream is None:",
+      "if bulk or outbox.closed or outbox.stream is None:"),
 ]
 
 

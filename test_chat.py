@@ -1297,10 +1297,12 @@ class SnapshotTest(unittest.TestCase):
         the way (1013) leaves that set, and the others still get the frame."""
 
         class Tab:
+            writing, closed = True, False  # the Outbox, full: a write in flight
+
             def __init__(self, tabs):
                 self.tabs, self.got, self.outbox = tabs, [], self
 
-            def push(self, wire, payload, bulk=False):  # the Outbox, full
+            def push(self, wire, payload, bulk=False):  # ... and past --max_queue
                 self.got.append(payload)
                 return False
 
@@ -1892,6 +1894,27 @@ class SlowConsumerTest(ChatTestCase):
         stalled.close()
         self.assertEqual((await self.health())["connections"], 1)
         await self.say(a, "still served")
+
+    @gen_test(timeout=30)
+    async def test_the_server_holds_at_most_max_queue_for_a_stalled_client(self):
+        """What a client that stopped reading costs the server is bounded:
+        the bytes waiting for it in the process stay within --max_queue (and
+        the one frame that crossed it); the kernel's buffers hold the rest."""
+        a, _ = await self.connect("UserA")
+        stalled, _ = await raw_client(self.get_http_port(), "Stalled", rcvbuf=4096)
+        await self.presence(a, "Stalled", "online")
+        outbox = next(iter(chat.Hub.online[chat.key("Stalled")])).outbox
+        most, text = 0, "x" * 25000
+        for i in range(240):
+            await self.ack(a, type="message", text="%d %s" % (i, text))
+            if outbox.closed:
+                break
+            # queued here, and handed to the stream but not yet to the kernel
+            most = max(most, sum(map(len, outbox.out)) + len(outbox.stream._write_buffer))
+        self.assertTrue(outbox.closed, "the stalled client was never closed")
+        self.assertLessEqual(most, 64 * 1024 + len(text) + 100)
+        self.assertGreater(most, 0, "nothing was ever held back: the client did not stall")
+        stalled.close()
 
 
 class BigGreetingTest(ChatTestCase):
