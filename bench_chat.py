@@ -69,6 +69,9 @@ What is measured (one function per measurement, section "Measurements"):
 * arrivals        -- (issue 9) 10,000 new users, each claiming a name and staying:
                      connects/s over the run and over its slowest tenth
                      (target >= 1,000/s sustained), server CPU per arrival.
+                     The same clients then arrive at the plain Tornado
+                     baseline, which only shakes hands and writes two short
+                     frames: Tornado's own cost of a connect on this machine.
 * idle50k         -- (issue 9) 50,000 idle connections, one user each, bound to
                      127.0.0.2, .3, ... (one address has ~28,000 ports): no errors,
                      <= 20 KiB RSS each.  Both processes need a descriptor per
@@ -358,7 +361,10 @@ def run_baseline_server(port: int) -> None:
         def open(self) -> None:
             self.user = self.get_argument("username", "anonymous")
             Broadcast.clients.add(self)
+            # The shortest connect sequence a client of chat.py could take: the
+            # arrivals run counts "joined" frames, here and there alike.
             self.write_message({"type": "welcome", "user": self.user, "rooms": ["general"]})
+            self.write_message({"type": "joined", "room": "general"})
 
         def on_message(self, raw: str | bytes) -> None:
             frame = json.loads(raw)
@@ -1536,13 +1542,18 @@ async def measure_storm(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
         drop(clients)
 
 
-async def measure_arrivals(tmp: Path, n: int, concurrency: int, window: float = PRESENCE_WINDOW) -> dict[str, Any]:
+async def measure_arrivals(tmp: Path, n: int, concurrency: int, window: float = PRESENCE_WINDOW,
+                           baseline: bool = False) -> dict[str, Any]:
     """n new users arrive, ``concurrency`` handshakes at a time, and stay: each
     claims a name.  Connects per second over the whole run and over its
     slowest tenth ("sustained"), and server CPU per arrival.  ``window`` is
     --presence_window: each window's presence and member batches go to
-    everyone online, so with a wider one the run shows what the rest costs."""
-    server = chat_server(f"arrivals-{n}-w{window:g}", tmp, extra=("--presence_window", str(window)))
+    everyone online, so with a wider one the run shows what the rest costs.
+    With ``baseline``, the same clients arrive at the plain Tornado server,
+    which only shakes hands and writes two short frames: Tornado's own cost
+    of a connect on this machine, the floor under chat.py's."""
+    server = (baseline_server(f"baseline-arrivals-{n}", tmp) if baseline else
+              chat_server(f"arrivals-{n}-w{window:g}", tmp, extra=("--presence_window", str(window))))
     clients: list[RawClient] = []
     try:
         server.start()
@@ -1564,14 +1575,15 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int, window: float = 
         cpu1, (user1, sys1) = server.cpu_seconds(), server.user_system()
         client_cpu = time.process_time() - client0
         cpu_quiet = await server.quiet_cpu(limit=30)
-        out = frames_out(await metrics_counts(server))
+        out = {} if baseline else frames_out(await metrics_counts(server))
         server.check_alive()
         done_at.sort()
         tenth = max(1, n // 10)
         edges = [started] + done_at[tenth - 1::tenth]
         rates = [tenth / (b - a) for a, b in zip(edges, edges[1:]) if b > a]
         seconds = done_at[-1] - started
-        return {"n": n, "concurrency": concurrency, "presence_window": window, "seconds": round(seconds, 2),
+        return {"n": n, "server": "baseline" if baseline else "chat", "concurrency": concurrency,
+                "presence_window": None if baseline else window, "seconds": round(seconds, 2),
                 "conn_per_s": round(n / seconds, 1), "slowest_tenth_conn_per_s": round(min(rates), 1),
                 "tenths_conn_per_s": [round(r) for r in rates],
                 "cpu_us_per_arrival": round((cpu1 - cpu0) * 1e6 / n, 1),
@@ -1810,6 +1822,10 @@ async def run_arrivals(res: Results, prof: Profile, tmp: Path) -> None:
         res.arrivals["wide_window"] = await guarded(res, "arrivals (wide window)", measure_arrivals(
             tmp, prof.arrivals, prof.concurrency, window=WIDE_WINDOW)) or {}
         log(f"arrivals, --presence_window {WIDE_WINDOW:g}: {res.arrivals['wide_window']}")
+    if res.arrivals:   # the floor: Tornado's own handshake, on this machine, with the same clients
+        res.arrivals["tornado_floor"] = await guarded(res, "arrivals (plain Tornado)", measure_arrivals(
+            tmp, prof.arrivals, prof.concurrency, baseline=True)) or {}
+        log(f"arrivals, plain Tornado: {res.arrivals['tornado_floor']}")
 
 
 async def run_idle50k(res: Results, prof: Profile, tmp: Path) -> None:
@@ -2448,8 +2464,11 @@ def targets_issue9(res: Results) -> dict[str, Any]:
         out["storm_10000_cpu_s"] = goal(s["cpu_s"], TARGET_STORM_CPU_S, s["cpu_s"] <= TARGET_STORM_CPU_S)
     if res.arrivals:
         v = res.arrivals["slowest_tenth_conn_per_s"]
-        out["arrivals_conn_per_s"] = goal(v, TARGET_ARRIVALS, v >= TARGET_ARRIVALS, n=res.arrivals["n"],
-                                          whole_run=res.arrivals["conn_per_s"])
+        floor = res.arrivals.get("tornado_floor") or {}
+        out["arrivals_conn_per_s"] = goal(v, TARGET_ARRIVALS, v >= TARGET_ARRIVALS if res.arrivals["n"] == FULL.arrivals
+                                          else None, n=res.arrivals["n"],
+                                          whole_run=res.arrivals["conn_per_s"],
+                                          tornado_floor_us=floor.get("cpu_us_per_arrival"))
     if res.idle_big:
         big = res.idle_big
         held = big["connected"] == big["n"] and not big["errors"]
@@ -2575,6 +2594,11 @@ def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
             lines.append(f"  arrive   the same with --presence_window {w['presence_window']:g} (batches to everyone "
                          f"online {w['presence_window'] / PRESENCE_WINDOW:g} times rarer): {w['conn_per_s']:.0f} conn/s, "
                          f"slowest tenth {w['slowest_tenth_conn_per_s']:.0f} conn/s, {w['cpu_us_per_arrival']:.0f} us CPU each")
+        f = a.get("tornado_floor")
+        if f:
+            lines.append(f"  arrive   the same clients at plain Tornado (handshake and two short frames: no names, "
+                         f"no database, no batches): {f['conn_per_s']:.0f} conn/s, slowest tenth "
+                         f"{f['slowest_tenth_conn_per_s']:.0f} conn/s, {f['cpu_us_per_arrival']:.0f} us CPU each")
     if res.idle_big:
         i = res.idle_big
         why = f"  [LIMITED: {i['limited_by']}]" if i["limited_by"] else ""
