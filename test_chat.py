@@ -1585,6 +1585,7 @@ class ResumeTest(ChatTestCase):
         a2, _ = await self.connect("UserA", self.tokens["UserA"], since=seen)
         got = await self.read(a2)
         self.assert_direct(got, "not yet", "UserA", "UserB", queued=True)
+        self.assertEqual(got["id"], dm["id"])
         await self.quiet(a2)
 
     @async_test
@@ -2828,7 +2829,6 @@ class PresenceBatchTest(ChatTestCase):
 
     @async_test
     async def test_each_name_once_with_its_latest_state(self):
-        batches = self.batches()
         a, _ = await self.connect("UserA")
         c, _ = await self.connect("UserC")
         await self.presence(a, "UserC", "online")
