@@ -275,7 +275,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import Any, Awaitable, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Awaitable, Callable, ClassVar, Collection, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import tornado.httpserver
 import tornado.httputil
@@ -1661,9 +1661,10 @@ class Room:
         self.names: list[str] = []
         self.roster = b"[]"
         self.empty_since: Optional[float] = time.monotonic()  # when the last member left; None while it has members
-        # Its members' connections here, gathered once for every message until
-        # one of them connects, disconnects, joins or leaves (Hub.members_online).
-        self.here: Optional[tuple] = None
+        # Its members' connections here, kept in step as they come and go and
+        # as members join and leave (Hub._here): a message to the room walks
+        # no member list, and a connect rebuilds nothing.
+        self.here: dict[ChatSocket, None] = {}
 
 
 def sorted_names(names: Iterable[str]) -> list[str]:
@@ -2215,7 +2216,8 @@ class Hub:
         cls.per_ip[ip] = cls.per_ip.get(ip, 0) + 1
         tabs = cls.online.setdefault(user, set())
         tabs.add(connection)
-        cls._moved(user)
+        for room_key in cls.users[user].rooms:
+            cls._here(cls.rooms[room_key], (connection,), True)
         if len(tabs) == 1:
             cls.backplane.presence(user, True, connection.device)
 
@@ -2226,7 +2228,8 @@ class Hub:
             del cls.per_ip[ip]
         tabs = cls.online[user]
         tabs.discard(connection)
-        cls._moved(user)
+        for room_key in cls.users[user].rooms:
+            cls._here(cls.rooms[room_key], (connection,), False)
         if not tabs:
             del cls.online[user]
             cls.backplane.presence(user, False, None)
@@ -2281,21 +2284,22 @@ class Hub:
         return [c for u, tabs in cls.online.items() if u != user for c in tabs]
 
     @classmethod
-    def members_online(cls, room: Room, but: Optional[str] = None) -> Sequence:
-        """The connections here of the room's members (but one). All of them
-        are gathered once and kept until they change: a message to a room of
-        200 costs no walk over its members."""
+    def members_online(cls, room: Room, but: Optional[str] = None) -> Collection[ChatSocket]:
+        """The connections here of the room's members (but one's). All of
+        them are kept (Room.here): send_to takes its own snapshot."""
         if but is not None:
             return [c for u in room.members if u != but for c in cls.online.get(u, ())]
-        if room.here is None:
-            room.here = tuple(c for u in room.members for c in cls.online.get(u, ()))
         return room.here
 
-    @classmethod
-    def _moved(cls, user: str) -> None:
-        """user's connections here changed: its rooms gather theirs again."""
-        for room_key in cls.users[user].rooms:
-            cls.rooms[room_key].here = None
+    @staticmethod
+    def _here(room: Room, connections: Iterable[ChatSocket], present: bool) -> None:
+        """These connections are the room's now, or no longer (Room.here)."""
+        here = room.here
+        for connection in connections:
+            if present:
+                here[connection] = None
+            else:
+                here.pop(connection, None)
 
     @classmethod
     def tabs(cls, *users: str) -> set:
@@ -2406,7 +2410,7 @@ class Hub:
     @classmethod
     def set_member(cls, room: Room, user: str, member: bool) -> None:
         """A stored membership change, in the live state; the room is told at the next flush."""
-        room.here = None
+        cls._here(room, cls.online.get(user, ()), member)
         if member:
             room.members.add(user)
             cls.users[user].rooms.add(key(room.name))

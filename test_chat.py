@@ -501,6 +501,20 @@ class ConnectTest(ChatTestCase):
             await self.quiet(tab)
 
     @async_test
+    async def test_a_closed_tab_leaves_nothing_behind(self):
+        """The live state forgets a closed connection at once: no room keeps
+        it, to be written to and held in memory for as long as the room lives."""
+        a, welcome = await self.connect("UserA")
+        a2, _ = await self.connect("UserA", welcome["token"])
+        await self.sync(a)
+        a2.close()
+        await self.wait_health(connections=1)
+        general = chat.Hub.rooms[chat.key("general")]
+        self.assertEqual(list(general.here), list(chat.Hub.online[chat.key("UserA")]))
+        self.assertEqual(len(general.here), 1)
+        await self.say(a, "still here")
+
+    @async_test
     async def test_presence_only_on_first_and_last_tab(self):
         """presence online when the first tab opens, offline when the last
         closes; nothing for the tabs in between. Presence is server-wide:
