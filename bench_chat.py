@@ -338,24 +338,31 @@ def chat_server(label: str, tmp: Path, db: str = "file", extra: tuple[str, ...] 
     return Server(label, argv, port, tmp)
 
 
-def baseline_server(label: str, tmp: Path) -> Server:
-    """The plain Tornado broadcast below, as its own process."""
+def baseline_server(label: str, tmp: Path, window: float = 0.0) -> Server:
+    """The plain Tornado broadcast below, as its own process (with a window:
+    presence and member batches, as chat.py sends them)."""
     port = free_port()
-    return Server(label, [sys.executable, str(Path(__file__).resolve()),
-                          "--baseline-server", str(port)], port, tmp)
+    return Server(label, [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(port),
+                          "--baseline-window", str(window)], port, tmp)
 
 
 ################ The baseline: a plain Tornado broadcast (issue 5's "about 25 us")
 
 
-def run_baseline_server(port: int) -> None:
-    """Serve /ws and /healthz: JSON-encode each message once, write_message to all."""
+def run_baseline_server(port: int, window: float = 0.0) -> None:
+    """Serve /ws and /healthz: JSON-encode each message once, write_message to all.
+    With a window (seconds), who connected in each window is told to everyone
+    when it ends, as chat.py tells it: a presence frame and a member frame,
+    each encoded once, the cheapest plain Tornado can do that part of the
+    protocol (the arrivals run's floor)."""
     import datetime
+    import tornado.ioloop
     import tornado.web
     import tornado.websocket
 
     class Broadcast(tornado.websocket.WebSocketHandler):
         clients: set["Broadcast"] = set()   # every open socket
+        came: list[str] = []                # who connected in this window (with window > 0)
         next_id = 0                         # message ids, as chat.py gives them
 
         def open(self) -> None:
@@ -365,6 +372,22 @@ def run_baseline_server(port: int) -> None:
             # arrivals run counts "joined" frames, here and there alike.
             self.write_message({"type": "welcome", "user": self.user, "rooms": ["general"]})
             self.write_message({"type": "joined", "room": "general"})
+            if window > 0:
+                if not Broadcast.came:
+                    tornado.ioloop.IOLoop.current().call_later(window, Broadcast.tell)
+                Broadcast.came.append(self.user)
+
+        @classmethod
+        def tell(cls) -> None:
+            came, cls.came = cls.came, []
+            presence = json.dumps({"type": "presence", "online": came, "offline": []}).encode()
+            member = json.dumps({"type": "member", "room": "general", "joined": came, "left": []}).encode()
+            for client in list(cls.clients):
+                try:
+                    client.write_message(presence)
+                    client.write_message(member)
+                except tornado.websocket.WebSocketClosedError:
+                    pass
 
         def on_message(self, raw: str | bytes) -> None:
             frame = json.loads(raw)
@@ -1550,9 +1573,10 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int, window: float = 
     --presence_window: each window's presence and member batches go to
     everyone online, so with a wider one the run shows what the rest costs.
     With ``baseline``, the same clients arrive at the plain Tornado server,
-    which only shakes hands and writes two short frames: Tornado's own cost
+    which only shakes hands and writes two short frames (and with a window,
+    tells everyone who came, in batches as chat.py does): Tornado's own cost
     of a connect on this machine, the floor under chat.py's."""
-    server = (baseline_server(f"baseline-arrivals-{n}", tmp) if baseline else
+    server = (baseline_server(f"baseline-arrivals-{n}-w{window:g}", tmp, window) if baseline else
               chat_server(f"arrivals-{n}-w{window:g}", tmp, extra=("--presence_window", str(window))))
     clients: list[RawClient] = []
     try:
@@ -1583,7 +1607,7 @@ async def measure_arrivals(tmp: Path, n: int, concurrency: int, window: float = 
         rates = [tenth / (b - a) for a, b in zip(edges, edges[1:]) if b > a]
         seconds = done_at[-1] - started
         return {"n": n, "server": "baseline" if baseline else "chat", "concurrency": concurrency,
-                "presence_window": None if baseline else window, "seconds": round(seconds, 2),
+                "presence_window": window, "seconds": round(seconds, 2),
                 "conn_per_s": round(n / seconds, 1), "slowest_tenth_conn_per_s": round(min(rates), 1),
                 "tenths_conn_per_s": [round(r) for r in rates],
                 "cpu_us_per_arrival": round((cpu1 - cpu0) * 1e6 / n, 1),
@@ -1824,8 +1848,12 @@ async def run_arrivals(res: Results, prof: Profile, tmp: Path) -> None:
         log(f"arrivals, --presence_window {WIDE_WINDOW:g}: {res.arrivals['wide_window']}")
     if res.arrivals:   # the floor: Tornado's own handshake, on this machine, with the same clients
         res.arrivals["tornado_floor"] = await guarded(res, "arrivals (plain Tornado)", measure_arrivals(
-            tmp, prof.arrivals, prof.concurrency, baseline=True)) or {}
+            tmp, prof.arrivals, prof.concurrency, window=0.0, baseline=True)) or {}
         log(f"arrivals, plain Tornado: {res.arrivals['tornado_floor']}")
+    if res.arrivals and prof is FULL:   # ... and with the batches the protocol asks for
+        res.arrivals["tornado_batches"] = await guarded(res, "arrivals (plain Tornado, batches)", measure_arrivals(
+            tmp, prof.arrivals, prof.concurrency, baseline=True)) or {}
+        log(f"arrivals, plain Tornado with batches: {res.arrivals['tornado_batches']}")
 
 
 async def run_idle50k(res: Results, prof: Profile, tmp: Path) -> None:
@@ -2599,6 +2627,11 @@ def report_issue9(res: Results, goals: dict[str, Any], mark: Any) -> list[str]:
             lines.append(f"  arrive   the same clients at plain Tornado (handshake and two short frames: no names, "
                          f"no database, no batches): {f['conn_per_s']:.0f} conn/s, slowest tenth "
                          f"{f['slowest_tenth_conn_per_s']:.0f} conn/s, {f['cpu_us_per_arrival']:.0f} us CPU each")
+        f = a.get("tornado_batches")
+        if f:
+            lines.append(f"  arrive   plain Tornado again, telling everyone who came every {f['presence_window']:g} s "
+                         f"(one presence and one member frame, as chat.py): {f['conn_per_s']:.0f} conn/s, slowest tenth "
+                         f"{f['slowest_tenth_conn_per_s']:.0f} conn/s, {f['cpu_us_per_arrival']:.0f} us CPU each")
     if res.idle_big:
         i = res.idle_big
         why = f"  [LIMITED: {i['limited_by']}]" if i["limited_by"] else ""
@@ -2702,6 +2735,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this part of the profile: " + PART_HELP + "; page: the page with 10,000 online")
     parser.add_argument("--baseline-server", type=int, metavar="PORT",
                         help="run only the plain Tornado baseline server on PORT")
+    parser.add_argument("--baseline-window", type=float, default=0.0, metavar="SECONDS",
+                        help="with --baseline-server: tell who came in batches, this often (0: never)")
     parser.add_argument("--chart-from", type=Path, metavar="FILE",
                         help=f"only draw {CHART.relative_to(HERE)} from a saved run's output (its first line)")
     parser.add_argument("--redis", action="store_true",
@@ -2711,7 +2746,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.redis:
         args.only = "redis"
     if args.baseline_server:
-        run_baseline_server(args.baseline_server)
+        run_baseline_server(args.baseline_server, args.baseline_window)
         return 0
     if args.chart_from:
         draw_chart(json.loads(args.chart_from.read_text().splitlines()[0]))
