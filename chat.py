@@ -2920,9 +2920,8 @@ class Pipeline:
             if before is not None:
                 await before
         finally:
+            Pipeline.release(connection)
             Pipeline.HELD.set(None)
-            for frame, payload, bulk in held:
-                send_to((connection,), frame, payload, bulk)
             self.in_flight -= 1
             answered.set_result(None)
 
