@@ -1655,7 +1655,7 @@ class Room:
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: set[str] = set()  # user keys; changed only by Hub.set_member
-        # The member list as clients see it, refreshed by Hub.flush with the
+        # The member list as clients see it, refreshed by Announcer.flush with the
         # member frames that tell the change: every name sorted, and the
         # first --roster of them encoded once for every joined frame.
         self.names: list[str] = []
@@ -2031,14 +2031,8 @@ class Hub:
     from the shared log, in the same order. So apply_<kind> must decide
     from the event and the state alone: the same answer everywhere.
 
-    Presence and membership changes are gathered for --presence_window
-    seconds and go out as one frame each, encoded once for every receiver
-    (``presence`` to everyone, ``member`` per room): a reconnect storm of N
-    users costs N frames per receiver window, not N² in all. A change and
-    its undoing within the window cancel out. The online list and each
-    room's member list that welcome and joined carry are refreshed at the
-    same moment, so a client that got one and then every batch after it
-    has the whole picture.
+    Who is online and who is in which room is told to others in batches,
+    by the Announcer.
     """
 
     conf: ClassVar[Config]
@@ -2057,12 +2051,6 @@ class Hub:
     mailboxes: ClassVar[dict[str, int]] = {}  # user key -> private messages waiting in the Store; changed by apply_direct, apply_delivered
     per_ip: ClassVar[dict[str, int]] = {}  # address -> open connections; changed by arrive, depart
     last_id: ClassVar[int] = 0  # the highest event id given out or applied; changed by next_id, apply
-    # Changes not yet told, and what welcome says: changed by announce, flush
-    presence: ClassVar[dict[str, str]] = {}  # user key -> "online" or "offline"
-    membership: ClassVar[dict[str, dict[str, str]]] = {}  # room key -> user key -> "join" or "leave"
-    flushing: ClassVar[Optional[object]] = None  # the timer of the next flush
-    names: ClassVar[list[str]] = []  # everyone online, sorted as clients see them
-    roster: ClassVar[bytes] = b"[]"  # the first --roster of names, encoded once for every welcome
     timers: ClassVar[list[tornado.ioloop.PeriodicCallback]] = []  # Liveness.ping_all and sweep
 
     @classmethod
@@ -2085,14 +2073,13 @@ class Hub:
                 cls.rooms[room].empty_since = None
                 cls.users[user].rooms.add(room)
         for room in cls.rooms.values():
-            cls._set_names(room, sorted_names(cls.users[u].name for u in room.members))
+            Announcer.set_members(room, sorted_names(cls.users[u].name for u in room.members))
         cls.mailboxes = state["mail"]
         loop = tornado.ioloop.IOLoop.current()
-        for handle in [*cls.leaving.values(), cls.flushing]:
-            if handle not in (None, True):
-                loop.remove_timeout(handle)
-        cls.online, cls.present, cls.leaving, cls.per_ip, cls.presence, cls.membership = {}, {}, {}, {}, {}, {}
-        cls.flushing, cls.names, cls.roster = None, [], b"[]"
+        for handle in cls.leaving.values():
+            loop.remove_timeout(handle)
+        cls.online, cls.present, cls.leaving, cls.per_ip = {}, {}, {}, {}
+        Announcer.reset()
         for timer in cls.timers:
             timer.stop()
         cls.timers = []
@@ -2237,9 +2224,9 @@ class Hub:
     @classmethod
     def apply_presence(cls, event: dict) -> None:
         """A process gained its user's first connection, or lost its last. The
-        user is online while some process has one; others are told at the
-        next flush, and of a user gone from every process only after
-        --offline_grace (one back by then was never away)."""
+        user is online while some process has one; others are told in the
+        Announcer's next batch, and of a user gone from every process only
+        after --offline_grace (one back by then was never away)."""
         user, node = event["user"], event["node"]
         if user not in cls.users:
             return
@@ -2258,7 +2245,7 @@ class Hub:
                 tornado.ioloop.IOLoop.current().remove_timeout(back)
             else:
                 log.debug("%s is online", cls.users[user].name)
-                cls.announce(user, "online")
+                Announcer.tell_presence(user, "online")
             return
         if not nodes or node not in nodes:
             return
@@ -2276,7 +2263,7 @@ class Hub:
         """The user's last connection closed and it has not come back."""
         cls.leaving.pop(user, None)
         log.debug("%s is offline", cls.users[user].name)
-        cls.announce(user, "offline")
+        Announcer.tell_presence(user, "offline")
 
     @classmethod
     def everyone_but(cls, user: Optional[str] = None) -> list:
@@ -2305,59 +2292,6 @@ class Hub:
     def tabs(cls, *users: str) -> set:
         """The connections here of these users."""
         return set().union(*(cls.online.get(u, ()) for u in users))
-
-    # ---- presence and membership, told in batches
-
-    @classmethod
-    def announce(cls, user: str, status: str) -> None:
-        """Tell everyone at the next flush; undoing a change not yet told cancels it."""
-        if cls.presence.pop(user, None) is None:
-            cls.presence[user] = status
-        cls._changed()
-
-    @classmethod
-    def _changed(cls) -> None:
-        if cls.flushing is None:
-            loop = tornado.ioloop.IOLoop.current()
-            if cls.conf.presence_window > 0:
-                cls.flushing = loop.call_later(cls.conf.presence_window, cls.flush)
-            else:
-                loop.add_callback(cls.flush)
-                cls.flushing = True
-
-    @classmethod
-    def flush(cls) -> None:
-        """Send the gathered changes, one frame per kind and room, and refresh
-        the lists that welcome and joined carry."""
-        cls.flushing = None
-        presence, cls.presence = cls.presence, {}
-        membership, cls.membership = cls.membership, {}
-        if presence:
-            came = sorted_names(cls.users[u].name for u, s in presence.items() if s == "online")
-            went = sorted_names(cls.users[u].name for u, s in presence.items() if s == "offline")
-            cls.names = resorted(cls.names, came, went)
-            cls.roster = encode_names(cls.names[:cls.conf.roster])
-            send_to(cls.everyone_but(cls._alone(presence)), presence_frame(came, went))
-        for room_key, changes in membership.items():
-            room = cls.rooms.get(room_key)
-            if room is None or not changes:
-                continue
-            joined = sorted_names(cls.users[u].name for u, a in changes.items() if a == "join")
-            left = sorted_names(cls.users[u].name for u, a in changes.items() if a == "leave")
-            cls._set_names(room, resorted(room.names, joined, left))
-            send_to(cls.members_online(room, but=cls._alone(changes)), member_frame(room.name, joined, left))
-
-    @staticmethod
-    def _alone(changes: dict) -> Optional[str]:
-        """The user a batch is only about: it already knows, and is not sent it.
-        (A bigger batch goes to everyone; a receiver may find its own name.)"""
-        return next(iter(changes)) if len(changes) == 1 else None
-
-    @classmethod
-    def _set_names(cls, room: Room, names: list[str]) -> None:
-        """The room's member list, sorted, and its first --roster names encoded."""
-        room.names = names
-        room.roster = encode_names(names[:cls.conf.roster])
 
     # ---- rooms
 
@@ -2409,7 +2343,7 @@ class Hub:
 
     @classmethod
     def set_member(cls, room: Room, user: str, member: bool) -> None:
-        """A stored membership change, in the live state; the room is told at the next flush."""
+        """A stored membership change, in the live state; the room is told in the next batch."""
         cls._here(room, cls.online.get(user, ()), member)
         if member:
             room.members.add(user)
@@ -2420,10 +2354,7 @@ class Hub:
             cls.users[user].rooms.discard(key(room.name))
             if not room.members:
                 room.empty_since = time.monotonic()
-        changes = cls.membership.setdefault(key(room.name), {})
-        if changes.pop(user, None) is None:
-            changes[user] = "join" if member else "leave"
-        cls._changed()
+        Announcer.tell_member(key(room.name), user, member)
 
     @classmethod
     def sweep(cls, now: Optional[float] = None) -> None:
@@ -2691,6 +2622,106 @@ class Hub:
             send_to(cls.online.get(key(event["to"]), ()), typing_frame(event["user"], None, event["to"]))
 
 
+################ Announcer: who is online and in which room, told in batches
+
+
+class Announcer:
+    """Presence and membership changes, gathered for --presence_window
+    seconds and told as one frame each, encoded once for every receiver:
+    ``presence`` to everyone, ``member`` per room. A reconnect storm of N
+    users then costs each receiver one frame per window, not N, and N
+    frames in all per window, not N². A change and its undoing within the
+    window cancel out.
+
+    The Hub tells it each change it applies (tell_presence, tell_member);
+    flush() reads the Hub's users, rooms and connections to word and
+    address the frames. The online list and each room's member list that
+    welcome and joined carry are refreshed by the same flush, so a client
+    that got one, and then every batch after it, has the whole picture.
+    """
+
+    # Changes not yet told, and what welcome says
+    presence: ClassVar[dict[str, str]] = {}  # user key -> "online" or "offline"; changed by tell_presence, flush
+    membership: ClassVar[dict[str, dict[str, str]]] = {}  # room key -> user key -> "join" or "leave"; changed by tell_member, flush
+    timer: ClassVar[Optional[object]] = None  # the next flush (True: the next loop turn); changed by _changed, flush, reset
+    names: ClassVar[list[str]] = []  # everyone online, sorted as clients see them; changed by set_online
+    roster: ClassVar[bytes] = b"[]"  # the first --roster of names, encoded once for every welcome; changed by set_online
+
+    @classmethod
+    def reset(cls) -> None:
+        """Nothing waits to be told, and nobody is online (Hub.load)."""
+        if cls.timer not in (None, True):
+            tornado.ioloop.IOLoop.current().remove_timeout(cls.timer)
+        cls.presence, cls.membership, cls.timer = {}, {}, None
+        cls.set_online([])
+
+    @classmethod
+    def set_online(cls, names: list[str]) -> None:
+        """Everyone online, sorted, and the first --roster names encoded
+        (flush; and chat_redis, which loads who is online elsewhere)."""
+        cls.names = names
+        cls.roster = encode_names(names[:Hub.conf.roster])
+
+    @staticmethod
+    def set_members(room: Room, names: list[str]) -> None:
+        """The room's member list, sorted, and its first --roster names encoded."""
+        room.names = names
+        room.roster = encode_names(names[:Hub.conf.roster])
+
+    @classmethod
+    def tell_presence(cls, user: str, status: str) -> None:
+        """Tell everyone at the next flush; undoing a change not yet told cancels it."""
+        if cls.presence.pop(user, None) is None:
+            cls.presence[user] = status
+        cls._changed()
+
+    @classmethod
+    def tell_member(cls, room_key: str, user: str, member: bool) -> None:
+        """Tell the room at the next flush; undoing a change not yet told cancels it."""
+        changes = cls.membership.setdefault(room_key, {})
+        if changes.pop(user, None) is None:
+            changes[user] = "join" if member else "leave"
+        cls._changed()
+
+    @classmethod
+    def _changed(cls) -> None:
+        if cls.timer is None:
+            loop = tornado.ioloop.IOLoop.current()
+            if Hub.conf.presence_window > 0:
+                cls.timer = loop.call_later(Hub.conf.presence_window, cls.flush)
+            else:
+                loop.add_callback(cls.flush)
+                cls.timer = True
+
+    @classmethod
+    def flush(cls) -> None:
+        """Send the gathered changes, one frame per kind and room, and refresh
+        the lists that welcome and joined carry."""
+        cls.timer = None
+        presence, cls.presence = cls.presence, {}
+        membership, cls.membership = cls.membership, {}
+        users = Hub.users
+        if presence:
+            came = sorted_names(users[u].name for u, s in presence.items() if s == "online")
+            went = sorted_names(users[u].name for u, s in presence.items() if s == "offline")
+            cls.set_online(resorted(cls.names, came, went))
+            send_to(Hub.everyone_but(cls._alone(presence)), presence_frame(came, went))
+        for room_key, changes in membership.items():
+            room = Hub.rooms.get(room_key)
+            if room is None or not changes:
+                continue
+            joined = sorted_names(users[u].name for u, a in changes.items() if a == "join")
+            left = sorted_names(users[u].name for u, a in changes.items() if a == "leave")
+            cls.set_members(room, resorted(room.names, joined, left))
+            send_to(Hub.members_online(room, but=cls._alone(changes)), member_frame(room.name, joined, left))
+
+    @staticmethod
+    def _alone(changes: dict) -> Optional[str]:
+        """The user a batch is only about: it already knows, and is not sent it.
+        (A bigger batch goes to everyone; a receiver may find its own name.)"""
+        return next(iter(changes)) if len(changes) == 1 else None
+
+
 ################ Greeting: the connect sequence
 
 
@@ -2720,7 +2751,7 @@ class Greeting:
         conf = Hub.conf
         directs, cut = self._owed_directs(since, conf.max_queue // 2)
         my_rooms = sorted_names(Hub.rooms[r].name for r in user.rooms)
-        roster, online_count = roster_with(Hub.names, Hub.roster, user.name, conf.roster)
+        roster, online_count = roster_with(Announcer.names, Announcer.roster, user.name, conf.roster)
         reads = Hub.store.reads(me)
         read_with = {Hub.users[c[1:]].name: id for c, id in reads.items() if c[0] == "@" and c[1:] in Hub.users}
         welcome = welcome_payload(user.name, token, connection.device, roster, online_count, my_rooms, read_with, conf,
@@ -3355,7 +3386,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             names, more = page_after(room.names, frame.get("after"), Hub.conf.roster)
             self.send(members_frame(room.name, names, more), bulk=True)
         else:
-            names, more = page_after(Hub.names, frame.get("after"), Hub.conf.roster)
+            names, more = page_after(Announcer.names, frame.get("after"), Hub.conf.roster)
             self.send(members_frame(None, names, more), bulk=True)
         self._ack(ref)
 

@@ -473,8 +473,7 @@ class RedisBackplane:
             for user in members:
                 if user in Hub.users:
                     Hub.present[user] = Hub.present.get(user, frozenset()) | {node}
-        Hub.names = self.chat.sorted_names(Hub.users[u].name for u in Hub.present)
-        Hub.roster = self.chat.encode_names(Hub.names[:self.conf.roster])
+        self.chat.Announcer.set_online(self.chat.sorted_names(Hub.users[u].name for u in Hub.present))
         self.last = Hub.last_id = int(last or 0)
         log.info("node %s loaded %d events from Redis, up to id %d", self.node, len(events), self.last)
 

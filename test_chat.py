@@ -295,16 +295,16 @@ class ChatTestCase(AsyncHTTPTestCase):
         await self.quiet(b, "the other user")
 
     def batches(self):
-        """A queue that gets an item each time the Hub sends its presence and
-        member batches (call it before the changes it should see)."""
+        """A queue that gets an item each time the Announcer sends its presence
+        and member batches (call it before the changes it should see)."""
         queue = asyncio.Queue()
-        real = chat.Hub.flush.__func__
+        real = chat.Announcer.flush.__func__
 
         def flush(cls):
             real(cls)
             queue.put_nowait(None)
 
-        patcher = mock.patch.object(chat.Hub, "flush", classmethod(flush))
+        patcher = mock.patch.object(chat.Announcer, "flush", classmethod(flush))
         patcher.start()
         self.addCleanup(patcher.stop)
         return queue
@@ -2939,7 +2939,7 @@ class StormTest(ChatTestCase):
         await self.wait_health(users_online=0)
         while not self.queue.empty():
             self.queue.get_nowait()
-        if chat.Hub.presence or chat.Hub.membership:
+        if chat.Announcer.presence or chat.Announcer.membership:
             await self.batch_sent(self.queue)  # the offline batch
         before = sum(n for (family, _), n in chat.Metrics.counts.items() if family == "frames_out")
         again = await asyncio.gather(*[self.connect(name, self.tokens[name]) for name in names])
@@ -4481,10 +4481,10 @@ class BatchGuardTest(ChatTestCase):
     @async_test
     async def test_users_arriving_in_one_window_learn_of_each_other(self):
         a, _ = await self.connect("UserA")
-        chat.Hub.flush()
+        chat.Announcer.flush()
         b, _ = await self.connect("UserB")
         c, _ = await self.connect("UserC")
-        chat.Hub.flush()
+        chat.Announcer.flush()
         frame = await self.expect(b, "presence")
         self.assertEqual(frame, {"type": "presence", "online": ["UserB", "UserC"], "offline": []})
         frame = await self.expect(b, "member", room="general")
@@ -4495,24 +4495,24 @@ class BatchGuardTest(ChatTestCase):
         a, _ = await self.connect("UserA")
         b, _ = await self.connect("UserB")
         await self.reply(b, "joined", type="join", room="attic")
-        chat.Hub.flush()
+        chat.Announcer.flush()
         await self.sync(a)
         await self.sync(b)
         await self.reply(a, "joined", type="join", room="attic")
         await self.reply(a, "left", type="leave", room="attic")
-        chat.Hub.flush()
+        chat.Announcer.flush()
         await self.quiet(b, "UserB, while UserA joined and left within the window")
 
     @async_test
     async def test_leaving_and_coming_back_within_the_window_is_not_told(self):
         a, _ = await self.connect("UserA")
         b, _ = await self.connect("UserB")
-        chat.Hub.flush()
+        chat.Announcer.flush()
         await self.sync(a)
         b.close()
         await self.wait_health(connections=1)
         await self.connect("UserB", self.tokens["UserB"])
-        chat.Hub.flush()
+        chat.Announcer.flush()
         await self.quiet(a, "UserA, while UserB left and came back within the window")
 
 
