@@ -4573,6 +4573,153 @@ class MembersPageTest(ChatTestCase):
         self.assertEqual((page["members"], page["more"]), (["UserB", "UserC"], False))
 
 
+class FullDisk:
+    """A Store's connection on a disk with no room for a statement that
+    holds `marker`: SQLite rolls back the whole transaction, as it does for
+    SQLITE_FULL (the rest is the real connection)."""
+
+    def __init__(self, db, marker):
+        self.db, self.marker = db, marker
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def execute(self, sql, args=()):
+        if any(isinstance(arg, str) and self.marker in arg for arg in args):
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, args)
+
+
+class GroupCommitTest(FileCase):
+    """The changes of one event-loop turn are committed together, before any
+    frame about them is written: an ack means the change is on disk, and a
+    commit that fails is taken back before anyone hears of it."""
+
+    async def until_closed(self, ws, what):
+        """The frames that arrive before the server closes ws."""
+        frames = []
+        for _ in range(100):
+            msg = await self.raw_read(ws, what)
+            if msg is None:
+                return frames
+            frames.append(json.loads(msg))
+        self.fail("%s: still open after %r" % (what, frames[-3:]))
+
+    def committed(self, sql, *args):
+        """What another connection to the file sees: only what is committed."""
+        other = sqlite3.connect(self.db)
+        try:
+            return other.execute(sql, args).fetchall()
+        finally:
+            other.close()
+
+    @async_test
+    async def test_a_change_is_on_disk_when_its_ack_arrives(self):
+        a, b = await self.pair()
+        ack = await self.say(a, "on disk")
+        self.assertEqual(self.committed("SELECT id FROM messages WHERE id = ?", ack["id"]), [(ack["id"],)])
+        await self.reply(a, "joined", type="join", room="attic")
+        self.assertEqual(self.committed("SELECT user FROM members WHERE room = 'attic'"), [("usera",)])
+
+    @async_test
+    async def test_a_lost_commit_tells_nobody_and_everyone_comes_back_to_what_is_kept(self):
+        a, b = await self.pair()
+        kept = await self.say(a, "kept")
+        await self.expect(b, "message", id=kept["id"])
+        with mock.patch.object(chat.Hub.store, "_commit", side_effect=sqlite3.OperationalError("disk I/O error")), \
+                self.assertLogs("chat", "ERROR"):
+            # In one loop turn of the server: an answer that writes nothing, then the message.
+            a.protocol.stream.set_nodelay(True)  # both frames in the server's socket before it reads
+            self.send(a, type="rooms", ref="r-rooms")
+            self.send(a, type="message", text="lost words", cid="c-lost", ref="r-lost")
+            self.assertEqual(await self.until_closed(a, "UserA's close"), [], "no ack, no copy of the message")
+            self.assertEqual(await self.until_closed(b, "UserB's close"), [], "nothing of the lost message")
+        self.assertEqual((a.close_code, b.close_code), (1011, 1011))
+        self.assertEqual(self.committed("SELECT count(*) FROM messages WHERE cid = 'c-lost'"), [(0,)])
+        # Both come back with since; the live state is what the database kept.
+        a, _ = await self.connect("UserA", self.tokens["UserA"], since=kept["id"])
+        b, _ = await self.connect("UserB", self.tokens["UserB"], since=kept["id"])
+        self.assertEqual([m["text"] for m in a.joined["general"]["history"]], [])
+        history = await self.reply(a, "history", type="history", room="general")
+        self.assertEqual([m["text"] for m in history["messages"]], ["kept"])
+        await self.sync(a)
+        chat.Hub.store.index_pending()  # the index's timer: nothing of the lost message is written
+        other = await self.say(a, "other words")  # the lost message's id, given again
+        found = await self.reply(a, "results", type="search", q="lost")
+        self.assertEqual(found["messages"], [], "the lost words are in no index")
+        # The page sends the unacked message again, with its cid: now it is kept, once.
+        again, _ = await self.ack(a, type="message", text="lost words", cid="c-lost")
+        self.assertEqual([(await self.expect(b, "message"))["id"] for _ in range(2)], [other["id"], again["id"]])
+        found = await self.reply(a, "results", type="search", q="lost")
+        self.assertEqual([m["id"] for m in found["messages"]], [again["id"]])
+
+    @async_test
+    async def test_after_a_lost_commit_each_change_commits_alone_for_a_while(self):
+        """So a disk that stays broken refuses one change at a time, with an
+        error to its sender, instead of closing everyone again and again."""
+        a, b = await self.pair()
+        store = chat.Hub.store
+        with mock.patch.object(store, "_commit", side_effect=sqlite3.OperationalError("disk I/O error")), \
+                self.assertLogs("chat", "ERROR"):
+            self.send(a, type="message", text="lost")
+            await self.until_closed(a, "UserA's close")
+            a, _ = await self.connect("UserA", self.tokens["UserA"])
+            b, _ = await self.connect("UserB", self.tokens["UserB"])
+            await self.sync(a)
+            alone = await self.say(a, "committed alone")  # the group's commit would fail
+            await self.expect(b, "message", id=alone["id"])
+            self.assertEqual(self.committed("SELECT id FROM messages WHERE id = ?", alone["id"]), [(alone["id"],)])
+            store.alone_until -= store.LOST_ALONE  # a minute later: grouped again
+            self.send(a, type="message", text="lost again")
+            self.assertEqual(await self.until_closed(b, "UserB's close"), [])
+
+    @async_test
+    async def test_a_change_the_disk_refuses_first_in_its_turn_is_refused_alone(self):
+        """SQLite rolls back a whole transaction when the disk is full. When
+        the refused change was the first of its turn, nothing else was lost:
+        its sender gets an error, and the next change of the turn is kept."""
+        a, b = await self.pair()
+        store = chat.Hub.store
+        store.db = FullDisk(store.db, "no room")
+        self.addCleanup(setattr, store, "db", store.db.db)
+        a.protocol.stream.set_nodelay(True)  # both frames in the server's socket before it reads
+        with self.assertLogs("chat", "ERROR"):
+            self.send(a, type="message", text="no room for this", ref="r-full")
+            self.send(a, type="message", text="this fits", ref="r-fits")
+            refused, _ = await self.answer(a, "r-full")
+            kept, _ = await self.answer(a, "r-fits")
+        self.assertEqual((refused["type"], refused["code"], kept["type"]), ("error", "server_error", "ack"))
+        got = await self.expect(b, "message")
+        self.assertEqual((got["id"], got["text"]), (kept["id"], "this fits"))
+        await self.quiet(b, "UserB")
+
+    @async_test
+    async def test_a_full_disk_refuses_the_change_alone(self):
+        """A write the disk cannot take, alone in its turn, is refused like
+        any failed write: an error to its sender, and everything else goes on."""
+        a, b = await self.pair()
+        db = chat.Hub.store.db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute("PRAGMA max_page_count = %d" % pages)  # the disk fills up
+        kept = []
+        with self.assertLogs("chat", "ERROR"):
+            for i in range(20):  # the pages' free room takes a few first
+                answer, _ = await self.request(a, type="message", text="%d %s" % (i, "x" * 1990))
+                if answer["type"] == "error":
+                    break
+                kept.append(answer["id"])
+        self.assertEqual(answer["code"], "server_error", answer)
+        self.assertEqual(a.close_code, None, "the sender's connection stays")
+        got = [(await self.expect(b, "message"))["id"] for _ in kept]
+        self.assertEqual(got, kept)
+        await self.quiet(b, "UserB, while the disk was full")
+        self.assertEqual(self.committed("SELECT count(*) FROM messages"), [(len(kept),)])
+        db.execute("PRAGMA max_page_count = 1073741823")  # room again
+        await self.still_serving(a, b)
+
+
 class IndexBatchTest(ChatTestCase):
     """Search words are written in batches; a failed batch loses nothing."""
 
@@ -4581,7 +4728,7 @@ class IndexBatchTest(ChatTestCase):
         a, b = await self.pair()
         said = await self.say(a, "words that wait for the index")
         store = chat.Hub.store
-        with mock.patch.object(store, "transaction", side_effect=sqlite3.OperationalError("locked")):
+        with mock.patch.object(store, "_alone", side_effect=sqlite3.OperationalError("locked")):
             with self.assertLogs("chat", "WARNING"):
                 store._index_later()  # the timer's turn: the index is locked
         self.assertIn(said["id"], store.unindexed, "kept for the next try")
