@@ -1464,7 +1464,9 @@ class Store:
             for table, column in (("messages", "sender"), ("messages", "recipient"), ("events", "party1"),
                                   ("events", "party2")):
                 self.db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (former, user))
-            self.db.execute("UPDATE search SET conv = replace(conv, ?, ?)", (conv_word("u", user), conv_word("u", former)))
+            # Whole words only: another name's word may start with this one's ("u6162" in "u61626279").
+            self.db.execute("UPDATE search SET conv = trim(replace(' ' || conv || ' ', ?, ?))",
+                            (f" {conv_word('u', user)} ", f" {conv_word('u', former)} "))
         return found
 
     def add_room(self, room: str, name: str) -> None:
@@ -3116,6 +3118,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     user: Optional[str] = None  # user key, set once the connection is accepted
     device: Optional[int] = None  # the id of the device (token) it signed in with
     _awaiting: Optional[tuple] = None  # (name, since, timer) while an auth frame is awaited
+    _auth_ref: Any = None  # the ref of its auth frame: a refusal carries it, and the ack after welcome
     _counted = False  # counted in sockets
     _dead = False  # closing: nothing more is read or written
     _departed = False
@@ -3191,9 +3194,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             # process and not applied here yet: catch up before judging.
             await Hub.backplane.caught_up()
             user = Hub.users.get(user_key)
-            if Hub.backplane.waits and conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
-                # Others came in while this one waited (with --redis; nothing is stored yet).
-                return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
+        if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
+            # Again: others came in while this one waited for its auth frame (or, with --redis, the backplane).
+            return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
         if user is not None:
             if link is not None:
                 if not Hub.budgets.take("link", ip):
@@ -3253,14 +3256,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             frame = parse_frame(data)
         except ChatError:
             frame = {}
-        token, link = frame.get("token"), frame.get("link")
-        if frame.get("type") != "auth" or not isinstance(token or link, str):
-            return self.refuse(ChatError("name_taken", "the first frame must be an auth frame with a token or a link"), 4409)
-        await self._admit(name, token if isinstance(token, str) else None, link if isinstance(link, str) else None,
-                          since)
         with contextlib.suppress(ChatError):  # its ref, if it has a good one, is answered like any other
-            if self.user is not None and not self._dead and "ref" in frame:
-                self._ack(check_ref(frame["ref"]))
+            self._auth_ref = check_ref(frame["ref"]) if "ref" in frame else None
+        token, link = (v if isinstance(v, str) and is_unicode(v) else None for v in (frame.get("token"), frame.get("link")))
+        if frame.get("type") != "auth" or (token is None and link is None):
+            return self.refuse(ChatError("name_taken", "the first frame must be an auth frame with a token or a link"), 4409)
+        await self._admit(name, token, link, since)
+        ref, self._auth_ref = self._auth_ref, None  # later refusals answer later frames
+        if self.user is not None and not self._dead:
+            self._ack(ref)
 
     def _no_auth(self) -> None:
         if self._awaiting is not None and not self._dead:
@@ -3284,7 +3288,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def refuse(self, error: ChatError, code: int) -> None:
         Metrics.count("refused", error.code)
         Pipeline.release(self)  # this frame's answers (a logout's ack) go before the close
-        send_to((self,), error_frame(error.code, error.message))
+        send_to((self,), error_frame(error.code, error.message, self._auth_ref))
         self._close(code, error.code)
 
     def on_close(self) -> None:
@@ -3329,8 +3333,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             except ChatError:
                 self._spend()  # a broken frame costs a token too
                 raise
+            bad_ref = None
             if "ref" in frame:
-                ref = check_ref(frame["ref"])
+                try:
+                    ref = check_ref(frame["ref"])
+                except ChatError as e:
+                    bad_ref = e  # refused once the frame has paid its token, as any frame does
             kind = frame.get("type")
             if kind == "typing":
                 if Hub.conf.rate > 0 and not self._typing.take(*TYPING):
@@ -3338,6 +3346,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                     return self._ack(ref)  # a signal, not a message: extra ones are dropped
             elif not self._spend():
                 raise ChatError("rate_limited", "you are sending too fast; wait a moment and try again")
+            if bad_ref is not None:
+                raise bad_ref
             if not isinstance(kind, str):
                 raise ChatError("bad_request", "a frame needs a string 'type'")
             handler = getattr(self, "do_" + kind, None)
@@ -3550,8 +3560,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     async def do_search(self, frame: dict, ref: Any) -> None:
         # {"type":"search","q":"deploy logs","before":230}
         q = frame.get("q")
-        if not isinstance(q, str) or len(q) > MAX_QUERY:
-            raise ChatError("bad_request", f"'q' must be a search of at most {MAX_QUERY} characters")
+        if not isinstance(q, str) or len(q) > MAX_QUERY or not is_unicode(q):
+            raise ChatError("bad_request", f"'q' must be a search of at most {MAX_QUERY} characters of text")
         words = WORD.findall(q)[:20]
         if not words:
             raise ChatError("bad_request", "search for at least one word")
@@ -3828,15 +3838,15 @@ class MetricsHandler(tornado.web.RequestHandler):
 
 
 def redact(uri: str) -> str:
-    """The URI with every token value blotted out, however its name is
-    spelled (%74oken= is token= to Tornado too)."""
+    """The URI with every token and link code blotted out, however their
+    names are spelled (%74oken= is token= to Tornado too)."""
     path, _, query = uri.partition("?")
     if not query:
         return uri
     parts = []
     for part in query.split("&"):
         name, eq, _ = part.partition("=")
-        parts.append(f"{name}=***" if urllib.parse.unquote_plus(name) == "token" else part)
+        parts.append(f"{name}=***" if urllib.parse.unquote_plus(name) in ("token", "link") else part)
     return path + "?" + "&".join(parts)
 
 

@@ -1265,7 +1265,7 @@ class LogTest(ChatTestCase):
             logger.addHandler(handler)
             logger.setLevel(logging.DEBUG)
         try:
-            _, welcome = await self.connect("UserA")
+            a, welcome = await self.connect("UserA")
             token = welcome["token"]
             base = "ws://127.0.0.1:%d/ws?username=UserA&" % self.get_http_port()
             for query in ("token=%s" % token, "%%74oken=%s" % token, "token=%s&since=%%ff" % token,
@@ -1273,13 +1273,17 @@ class LogTest(ChatTestCase):
                 ws = await websocket_connect(base + query)
                 self.sockets.append(ws)
                 self.assertEqual((await self.read(ws, "the welcome"))["type"], "welcome", query)
+            code = (await self.reply(a, "link", type="link"))["code"]  # a link code signs in as well
+            ws = await websocket_connect(base + "link=" + code)
+            self.sockets.append(ws)
+            self.assertEqual((await self.read(ws, "the welcome"))["type"], "welcome")
         finally:
             for logger, level in zip(loggers, levels):
                 logger.removeHandler(handler)
                 logger.setLevel(level)
         self.assertTrue([line for line in lines if "token=***" in line], lines)
         self.assertTrue([line for line in lines if "%74oken=***" in line], lines)
-        self.assertEqual([line for line in lines if token in line], [])
+        self.assertEqual([line for line in lines if token in line or code in line], [])
 
 
 class QueryTest(ChatTestCase):
@@ -3584,6 +3588,40 @@ class ReviewFixesTest(FileCase):
     """Defects an independent review found, each kept fixed by a test."""
 
     @async_test
+    async def test_a_search_for_what_is_not_text_is_bad_request(self):
+        a, b = await self.pair()
+        await self.error(a, "bad_request", type="search", q="hello \ud800")  # a lone surrogate
+        await self.still_serving(a, b)
+
+    @async_test
+    async def test_an_auth_frame_is_refused_with_its_ref_and_a_token_that_is_not_text_too(self):
+        await self.connect("Ana")
+        for ref, token in ((7, "\ud800"), (8, "wrong")):
+            with self.subTest(token=token):
+                ws = await websocket_connect(self.url(username="Ana", auth=1))
+                self.sockets.append(ws)
+                ws.write_message(json.dumps({"type": "auth", "token": token, "ref": ref}))
+                await self.next_error(ws, "name_taken", ref)
+                self.assertIsNone(await self.raw_read(ws, "the close"))
+                self.assertEqual(ws.close_code, 4409)
+
+    @async_test
+    async def test_release_changes_no_other_name_that_starts_the_same(self):
+        abby, _ = await self.connect("abby")
+        await self.connect("ab")
+        bob, _ = await self.connect("bob")
+        await self.say(bob, "@abby kiwi")
+        for ws in self.sockets:
+            ws.close()
+        await self.wait_health(connections=0)
+        chat.Hub.store.close()
+        self.assertEqual(chat.release("ab", self.db), 0)
+        await self.restart()
+        abby, _ = await self.connect("abby", self.tokens["abby"])
+        found = await self.reply(abby, "results", type="search", q="kiwi")
+        self.assertEqual([m["text"] for m in found["messages"]], ["kiwi"])
+
+    @async_test
     async def test_a_revoked_connection_cannot_act_while_its_close_is_pending(self):
         a, welcome = await self.connect("Ana")
         bob, _ = await self.connect("Bob")
@@ -4180,6 +4218,50 @@ class PageSizeTest(ChatTestCase):
         self.assertEqual([m["id"] for m in found["messages"]], ids[2::-1])
         page = await self.reply(a, "history", type="history", room="general", before=ids[3])
         self.assertEqual([m["id"] for m in page["messages"]], ids[:3])
+
+
+class AuthPerAddressTest(ChatTestCase):
+    """--max_conns_per_ip counts the connections that signed in with an auth
+    frame too: they wait for it uncounted, so they are counted again after."""
+    app_options = {"max_conns_per_ip": 2}
+
+    @async_test
+    async def test_auth_frames_do_not_get_round_max_conns_per_ip(self):
+        _, welcome = await self.connect("Ana")
+        waiting = []
+        for _ in range(4):
+            ws = await websocket_connect(self.url(username="Ana", auth=1))
+            self.sockets.append(ws)
+            waiting.append(ws)
+        for ws in waiting:
+            ws.write_message(json.dumps({"type": "auth", "token": welcome["token"]}))
+        answers = [await self.read(ws) for ws in waiting]
+        self.assertEqual(sorted(f.get("code", f["type"]) for f in answers), ["too_many_connections"] * 3 + ["welcome"])
+        self.assertEqual(chat.Hub.per_ip["127.0.0.1"], 2)
+
+    @async_test
+    async def test_at_the_cap_a_connection_is_refused_before_its_auth_frame(self):
+        await self.connect("Ana")
+        await self.connect("Bob")
+        ws = await websocket_connect(self.url(username="Ana", auth=1))
+        self.sockets.append(ws)
+        await self.next_error(ws, "too_many_connections")
+        self.assertIsNone(await self.raw_read(ws, "the close"))
+        self.assertEqual(ws.close_code, 4429)
+
+
+class BadRefRateTest(ChatTestCase):
+    """A frame with a ref that is not valid pays its token like any other."""
+    app_options = {"rate": 0.01, "burst": 3}
+
+    @async_test
+    async def test_frames_with_a_bad_ref_are_rate_limited_too(self):
+        a, _ = await self.connect("Ana")
+        codes = []
+        for _ in range(4):
+            self.send(a, type="message", text="x", ref=[1])
+            codes.append((await self.read(a))["code"])
+        self.assertEqual(codes, ["bad_request"] * 3 + ["rate_limited"])
 
 
 class AuthGuardTest(ChatTestCase):
