@@ -1080,8 +1080,8 @@ class Store:
     the state again, and for LOST_ALONE seconds each write commits by
     itself (autocommit), so that a disk that stays full refuses one change
     at a time. With --redis (on_lost is None) every write commits alone:
-    Redis is the durable copy there. A failed write never leaves the
-    connection inside an open transaction that later writes would join.
+    Redis is the durable copy there. A change that failed is rolled back
+    (to its savepoint, or whole), never left for a later commit to keep.
 
     Another process may hold the write lock (an admin's sqlite3 shell, a
     VACUUM). A write then waits at most BUSY_MS and raises
@@ -1493,9 +1493,10 @@ class Store:
     def add_message(self, id: int, room: Optional[str], sender: str, recipient: Optional[str],
                     delivered: bool, payload: bytes, cid: Optional[str], text: str,
                     reply_to: Optional[int] = None) -> None:
-        """A message, committed with its loop turn's group. Its words go to the search index
-        within INDEX_EVERY, many messages in one transaction: one at a time,
-        FTS5 would cost a message 100 µs more (see index_pending)."""
+        """A message, committed with its loop turn's group. Its words go to
+        the search index within INDEX_EVERY, many messages in one
+        transaction: one at a time, FTS5 would cost a message 100 µs more
+        (see index_pending)."""
         self.write("INSERT INTO messages (id, room, sender, recipient, delivered, frame, cid, reply_to)"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (id, room, sender, recipient, int(delivered), payload.decode(), cid, reply_to))
@@ -1652,6 +1653,7 @@ class Store:
         """Commit, index what waits, finish erasing, fold the WAL back into the database file and close it."""
         if self.stopping.is_set():
             return  # closed already
+        self.on_lost = None  # stopping: a last commit that fails has nothing left to take back
         self.sync()
         if self.indexing is not None:
             tornado.ioloop.IOLoop.current().remove_timeout(self.indexing)
