@@ -562,6 +562,140 @@ def test_a_message_whose_ack_was_lost_is_sent_again_once(browser, server):
     pa.context.close(), pb.context.close()
 
 
+def test_a_late_ack_for_a_private_message_does_not_move_you(browser, own_server):
+    """"@Ned text" typed in a room during an outage goes to Ned once the
+    connection is back, but the page stays in the room: the text typed since
+    is still meant for the room, and Enter sends it there."""
+    held = threading.Event()
+
+    def gate(ws):
+        if held.is_set():
+            ws.close(code=1013, reason="held by the test")
+        else:
+            ws.connect_to_server()
+
+    mia, ned = unique("Mia"), unique("Ned")
+    pn = open_chat(browser, own_server, ned)           # Ned is a known user
+    pm = open_chat(browser, own_server, mia, route=gate)
+    expect(pm.locator("#conv-title")).to_have_text("# general")
+    held.set()
+    own_server.restart()
+    expect(pm.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")
+    private = unique("dm queued during outage ")
+    say(pm, f"@{ned} {private}")
+    expect(pm.locator("#pending-list li .status")).to_have_text(f"Sending privately to {ned}…")
+    public = unique("this is meant for everyone in general ")
+    pm.locator("#input").fill(public)
+    held.clear()
+    expect(pm.locator("#conn-state")).to_have_attribute("data-state", "online", timeout=40_000)
+    expect(pm.locator("#pending-list li")).to_have_count(0)     # acked
+    expect(dm_row(pm, ned)).to_have_count(1)
+    # Still in the room, with the draft meant for it.
+    expect(pm.locator("#conv-title")).to_have_text("# general")
+    expect(pm.locator("#input")).to_have_value(public)
+    expect(pm.locator("#input")).to_have_attribute("placeholder", "Message #general")
+    pm.locator("#input").press("Enter")
+    expect(pn.locator("#conn-state")).to_have_attribute("data-state", "online", timeout=40_000)
+    expect(shown(pn, public)).to_have_count(1)
+    expect(pn.locator("#conv-title")).to_have_text("# general")
+    dm_row(pn, mia).locator("button").click()
+    expect(shown(pn, private)).to_have_count(1)
+    expect(shown(pn, public)).to_have_count(0)            # not sent privately
+    # And the private message is in Mia's conversation with Ned.
+    dm_row(pm, ned).locator("button").click()
+    expect(shown(pm, private)).to_have_count(1)
+    assert not pm.js_errors
+    pm.context.close(), pn.context.close()
+
+
+@pytest.mark.skipif(not CID_SERVER, reason="chat.py does not de-duplicate by client id (cid) yet")
+def test_messages_waiting_to_be_sent_survive_a_reload_and_are_posted_once(browser, server):
+    """Messages typed while disconnected, and one whose ack never came, are
+    kept in this browser for their user: after a reload they are sent (the
+    unacked one with its client id, so it is posted once). Another user
+    signing in on the same browser neither sees nor sends them."""
+    held = threading.Event()
+    swallow = threading.Event()
+    swallow.set()
+    routes: list = []
+
+    def gate(ws):
+        if held.is_set():
+            ws.close(code=1013, reason="held by the test")
+            return
+        routes.append(ws)
+        srv = ws.connect_to_server()
+        refs: set = set()
+
+        def from_page(message):
+            frame = json.loads(message)
+            if frame.get("type") == "message" and "fragile" in frame.get("text", ""):
+                refs.add(frame["ref"])
+            srv.send(message)
+
+        def from_server(message):
+            frame = json.loads(message)
+            if frame.get("type") == "ack" and frame.get("ref") in refs and swallow.is_set():
+                return                                  # the ack is lost on the way
+            ws.send(message)
+        ws.on_message(from_page)
+        srv.on_message(from_server)
+
+    mia, ned, zed = unique("Mia"), unique("Ned"), unique("Zed")
+    pn = open_chat(browser, server, ned)
+    cm = browser.new_context(viewport={"width": 1280, "height": 800})
+    sent = frames_sent(cm)
+    pm = open_chat(browser, server, mia, context=cm, route=gate)
+    fragile = unique("fragile ")
+    say(pm, fragile)
+    expect(shown(pn, fragile)).to_have_count(1)         # posted; Mia never hears so
+    held.set()
+    routes[-1].close(code=1012, reason="test: the connection drops")
+    expect(pm.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")
+    in_room, in_private = unique("typed offline "), unique("typed offline privately ")
+    say(pm, in_room)
+    say(pm, f"@{ned} {in_private}")
+    expect(pm.locator("#pending-list li")).to_have_count(2)
+
+    # Zed on the same browser: nothing of Mia's is shown or sent.
+    pz = open_chat(browser, server, zed, context=cm)
+    expect(pz.locator("#pending-list li")).to_have_count(0)
+    say(pz, "zed here")
+    expect(shown(pn, "zed here")).to_have_count(1)      # anything Zed sent came before it
+    expect(shown(pn, in_room)).to_have_count(0)
+    expect(dm_row(pn, mia)).to_have_count(0)
+    pz.close()
+
+    held.clear()
+    swallow.clear()
+    pm.reload()
+    expect(pm.locator("#conn-state")).to_have_attribute("data-state", "online")
+    expect(pm.locator("#me-name")).to_have_text(mia)
+    expect(shown(pn, in_room)).to_have_count(1)
+    expect(pm.locator("#pending-list li")).to_have_count(0)
+    expect(shown(pm, in_room)).to_have_count(1)
+    expect(shown(pm, fragile)).to_have_count(1)
+    expect(shown(pn, fragile)).to_have_count(1)         # sent again, posted once
+    expect(pm.locator("#conv-title")).to_have_text("# general")
+    expect(dm_row(pn, mia).locator(".badge")).to_have_text("1")
+    dm_row(pn, mia).locator("button").click()
+    expect(shown(pn, in_private)).to_have_count(1)
+    again = [f for f in sent if f.get("type") == "message" and fragile in f.get("text", "")]
+    assert len(again) >= 2 and len({f["cid"] for f in again}) == 1, again
+    assert not [f for f in sent if f.get("type") == "message" and f.get("text") == in_room][1:], sent
+    # Nothing is left waiting: a reload sends nothing more.
+    pm.reload()
+    expect(pm.locator("#conn-state")).to_have_attribute("data-state", "online")
+    expect(pm.locator("#pending-list li")).to_have_count(0)
+    pn.locator('#room-list li[data-key="r:general"] .side-item').click()
+    say(pm, "after the second reload")
+    expect(shown(pn, "after the second reload")).to_have_count(1)
+    expect(shown(pn, in_room)).to_have_count(1)
+    expect(shown(pn, fragile)).to_have_count(1)
+    assert not pm.js_errors
+    cm.close(), pn.context.close()
+
+
 ################ Tests: a background tab (issue 10 item 2)
 
 
@@ -1354,6 +1488,40 @@ def test_scrolling_to_the_top_loads_older_messages_in_place(browser, tmp_path):
         assert lines.all_inner_texts() == texts
         ids = [int(i) for i in page.eval_on_selector_all("#messages .msg", "els => els.map(e => e.dataset.id)")]
         assert ids == sorted(set(ids)), ids
+        assert not page.js_errors
+        page.context.close()
+    finally:
+        stack.close()
+        srv.stop()
+
+
+def test_tab_to_a_link_in_a_message_keeps_focus_and_place_while_older_ones_load(browser, tmp_path):
+    """Tab from the message list to the first link in a message: the list
+    scrolls up to it, older messages load above, and the link keeps focus and
+    its place on screen (the list is redrawn, focus does not fall to the page)."""
+    srv = Server(tmp_path / "chat.db", "--rate", "0", "--names_per_hour", "0", "--history", "20")
+    srv.start()
+    stack = contextlib.ExitStack()
+    try:
+        texts = [f"line {i:03d} of the story" for i in range(120)]
+        texts[100] = "line 100 links https://example.org/first-link here"
+        bot_say(connect_bot(stack, srv, "Teller"), "general", texts)
+        page = open_chat(browser, srv, unique("Tabber"))
+        lines = page.locator("#messages .msg .text")
+        expect(lines).to_have_count(20)
+        link = page.locator('#messages a[href="https://example.org/first-link"]')
+        page.locator("#messages").focus()
+        page.keyboard.press("Tab")                      # to the first link in the list
+        expect(lines).to_have_count(70)                 # the page before (50) came in above
+        expect(page.locator("#older-loading")).to_be_hidden()
+        expect(link).to_be_focused()
+        # Still in view where it was, not at the top of the older messages.
+        place = page.evaluate("""() => {
+            const a = document.activeElement, m = document.getElementById('messages');
+            const r = a.getBoundingClientRect(), b = m.getBoundingClientRect();
+            return {top: r.top - b.top, bottom: b.bottom - r.bottom, scroll: m.scrollTop};
+        }""")
+        assert place["top"] >= 0 and place["bottom"] >= 0 and place["scroll"] > 150, place
         assert not page.js_errors
         page.context.close()
     finally:
