@@ -302,9 +302,9 @@ def test_dm_to_offline_user_is_queued_then_delivered(browser, server):
     pa.context.close(), c_browser.close()
 
 
-def test_reconnects_after_restart_and_shows_missed_messages_once(browser, own_server):
-    # A's socket goes through a gate: while held, A's reconnect attempts are
-    # refused (close 1013), so B can talk while A is certainly away.
+def reconnect_gate():
+    """(held, route) for open_chat: while held is set, the page's reconnect
+    attempts are refused (close 1013), so it certainly stays away."""
     held = threading.Event()
 
     def gate(ws):
@@ -312,6 +312,14 @@ def test_reconnects_after_restart_and_shows_missed_messages_once(browser, own_se
             ws.close(code=1013, reason="held by the test")
         else:
             ws.connect_to_server()
+
+    return held, gate
+
+
+def test_reconnects_after_restart_and_shows_missed_messages_once(browser, own_server):
+    # A's socket goes through a gate: while held, A's reconnect attempts are
+    # refused (close 1013), so B can talk while A is certainly away.
+    held, gate = reconnect_gate()
 
     pa = open_chat(browser, own_server, "UserA", route=gate)
     pb = open_chat(browser, own_server, "UserB")
@@ -566,13 +574,7 @@ def test_a_late_ack_for_a_private_message_does_not_move_you(browser, own_server)
     """"@Ned text" typed in a room during an outage goes to Ned once the
     connection is back, but the page stays in the room: the text typed since
     is still meant for the room, and Enter sends it there."""
-    held = threading.Event()
-
-    def gate(ws):
-        if held.is_set():
-            ws.close(code=1013, reason="held by the test")
-        else:
-            ws.connect_to_server()
+    held, gate = reconnect_gate()
 
     mia, ned = unique("Mia"), unique("Ned")
     pn = open_chat(browser, own_server, ned)           # Ned is a known user
