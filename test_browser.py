@@ -1280,6 +1280,23 @@ def test_a_busy_server_makes_the_page_wait_longer(browser, server):
     page.context.close()
 
 
+def test_a_refused_connect_shows_the_servers_reason(browser, server):
+    """A 4429 that comes with an error frame (a new name from an address that
+    made many lately) shows the server's words, not only "busy"."""
+    def refuse(ws):
+        ws.send(json.dumps({"type": "error", "code": "rate_limited",
+                            "message": "too many new names from your address; try later"}))
+        ws.close(code=4429, reason="rate_limited")
+
+    page = browser.new_context().new_page()
+    page.route_web_socket(re.compile(r"/ws\?"), refuse)
+    page.goto(f"{server.url}/?username={unique('A')}")
+    state = page.locator("#conn-state")
+    expect(state).to_have_attribute("data-state", "reconnecting")
+    expect(state).to_contain_text("too many new names from your address; try later")
+    page.context.close()
+
+
 def connect_bot(stack: contextlib.ExitStack, srv, name: str):
     """A user with no browser: a plain WebSocket client (it answers pings by
     itself and reads only when told), closed with `stack` at the latest.
