@@ -649,7 +649,7 @@ class Metrics:
     WRITE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5)  # seconds
 
     counts: ClassVar[collections.Counter] = collections.Counter()  # (family, label) -> count
-    writes: ClassVar[list[int]] = [0] * (len(WRITE_BUCKETS) + 1)  # database writes per bucket, then +Inf
+    writes: ClassVar[list[int]] = [0] * (len(WRITE_BUCKETS) + 1)  # database commits per bucket, then +Inf
     write_seconds: ClassVar[float] = 0.0
     lag: ClassVar[float] = 0.0  # the event loop's latest delay running a callback, in seconds
 
