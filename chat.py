@@ -1918,8 +1918,9 @@ class Outbox:
                 self.bulk.append([start, start + size])
 
     def _fallback(self, payload: bytes, size: int) -> bool:
-        """Tornado frames and writes it (see raw_stream)."""
-        Hub.store.sync()
+        """Tornado frames and writes it (see raw_stream), once what it says is committed."""
+        if not Hub.store.sync():
+            return True
         try:
             future = self.handler.write_message(payload)
         except tornado.websocket.WebSocketClosedError:
@@ -1941,8 +1942,10 @@ class Outbox:
     def flush(self) -> None:
         """Write what is queued: straight to the kernel while it takes it, at
         most WRITE_CHUNK bytes at a time, the rest through the stream. What
-        it says is committed first (Store.sync)."""
-        Hub.store.sync()
+        it says is committed first (Store.sync); if that failed, the Hub has
+        closed the connections the lost changes concern."""
+        if not Hub.store.sync():
+            return
         while not self.writing and not self.closed and self.out:
             data = self._take(WRITE_CHUNK)
             sent = send_now(self.stream, data)

@@ -525,8 +525,8 @@ MUTANTS = [
 
     # ---- group commit: a loop turn's changes commit together, before any frame about them
     M("frames_before_commit", "A frame is written only after the changes of its turn are committed",
-      "it says is committed first (Store.sync).\"\"\"\n        Hub.store.sync()\n",
-      "it says is committed first (Store.sync).\"\"\"\n"),
+      "        if not Hub.store.sync():\n            return\n        while not self.writing",
+      "        while not self.writing"),
     M("lost_commit_told", "A lost commit is told to nobody: every connection is closed first",
       'ChatSocket.close_all(1011, "server error", depart=False)', "pass"),
     M("lost_commit_state_kept", "After a lost commit the live state is what the Store kept",
@@ -752,7 +752,7 @@ MUTANTS = [
       'write("%d %s %s (%s) %.2fms", status, handler.request.method, redact(handler.request.uri or ""),',
       'write("%d %s %s (%s) %.2fms", status, handler.request.method, handler.request.uri,'),
     M("redact_literal_name_only", "Tokens are blotted out however the name is spelled (%74oken=)",
-      'urllib.parse.unquote_plus(name) == "token"', 'name == "token"'),
+      'urllib.parse.unquote_plus(name) in ("token", "link")', 'name in ("token", "link")'),
 
     # ---- the page's headers
     M("csp_img_anywhere", "The page fetches nothing from the internet (CSP img-src)",
