@@ -191,7 +191,10 @@ case, so it tells nothing), ``forbidden`` (not the author), ``too_late``
 ``bad_username`` (close 4400), ``name_taken`` (4409), ``too_many_connections``
 and ``rate_limited`` (4429: also for link codes tried past
 ``--names_per_hour``), ``server_full`` (4503), ``server_error`` (1011);
-``revoked`` (4401) when the device is signed out.
+``revoked`` (4401) when the device is signed out. Every connection is closed
+with 1011 when the database lost a moment's changes (a full disk): none of
+them was acked or relayed, so resume with ``since`` and send again what was
+not acked.
 
 Limits
 ------
