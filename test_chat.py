@@ -4221,8 +4221,9 @@ class PageSizeTest(ChatTestCase):
 
 
 class AuthPerAddressTest(ChatTestCase):
-    """--max_conns_per_ip counts the connections that signed in with an auth
-    frame too: they wait for it uncounted, so they are counted again after."""
+    """--max_conns_per_ip holds for connections that sign in with an auth
+    frame: they are not counted while they wait for it, so the cap is
+    checked again when it comes."""
     app_options = {"max_conns_per_ip": 2}
 
     @async_test
