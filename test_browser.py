@@ -1262,17 +1262,24 @@ def test_private_messages_left_out_of_the_greeting_are_fetched(browser, own_serv
     ctx.close(), pb.context.close()
 
 
+def refused_page(browser, server, route):
+    """A new page whose WebSocket is answered by `route` (standing in for a
+    server that refuses it), once it says it is reconnecting: (page, state)."""
+    page = browser.new_context().new_page()
+    page.route_web_socket(re.compile(r"/ws\?"), route)
+    page.goto(f"{server.url}/?username={unique('A')}")
+    state = page.locator("#conn-state")
+    expect(state).to_have_attribute("data-state", "reconnecting")
+    return page, state
+
+
 def test_a_busy_server_makes_the_page_wait_longer(browser, server):
     """Close code 4429 (too many connections or connects) is not fatal, and
     the next try waits at least 15 s instead of about 1 s."""
     def busy(ws):
         ws.close(code=4429, reason="too many connects")
 
-    page = browser.new_context().new_page()
-    page.route_web_socket(re.compile(r"/ws\?"), busy)
-    page.goto(f"{server.url}/?username={unique('A')}")
-    state = page.locator("#conn-state")
-    expect(state).to_have_attribute("data-state", "reconnecting")
+    page, state = refused_page(browser, server, busy)
     expect(state).to_contain_text("The server is busy")
     wait = float(re.search(r"Next try in ([\d.]+) s", state.get_attribute("title")).group(1))
     assert wait >= 15, wait
@@ -1288,11 +1295,7 @@ def test_a_refused_connect_shows_the_servers_reason(browser, server):
                             "message": "too many new names from your address; try later"}))
         ws.close(code=4429, reason="rate_limited")
 
-    page = browser.new_context().new_page()
-    page.route_web_socket(re.compile(r"/ws\?"), refuse)
-    page.goto(f"{server.url}/?username={unique('A')}")
-    state = page.locator("#conn-state")
-    expect(state).to_have_attribute("data-state", "reconnecting")
+    page, state = refused_page(browser, server, refuse)
     expect(state).to_contain_text("too many new names from your address; try later")
     page.context.close()
 
