@@ -651,6 +651,8 @@ def test_messages_waiting_to_be_sent_survive_a_reload_and_are_posted_once(browse
     fragile = unique("fragile ")
     say(pm, fragile)
     expect(shown(pn, fragile)).to_have_count(1)         # posted; Mia never hears so
+    expect(shown(pm, fragile)).to_have_count(1)         # but sees its echo, so it waits
+    expect(pm.locator("#pending-list li")).to_have_count(0)   # for its ack off screen
     held.set()
     routes[-1].close(code=1012, reason="test: the connection drops")
     expect(pm.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")
