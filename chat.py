@@ -56,7 +56,8 @@ On connect the server sends, in order:
 2. for each of the user's rooms ``{"type":"joined","room":"general",
    "members":["UserA","UserB"],"member_count":2,"read":150,
    "history":[message, ...]}`` (members as ``online``; ``read`` the user's
-   read marker, 0 for none; history oldest first);
+   read marker, 0 for none, which a join sets to the newest id so far;
+   history oldest first);
 3. private messages, oldest first: those kept while the user was offline
    (``"buffered": true``), and with ``since=ID`` also those to or from the
    user with a larger id (one the user sent that still waits says
@@ -2260,6 +2261,7 @@ class Hub:
             if room_key not in cls.rooms:
                 cls.store.add_room(room_key, event["room"])
             cls.store.set_member(room_key, user_key, True)
+            cls.read_from_join(user_key, room_key)
         user = cls.users[user_key] = User(event["name"])
         cls.devices[hashed] = (user_key, device)
         cls.lookalikes.setdefault(skeleton(event["name"]), user_key)
@@ -2462,7 +2464,9 @@ class Hub:
             elif user in room.members:
                 return
             else:
-                cls.store.set_member(room_key, user, True)
+                with cls.store.transaction():
+                    cls.store.set_member(room_key, user, True)
+                    cls.read_from_join(user, room_key)
             cls.set_member(room, user, True)
             tabs = cls.online.get(user)
             if tabs:
@@ -2475,6 +2479,15 @@ class Hub:
             cls.store.set_member(room_key, user, False)
             cls.set_member(room, user, False)
             send_to(cls.online.get(user, ()), left_frame(room.name))
+
+    @classmethod
+    def read_from_join(cls, user: str, room_key: str) -> None:
+        """What a room said before one joined it is not unread: a join moves
+        the user's read marker there to the newest id so far (with --redis,
+        where a membership is numbered, that is the join's own id). Part of
+        the join event, so every process applying it agrees."""
+        if cls.last_id:
+            cls.store.set_read(user, "#" + room_key, cls.last_id)
 
     @classmethod
     def set_member(cls, room: Room, user: str, member: bool) -> None:

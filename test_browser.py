@@ -939,6 +939,31 @@ def test_opening_a_conversation_shows_new_divider_and_keeps_each_scroll(browser,
     pa.context.close(), pb.context.close()
 
 
+def test_what_a_room_said_before_you_joined_is_not_counted_unread(browser, server):
+    """B joins a room with a history from a tab it then leaves (so that tab
+    never marks anything read): B's other tab lists the room with no count
+    for what was said before, and counts what is said after."""
+    a, b, room = unique("A"), unique("B"), unique("den")
+    pa = open_chat(browser, server, a)
+    join(pa, room)
+    for i in range(3):
+        say(pa, f"said before {i}")
+        expect(shown(pa, f"said before {i}")).to_have_count(1)
+    pb = open_chat(browser, server, b)
+    other = open_chat(browser, server, b, context=pb.context)
+    set_away(pb, True)
+    join(pb, room)
+    expect(shown(pb, "said before 2")).to_have_count(1)      # the history is there to read
+    expect(room_row(other, room)).to_have_count(1)
+    expect(other.locator("#conv-title")).to_have_text("# general")
+    say(pa, "said after")
+    expect(room_row(other, room).locator(".unread-badge")).to_have_text("1")
+    room_row(other, room).locator(".side-item").click()
+    expect(other.locator("#new-divider + li.msg .text")).to_have_text("said after")
+    assert not other.js_errors and not pb.js_errors
+    pa.context.close(), pb.context.close()
+
+
 ################ Tests: phone, direction, display safety (items 5, 6, issue 8 item 12)
 
 

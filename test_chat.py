@@ -3415,6 +3415,29 @@ class ReadMarkerTest(FileCase):
         self.assertEqual((welcome["read_with"], b2.joined["general"]["read"]), ({}, 0), "markers are per user")
 
     @async_test
+    async def test_what_a_room_said_before_you_joined_is_not_unread(self):
+        """A join moves the joiner's read marker in the room to the newest id:
+        the history it gets is not news, what is said after it is."""
+        a, b = await self.pair()
+        said = await self.say(a, "before Cy came")
+        c, _ = await self.connect("UserC")  # a new name starts in the default room
+        general = c.joined["general"]
+        self.assertEqual((general["read"], general["history"][-1]["id"]), (said["id"], said["id"]))
+        await self.ack(a, type="join", room="python")
+        first = await self.say(a, "python, before Bo joined", room="python")
+        joined = await self.reply(b, "joined", type="join", room="python")
+        self.assertEqual((joined["read"], [m["id"] for m in joined["history"]]), (first["id"], [first["id"]]))
+        after = await self.say(a, "python, after", room="python")
+        self.assertGreater(after["id"], joined["read"], "what is said after the join is unread")
+        await self.reply(b, "left", type="leave", room="python")
+        meanwhile = await self.say(a, "python, while Bo was out", room="python")
+        joined = await self.reply(b, "joined", type="join", room="python")
+        self.assertEqual(joined["read"], meanwhile["id"], "nor what was said while it was out")
+        await self.restart()
+        again, _ = await self.connect("UserB", self.tokens["UserB"])
+        self.assertEqual(again.joined["python"]["read"], meanwhile["id"])
+
+    @async_test
     async def test_bad_read_markers(self):
         a, b = await self.pair()
         ack = await self.say(a, "x")

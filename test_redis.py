@@ -695,6 +695,21 @@ class EveryFeatureTest(RedisCase):
         self.assertEqual(b3.joined["general"]["read"], high)
 
     @redis_test
+    async def test_a_join_on_one_process_marks_the_room_read_on_every_process(self):
+        p1, p2 = await self.cluster(2)
+        a, _ = await self.connect("UserA", port=p1.port)
+        b, _ = await self.connect("UserB", port=p2.port)
+        await self.ack(a, type="join", room="python")
+        before = (await self.say(a, "said before UserB came", room="python"))["id"]
+        joined = await self.reply(b, "joined", type="join", room="python")
+        after = (await self.say(a, "said after", room="python"))["id"]
+        self.assertTrue(before <= joined["read"] < after, (before, joined["read"], after))
+        p3, = await self.cluster(1)  # loads from Redis alone
+        for port in (p1.port, p3.port):
+            b2, _ = await self.connect("UserB", self.tokens["UserB"], port=port)
+            self.assertEqual(b2.joined["python"]["read"], joined["read"])
+
+    @redis_test
     async def test_an_edit_racing_a_delete_leaves_no_text_in_redis(self):
         p1, p2 = await self.cluster(2)
         a, _ = await self.connect("UserA", port=p1.port)
