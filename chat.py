@@ -15,7 +15,8 @@ Endpoints
 ``/`` and ``/ws`` answer only requests whose ``Host`` is this server's: a
 loopback name on its port, the ``--host`` address, or one listed with
 ``--hosts`` or ``--origins`` (anything else is 403, which stops DNS
-rebinding); ``/healthz`` answers any. A WebSocket from a foreign ``Origin``
+rebinding); ``/metrics`` the same but for the listed names, which a proxy
+passes on; ``/healthz`` answers any. A WebSocket from a foreign ``Origin``
 is 403 too.
 
 Names
@@ -3756,7 +3757,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
-def host_allowed(host: str, port: int, conf: Config) -> bool:
+def host_allowed(host: str, port: int, conf: Config, listed: bool = True) -> bool:
     """Whether a request's Host header names this server, listening on port.
 
     A browser sends the Host it resolved, so a page on rebind.attacker.example
@@ -3764,11 +3765,12 @@ def host_allowed(host: str, port: int, conf: Config) -> bool:
     rebind.attacker.example, and is refused. Allowed: a loopback name or the
     --host address on our port; when listening on every address, any IP
     address on our port (an address cannot be rebound); a name listed with
-    --hosts (NAME matches any port, NAME:PORT that one) or in --origins.
+    --hosts (NAME matches any port, NAME:PORT that one) or in --origins
+    (unless not listed: those are the public names a proxy passes on).
     """
     host = host.lower()
     name, given = tornado.httputil.split_host_and_port(host)
-    if host in conf.hosts or name in conf.hosts:
+    if listed and (host in conf.hosts or name in conf.hosts):
         return True
     if given != port:
         return False
@@ -3783,13 +3785,13 @@ def host_allowed(host: str, port: int, conf: Config) -> bool:
     return False
 
 
-def check_host(handler: tornado.web.RequestHandler) -> None:
+def check_host(handler: tornado.web.RequestHandler, listed: bool = True) -> None:
     """403 unless the request's Host is this server's (see host_allowed)."""
     try:
         port = handler.request.connection.stream.socket.getsockname()[1]  # type: ignore[union-attr]
     except (AttributeError, OSError):
         port = Hub.conf.port
-    if not host_allowed(handler.request.host, port, Hub.conf):
+    if not host_allowed(handler.request.host, port, Hub.conf, listed):
         raise tornado.web.HTTPError(403, "Host %r is not this server's (see --hosts)", handler.request.host[:100])
 
 
@@ -3846,9 +3848,13 @@ class HealthHandler(tornado.web.RequestHandler):
 
 
 class MetricsHandler(tornado.web.RequestHandler):
-    """GET /metrics: Prometheus text format, for loopback and --metrics_from only."""
+    """GET /metrics: Prometheus text format, for loopback and --metrics_from
+    only, and only to a Host that names this server by address."""
 
     def get(self) -> None:
+        # Named by address, not by a name a browser could have had rebound, nor by
+        # the public name a proxy on this machine passes on (its peer is loopback).
+        check_host(self, listed=False)
         ip = self.request.remote_ip or ""
         with contextlib.suppress(ValueError):
             if not ipaddress.ip_address(ip).is_loopback and ip not in Hub.conf.metrics_from:

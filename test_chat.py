@@ -2673,6 +2673,11 @@ class HostTest(ChatTestCase):
         port = self.get_http_port()
         host = "rebind.attacker.example:%d" % port
         self.assertEqual(await self.status("/", host), 403)
+        self.assertEqual(await self.status("/metrics", host), 403, "the counts are not the rebinding page's either")
+        self.assertEqual(await self.status("/metrics", "127.0.0.1:%d" % port), 200)
+        self.assertEqual(await self.status("/", "chat.example.org"), 200)
+        self.assertEqual(await self.status("/metrics", "chat.example.org"), 403,
+                         "a proxy on this machine passing the public name on does not open the counts")
         self.assertEqual(await self.status("/healthz", host), 200)
         request = HTTPRequest(self.url(username="Victim"), headers={"Host": host, "Origin": "http://" + host})
         with self.assertRaises(HTTPClientError) as caught:
