@@ -3126,14 +3126,91 @@ class Pipeline:
             held[1].clear()
 
 
+################ Admission: who may come in, and as whom
+
+
+class Admission:
+    """The checks a connect passes before it is let in, cheapest first. A
+    refusal is a ChatError whose code gives its close code (CLOSE_CODES);
+    it changes nothing but the budget it spent. ChatSocket asks at the door
+    when the connection opens, and for its credentials then or, with
+    auth=1, when its auth frame comes.
+
+    * At the door: the backplane can store changes, the address is under
+      --max_conns_per_ip, and has connects left (ten times
+      --connects_per_minute).
+    * An owned name: the token of one of its devices, or a link code (whose
+      tries per address are budgeted as new names are); then --max_tabs,
+      and the user's --connects_per_minute.
+    * A free name: not a lookalike of an owned one, --max_users, and the
+      address's --names_per_hour.
+    """
+
+    @staticmethod
+    def door(ip: str) -> None:
+        """Before any name is looked at."""
+        if not Hub.backplane.healthy:
+            raise ChatError("server_error", "the server cannot store messages just now; try again soon")
+        Admission.address(ip)
+        if not Hub.budgets.take("connect_ip", ip):
+            raise ChatError("rate_limited", "too many connections from your address lately; wait a minute")
+
+    @staticmethod
+    def address(ip: str) -> None:
+        """--max_conns_per_ip, asked at the door and again with the credentials:
+        others may have come in while this one waited for its auth frame (or,
+        with --redis, for the backplane)."""
+        conf = Hub.conf
+        if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
+            raise ChatError("too_many_connections", "too many connections from your address")
+
+    @staticmethod
+    async def credentials(name: str, token: Optional[str], link: Optional[str],
+                          ip: str) -> tuple[Optional[User], Optional[int]]:
+        """(the user, the id of the device its token names): (None, None) for
+        a free name, (user, None) for a link code, which this uses up."""
+        conf, user_key = Hub.conf, key(name)
+        user, device = Hub.users.get(user_key), None
+        if user is None or (link is None and Hub.device_of(token) is None):
+            # With --redis the name or the device may be minutes old on another
+            # process and not applied here yet: catch up before judging.
+            await Hub.backplane.caught_up()
+            user = Hub.users.get(user_key)
+        Admission.address(ip)
+        if user is not None:
+            if link is not None:
+                if not Hub.budgets.take("link", ip):
+                    raise ChatError("rate_limited", "too many link codes from your address; try later")
+                if not await Hub.use_link(link, user_key):
+                    raise ChatError("name_taken", f"{user.name} is taken, and that code is not valid")
+            else:
+                found = Hub.device_of(token)
+                if found is None or found[0] != user_key:
+                    raise ChatError("name_taken", f"{user.name} is taken; pick another name")
+                device = found[1]
+            if conf.max_tabs and len(Hub.online.get(user_key, ())) >= conf.max_tabs:
+                raise ChatError("too_many_connections", f"{user.name} has too many tabs open")
+            if not Hub.budgets.take("connect", user_key):
+                raise ChatError("rate_limited", f"{user.name} connected too often lately; wait a minute")
+        else:
+            twin = Hub.lookalikes.get(skeleton(name))
+            if twin is not None:
+                raise ChatError("bad_username", f"{name} is too close to the name {Hub.users[twin].name}; pick another")
+            if conf.max_users and len(Hub.users) >= conf.max_users:
+                raise ChatError("server_full", "this server has all the users it allows")
+            if not Hub.budgets.take("name", ip):
+                raise ChatError("rate_limited", "too many new names from your address; try later")
+        return user, device
+
+
 ################ The socket: one connection, the protocol only
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
-    """One connection of one user: the handshake and its checks, and the
-    client's frames, each checked and handed to the Hub. Its Greeting sends
-    the connect sequence, Liveness pings it, and what it is owed waits in
-    its Outbox."""
+    """One connection of one user: the handshake, and the client's frames,
+    each checked and handed to the Hub. Admission decides whether it comes
+    in, its Greeting sends the connect sequence, Liveness pings it, and what
+    it is owed waits in its Outbox."""
 
     sockets: ClassVar[int] = 0  # WebSocket connections open, accepted or not; changed by open, on_close
 
@@ -3179,18 +3256,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         try:
             name = check_name(self._query("username"), "bad_username")
+            Admission.door(self.request.remote_ip)
         except ChatError as e:
-            return self.refuse(e, 4400)
+            return self.refuse(e, CLOSE_CODES[e.code])
         token, link, since = self._query("token"), self._query("link"), parse_since(self._query("since"))
         if since is not None and self._query("epoch") not in (None, Hub.store.epoch):
             since = 0  # its ids are from another database: everything is new to it
-        ip = self.request.remote_ip
-        if not Hub.backplane.healthy:
-            return self.refuse(ChatError("server_error", "the server cannot store messages just now; try again soon"), 1013)
-        if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
-            return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
-        if not Hub.budgets.take("connect_ip", ip):
-            return self.refuse(ChatError("rate_limited", "too many connections from your address lately; wait a minute"), 4429)
         if self._query("auth") == "1" and token is None and link is None:
             # The credentials come in the first frame, not the URL (which proxies log).
             self._awaiting = (name, since, tornado.ioloop.IOLoop.current().call_later(AUTH_SECONDS, self._no_auth))
@@ -3209,41 +3280,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     async def _admit(self, name: str, token: Optional[str], link: Optional[str], since: Optional[int]) -> None:
         """Let the connection in as name if its token or link code allows it
         (or claim the name if it is free), then send the connect sequence."""
-        conf, ip, user_key = Hub.conf, self.request.remote_ip, key(name)
-        user, device = Hub.users.get(user_key), None
-        if user is None or (link is None and Hub.device_of(token) is None):
-            # With --redis the name or the device may be minutes old on another
-            # process and not applied here yet: catch up before judging.
-            await Hub.backplane.caught_up()
-            user = Hub.users.get(user_key)
-        if conf.max_conns_per_ip and Hub.per_ip.get(ip, 0) >= conf.max_conns_per_ip:
-            # Again: others came in while this one waited for its auth frame (or, with --redis, the backplane).
-            return self.refuse(ChatError("too_many_connections", "too many connections from your address"), 4429)
-        if user is not None:
-            if link is not None:
-                if not Hub.budgets.take("link", ip):
-                    return self.refuse(ChatError("rate_limited", "too many link codes from your address; try later"), 4429)
-                if not await Hub.use_link(link, user_key):
-                    return self.refuse(ChatError("name_taken", f"{user.name} is taken, and that code is not valid"), 4409)
-            else:
-                found = Hub.device_of(token)
-                if found is None or found[0] != user_key:
-                    return self.refuse(ChatError("name_taken", f"{user.name} is taken; pick another name"), 4409)
-                device = found[1]
-            if conf.max_tabs and len(Hub.online.get(user_key, ())) >= conf.max_tabs:
-                return self.refuse(ChatError("too_many_connections", f"{user.name} has too many tabs open"), 4429)
-            if not Hub.budgets.take("connect", user_key):
-                return self.refuse(ChatError("rate_limited", f"{user.name} connected too often lately; wait a minute"), 4429)
-        else:
-            twin = Hub.lookalikes.get(skeleton(name))
-            if twin is not None:
-                return self.refuse(ChatError("bad_username", f"{name} is too close to the name {Hub.users[twin].name}; pick another"), 4400)
-            if conf.max_users and len(Hub.users) >= conf.max_users:
-                return self.refuse(ChatError("server_full", "this server has all the users it allows"), 4503)
-            if not Hub.budgets.take("name", ip):
-                return self.refuse(ChatError("rate_limited", "too many new names from your address; try later"), 4429)
+        ip, user_key = self.request.remote_ip, key(name)
         label = device_label(self.request.headers.get("User-Agent", ""))
         try:
+            user, device = await Admission.credentials(name, token, link, ip)
             if user is None:
                 user, token, device = await Hub.claim(name, label, ip)
             elif device is None:
@@ -3256,7 +3296,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except sqlite3.Error as e:
             log.error("could not store the new name or device of %s: %s", name, e)
             return self.refuse(ChatError("server_error", "the server could not save your name; try again"), 1011)
-        except ChatError as e:  # another process took the name first, or the backplane is away
+        except ChatError as e:  # refused; or another process took the name first, or the backplane is away
             return self.refuse(e, CLOSE_CODES.get(e.code, 4400))
         if self._dead:  # it went away while the backplane stored its name
             return
