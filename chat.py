@@ -1110,14 +1110,11 @@ class Store:
     A delete erases the text for real. ``secure_delete`` makes SQLite zero
     what it frees, in the same transaction; but FTS5 (SQLite 3.40) keeps a
     deleted row's words in its index segments until they merge, and the WAL
-    keeps old copies of pages until it is checkpointed. So erase_soon()
-    asks the checkpointer thread to merge the index ('optimize') and
-    checkpoint with TRUNCATE: off the event loop, once for many deletes,
-    within about CHECKPOINT_EVERY, and always before close() returns.
-    wait_erased() waits for that (tests use it).
+    keeps old copies of pages until it is checkpointed. So a delete asks
+    the Store's Checkpointer to erase it, off the event loop, and close()
+    waits for that.
     """
 
-    CHECKPOINT_EVERY = 1.0  # seconds
     LOST_ALONE = 60.0  # seconds each write commits alone after a group was lost
     BUSY_MS = 100  # the longest a write waits for another process's lock
 
@@ -1201,7 +1198,7 @@ class Store:
                                       timeout=self.BUSY_MS / 1000)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+            self.db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer does it
             self.db.execute("PRAGMA secure_delete=ON")  # what a delete frees is zeroed, not left behind
             with self.transaction():  # proves we can write, now rather than mid-chat
                 for statement in self.SCHEMA:
@@ -1227,15 +1224,8 @@ class Store:
             raise StoreError(f"cannot use database {path!r}: {e}") from None
         self.unindexed: dict[int, tuple[Optional[str], str]] = {}  # message id -> (its words, its conversation)
         self.indexing: Optional[object] = None  # the timer of the next index_pending
-        self.stopping = threading.Event()
-        self.wake = threading.Event()  # the checkpointer's alarm: stopping, or text to erase
-        self.erasing = threading.Condition()  # guards asked and erased
-        self.asked = 0  # deletes committed that want erasing
-        self.erased = 0  # of those, how many are erased from the index and the WAL
-        self.checkpointer: Optional[threading.Thread] = None
-        if path != ":memory:":
-            self.checkpointer = threading.Thread(target=self._checkpoints, name="checkpoint", daemon=True)
-            self.checkpointer.start()
+        self.closed = False
+        self.checkpointer = Checkpointer(path)
 
     def _has_column(self, table: str, column: str) -> bool:
         return any(row[1] == column for row in self.db.execute(f"PRAGMA table_info({table})"))
@@ -1354,60 +1344,6 @@ class Store:
         if self.on_lost is not None:
             self.on_lost()
         return True
-
-    def _checkpoints(self) -> None:
-        """In its own thread and connection: fold the WAL into the database
-        now and then (PASSIVE never blocks the server's writes), and erase
-        deleted text when asked. Runs once more when stopping."""
-        db = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            db.execute("PRAGMA secure_delete=ON")
-            while True:
-                self.wake.wait(self.CHECKPOINT_EVERY)
-                self.wake.clear()
-                try:
-                    if not self._erase(db):
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.OperationalError as e:
-                    if e.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                        raise
-                    log.warning("checkpoint of %s put off: %s", self.path, e)  # the next turn tries again
-                if self.stopping.is_set():
-                    break
-        except sqlite3.Error as e:
-            log.warning("checkpoints of %s stopped: %s", self.path, e)
-        finally:
-            db.close()
-
-    def _erase(self, db: sqlite3.Connection) -> bool:
-        """If deletes wait to be erased: merge the search index (which drops
-        their words) and checkpoint the WAL away. Whether it tried."""
-        with self.erasing:
-            asked = self.asked
-        if asked <= self.erased:
-            return False
-        db.execute("INSERT INTO search (search) VALUES ('optimize')")
-        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if not busy:  # else a reader held old pages: the next turn tries again
-            with self.erasing:
-                self.erased = asked
-                self.erasing.notify_all()
-        return True
-
-    def erase_soon(self) -> None:
-        """A delete was committed: erase its text from the index and the WAL
-        in the background (many deletes in a moment cost one merge)."""
-        with self.erasing:
-            self.asked += 1
-            if self.checkpointer is None:  # :memory: has no file to erase from
-                self.erased = self.asked
-        self.wake.set()
-
-    def wait_erased(self, timeout: Optional[float] = None) -> bool:
-        """Block until every delete committed so far is erased; False on timeout."""
-        with self.erasing:
-            asked = self.asked
-            return self.erasing.wait_for(lambda: self.erased >= asked, timeout)
 
     def load(self) -> dict:
         """Everything the live state starts from (room histories are read when needed)."""
@@ -1656,8 +1592,9 @@ class Store:
 
     def close(self) -> None:
         """Commit, index what waits, finish erasing, fold the WAL back into the database file and close it."""
-        if self.stopping.is_set():
-            return  # closed already
+        if self.closed:
+            return
+        self.closed = True
         self.on_lost = None  # stopping: a last commit that fails has nothing left to take back
         self.sync()
         if self.indexing is not None:
@@ -1667,16 +1604,98 @@ class Store:
             self.index_pending()
         except sqlite3.Error as e:  # the next start indexes them
             log.warning("search index not updated at shutdown: %s", e)
+        self.checkpointer.stop(self.db)
+        self.db.close()
+
+
+class Checkpointer:
+    """A Store's thread of its own, with its own connection: it folds the
+    WAL into the database every EVERY seconds (PASSIVE never blocks the
+    server's writes), and erases deleted text when a delete asks: it merges
+    the search index ('optimize'), which drops the deleted words, and
+    checkpoints with TRUNCATE, which drops the WAL's old copies of pages;
+    once for many deletes. stop() runs it once more, and does itself what
+    the thread could not. For :memory: there is no thread: nothing is on
+    disk to erase."""
+
+    EVERY = 1.0  # seconds
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stopping = threading.Event()
+        self.wake = threading.Event()  # its alarm: stopping, or text to erase
+        self.erasing = threading.Condition()  # guards asked and erased
+        self.asked = 0  # deletes committed that want erasing
+        self.erased = 0  # of those, how many are erased from the index and the WAL
+        self.thread: Optional[threading.Thread] = None
+        if path != ":memory:":
+            self.thread = threading.Thread(target=self.run, name="checkpoint", daemon=True)
+            self.thread.start()
+
+    def run(self) -> None:
+        """The thread, with its own connection. Runs once more when stopping."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA secure_delete=ON")
+            while True:
+                self.wake.wait(self.EVERY)
+                self.wake.clear()
+                try:
+                    if not self.erase(db):
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError as e:
+                    if e.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                        raise
+                    log.warning("checkpoint of %s put off: %s", self.path, e)  # the next turn tries again
+                if self.stopping.is_set():
+                    break
+        except sqlite3.Error as e:
+            log.warning("checkpoints of %s stopped: %s", self.path, e)
+        finally:
+            db.close()
+
+    def erase(self, db: sqlite3.Connection) -> bool:
+        """If deletes wait to be erased: merge the search index (which drops
+        their words) and checkpoint the WAL away. Whether it tried."""
+        with self.erasing:
+            asked = self.asked
+        if asked <= self.erased:
+            return False
+        db.execute("INSERT INTO search (search) VALUES ('optimize')")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:  # else a reader held old pages: the next turn tries again
+            with self.erasing:
+                self.erased = asked
+                self.erasing.notify_all()
+        return True
+
+    def erase_soon(self) -> None:
+        """A delete was committed: erase its text from the index and the WAL
+        in the background (many deletes in a moment cost one merge)."""
+        with self.erasing:
+            self.asked += 1
+            if self.thread is None:  # :memory: has no file to erase from
+                self.erased = self.asked
+        self.wake.set()
+
+    def wait_erased(self, timeout: Optional[float] = None) -> bool:
+        """Block until every delete committed so far is erased; False on timeout."""
+        with self.erasing:
+            asked = self.asked
+            return self.erasing.wait_for(lambda: self.erased >= asked, timeout)
+
+    def stop(self, db: sqlite3.Connection) -> None:
+        """Stop the thread after one more turn; then, on the Store's own
+        connection, erase or checkpoint what it could not."""
         self.stopping.set()
         self.wake.set()
-        if self.checkpointer is not None:
-            self.checkpointer.join()
+        if self.thread is not None:
+            self.thread.join()
         try:
-            if not self._erase(self.db):  # the thread could not finish: do it here
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self.erase(db):  # the thread could not finish: do it here
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             log.warning("checkpoint of %s failed: %s", self.path, e)
-        self.db.close()
 
 
 def conv_word(kind: str, key: str) -> str:
@@ -2688,7 +2707,7 @@ class Hub:
         target = cls._current(event)
         frame = deleted_frame(event["id"], target.frame)
         cls._change(target, tombstone_frame(target.frame), frame, None)
-        cls.store.erase_soon()
+        cls.store.checkpointer.erase_soon()
         if target.recipient is not None and cls.store.mark_delivered([target.id]):
             cls._unmailed(target.recipient, 1)  # a private message still waiting waits no more
         return frame

@@ -585,8 +585,12 @@ MUTANTS = [
       "server = Listener(app)"),
 
     # ---- shutdown and --release
+    M("delete_never_erased", "A deleted message's text is erased from the file, the search index and the WAL",
+      "            self.asked += 1\n", "            self.asked += 0\n"),
+    M("delete_words_left_in_index", "A deleted message's words leave the search index's segments too",
+      """        db.execute("INSERT INTO search (search) VALUES ('optimize')")\n""", "        pass\n"),
     M("no_final_checkpoint", "SIGTERM checkpoints the database and exits 0",
-      '            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")', "            pass"),
+      '                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")', "                pass"),
     M("store_not_closed_at_exit", "SIGTERM checkpoints the database and exits 0",
       "    Hub.store.close()\n    return 0", "    return 0"),
     M("shutdown_code_1000", "Server shutdown closes with 1001",

@@ -3797,7 +3797,7 @@ class ChangeCase(ChatTestCase):
     async def erased(self):
         """Wait, off the event loop, until the Store says the deletes so far are erased."""
         # A busy checkpoint is tried again each second: allow a loaded machine a few.
-        done = await asyncio.get_running_loop().run_in_executor(None, chat.Hub.store.wait_erased, 10)
+        done = await asyncio.get_running_loop().run_in_executor(None, chat.Hub.store.checkpointer.wait_erased, 10)
         self.assertTrue(done, "the erasure did not finish within 10 s")
 
 
@@ -3927,15 +3927,15 @@ class ChangeTest(ChangeCase):
 
     @async_test
     async def test_shutting_down_finishes_the_erasure(self):
-        """Store.close() erases what the background thread has not: here it
+        """Store.close() erases what the Checkpointer's thread has not: here it
         never runs, and the text is still gone after the restart."""
-        with mock.patch.object(chat.Store, "_checkpoints", lambda store: None):
+        with mock.patch.object(chat.Checkpointer, "run", lambda checkpointer: None):
             self.http_server.request_callback = self.make_app()
         a, _ = await self.connect("UserA")
         said = await self.post(a, "erase me zyzzyvaquux")
         await self.change(a, type="delete", id=said["id"])
         self.assertIn(b"zyzzyvaquux", self.on_disk(), "nothing erased it yet")
-        self.assertFalse(chat.Hub.store.wait_erased(0))
+        self.assertFalse(chat.Hub.store.checkpointer.wait_erased(0))
         self.http_server.request_callback = self.make_app()  # closes the old Store
         self.assertNotIn(b"zyzzyvaquux", self.on_disk())
 
