@@ -15,8 +15,8 @@ Endpoints
 ``/`` and ``/ws`` answer only requests whose ``Host`` is this server's: a
 loopback name on its port, the ``--host`` address, or one listed with
 ``--hosts`` or ``--origins`` (anything else is 403, which stops DNS
-rebinding); ``/metrics`` the same but for the listed names, which a proxy
-passes on; ``/healthz`` answers any. A WebSocket from a foreign ``Origin``
+rebinding); ``/metrics`` only a ``Host`` that is an IP address or
+``localhost``, on any port; ``/healthz`` answers any. A WebSocket from a foreign ``Origin``
 is 403 too.
 
 Names
@@ -3816,7 +3816,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
-def host_allowed(host: str, port: int, conf: Config, listed: bool = True) -> bool:
+def host_allowed(host: str, port: int, conf: Config) -> bool:
     """Whether a request's Host header names this server, listening on port.
 
     A browser sends the Host it resolved, so a page on rebind.attacker.example
@@ -3824,12 +3824,11 @@ def host_allowed(host: str, port: int, conf: Config, listed: bool = True) -> boo
     rebind.attacker.example, and is refused. Allowed: a loopback name or the
     --host address on our port; when listening on every address, any IP
     address on our port (an address cannot be rebound); a name listed with
-    --hosts (NAME matches any port, NAME:PORT that one) or in --origins
-    (unless not listed: those are the public names a proxy passes on).
+    --hosts (NAME matches any port, NAME:PORT that one) or in --origins.
     """
     host = host.lower()
     name, given = tornado.httputil.split_host_and_port(host)
-    if listed and (host in conf.hosts or name in conf.hosts):
+    if host in conf.hosts or name in conf.hosts:
         return True
     if given != port:
         return False
@@ -3844,13 +3843,28 @@ def host_allowed(host: str, port: int, conf: Config, listed: bool = True) -> boo
     return False
 
 
-def check_host(handler: tornado.web.RequestHandler, listed: bool = True) -> None:
+def by_address(host: str) -> bool:
+    """Whether a Host header names this machine by address (an IP address,
+    or localhost), on any port. No page on another name can make a browser
+    send that (DNS rebinding), nor does a proxy that passes its public name
+    on."""
+    name = tornado.httputil.split_host_and_port(host.lower())[0].strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def check_host(handler: tornado.web.RequestHandler) -> None:
     """403 unless the request's Host is this server's (see host_allowed)."""
     try:
         port = handler.request.connection.stream.socket.getsockname()[1]  # type: ignore[union-attr]
     except (AttributeError, OSError):
         port = Hub.conf.port
-    if not host_allowed(handler.request.host, port, Hub.conf, listed):
+    if not host_allowed(handler.request.host, port, Hub.conf):
         raise tornado.web.HTTPError(403, "Host %r is not this server's (see --hosts)", handler.request.host[:100])
 
 
@@ -3908,12 +3922,11 @@ class HealthHandler(tornado.web.RequestHandler):
 
 class MetricsHandler(tornado.web.RequestHandler):
     """GET /metrics: Prometheus text format, for loopback and --metrics_from
-    only, and only to a Host that names this server by address."""
+    only, asked for by address (by_address)."""
 
     def get(self) -> None:
-        # Named by address, not by a name a browser could have had rebound, nor by
-        # the public name a proxy on this machine passes on (its peer is loopback).
-        check_host(self, listed=False)
+        if not by_address(self.request.host):  # a proxy on this machine would look like loopback
+            raise tornado.web.HTTPError(403, "ask for /metrics by address, not by name (Host %r)", self.request.host[:100])
         ip = self.request.remote_ip or ""
         with contextlib.suppress(ValueError):
             if not ipaddress.ip_address(ip).is_loopback and ip not in Hub.conf.metrics_from:

@@ -2468,18 +2468,18 @@ class FloodTest(ChatTestCase):
                     await loop.sock_sendall(sock, frame * 50)
                 except ConnectionError:  # it closed on us mid-send: what it sent first is still to read
                     pass
+                ended = False
                 try:
-                    while True:
+                    while not ended:
                         chunk = sock.recv(65536)
-                        if not chunk:
-                            break
+                        ended = not chunk
                         data += chunk
                 except BlockingIOError:
                     pass
                 except ConnectionError:  # closed, and reset for the frames still coming: what came is all
                     break
                 frames, _ = frames_in(data)
-                if any(op == 0x8 for op, _ in frames):
+                if ended or any(op == 0x8 for op, _ in frames):
                     break
             code = await read_close(sock, data)
             texts = [json.loads(p) for op, p in frames_in(data)[0] if op == 0x1]
@@ -2674,10 +2674,19 @@ class HostTest(ChatTestCase):
         host = "rebind.attacker.example:%d" % port
         self.assertEqual(await self.status("/", host), 403)
         self.assertEqual(await self.status("/metrics", host), 403, "the counts are not the rebinding page's either")
-        self.assertEqual(await self.status("/metrics", "127.0.0.1:%d" % port), 200)
         self.assertEqual(await self.status("/", "chat.example.org"), 200)
         self.assertEqual(await self.status("/metrics", "chat.example.org"), 403,
                          "a proxy on this machine passing the public name on does not open the counts")
+        self.assertEqual(await self.status("/metrics", "localhost.attacker.example:%d" % port), 403)
+
+    @async_test
+    async def test_metrics_are_asked_for_by_address_on_any_port(self):
+        """A scraper names the server by address: behind a port mapping, or on
+        port 80 (no port in Host), it still gets the counts."""
+        port = self.get_http_port()
+        for host in ("127.0.0.1:%d" % port, "127.0.0.1", "10.0.0.5:9000", "[::1]:%d" % port, "LOCALHOST"):
+            with self.subTest(host=host):
+                self.assertEqual(await self.status("/metrics", host), 200)
         self.assertEqual(await self.status("/healthz", host), 200)
         request = HTTPRequest(self.url(username="Victim"), headers={"Host": host, "Origin": "http://" + host})
         with self.assertRaises(HTTPClientError) as caught:
