@@ -2482,6 +2482,9 @@ class Hub:
                     cls.store.set_member(room_key, user, True)
                 room = cls.rooms[room_key] = Room(event["room"])
             elif user in room.members:
+                # Not news here; but a process loading from Redis meets a rejoin
+                # after the first join it keeps, and must mark what the others did.
+                cls.read_from_join(user, room_key)
                 return
             else:
                 with cls.store.transaction():

@@ -704,10 +704,16 @@ class EveryFeatureTest(RedisCase):
         joined = await self.reply(b, "joined", type="join", room="python")
         after = (await self.say(a, "said after", room="python"))["id"]
         self.assertTrue(before <= joined["read"] < after, (before, joined["read"], after))
-        p3, = await self.cluster(1)  # loads from Redis alone
+        # Out of the default room and back: what was said meanwhile is not unread.
+        await self.reply(b, "left", type="leave", room="general")
+        meanwhile = (await self.say(a, "said while UserB was out"))["id"]
+        back = await self.reply(b, "joined", type="join", room="general")
+        self.assertGreaterEqual(back["read"], meanwhile)
+        p3, = await self.cluster(1)  # loads from Redis alone, which keeps B's first join and its rejoin
         for port in (p1.port, p3.port):
             b2, _ = await self.connect("UserB", self.tokens["UserB"], port=port)
             self.assertEqual(b2.joined["python"]["read"], joined["read"])
+            self.assertEqual(b2.joined["general"]["read"], back["read"], "the same marker on every process")
 
     @redis_test
     async def test_an_edit_racing_a_delete_leaves_no_text_in_redis(self):
