@@ -3238,6 +3238,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     user: Optional[str] = None  # user key, set once the connection is accepted
     device: Optional[int] = None  # the id of the device (token) it signed in with
+    awaiting: ClassVar[dict[ChatSocket, None]] = {}  # opened with auth=1, its auth frame not come yet; see _await
     _awaiting: Optional[tuple] = None  # (name, since, timer) while an auth frame is awaited
     _auth_ref: Any = None  # the ref of its auth frame: a refusal carries it, and the ack after welcome
     _counted = False  # counted in sockets
@@ -3286,7 +3287,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             since = 0  # its ids are from another database: everything is new to it
         if self._query("auth") == "1" and token is None and link is None:
             # The credentials come in the first frame, not the URL (which proxies log).
-            self._awaiting = (name, since, tornado.ioloop.IOLoop.current().call_later(AUTH_SECONDS, self._no_auth))
+            self._await(name, since)
             return None
         return self._run(self._admit(name, token, link, since))
 
@@ -3333,9 +3334,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     async def _auth(self, data: str | bytes) -> None:
         """The first frame of a connection opened with auth=1:
         {"type":"auth","token":"..."} or {"type":"auth","link":"K7QF-2MXD"}."""
-        name, since, timer = self._awaiting
-        self._awaiting = None
-        tornado.ioloop.IOLoop.current().remove_timeout(timer)
+        name, since = self._stop_awaiting()
         try:
             frame = parse_frame(data)
         except ChatError:
@@ -3350,9 +3349,26 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self.user is not None and not self._dead:
             self._ack(ref)
 
+    def _await(self, name: str, since: Optional[int]) -> None:
+        """Wait AUTH_SECONDS for the auth frame. Such a connection has no user
+        yet, so it is kept in ChatSocket.awaiting for close_all to find."""
+        self._awaiting = (name, since, tornado.ioloop.IOLoop.current().call_later(AUTH_SECONDS, self._no_auth))
+        ChatSocket.awaiting[self] = None
+
+    def _stop_awaiting(self) -> tuple[str, Optional[int]]:
+        """No more waiting (the frame came, or the connection closes): the name
+        and since it was opened with, if it was waiting."""
+        if self._awaiting is None:
+            return "", None
+        name, since, timer = self._awaiting
+        self._awaiting = None
+        del ChatSocket.awaiting[self]
+        tornado.ioloop.IOLoop.current().remove_timeout(timer)
+        return name, since
+
     def _no_auth(self) -> None:
         if self._awaiting is not None and not self._dead:
-            self._awaiting = None
+            self._stop_awaiting()
             self.refuse(ChatError("name_taken", f"no auth frame came within {AUTH_SECONDS:g} seconds"), 4409)
 
     def get_websocket_protocol(self) -> Optional[tornado.websocket.WebSocketProtocol]:
@@ -3378,9 +3394,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         self._dead = True
         ChatSocket.corked.pop(id(self), None)
-        if self._awaiting is not None:  # closed before its auth frame came
-            tornado.ioloop.IOLoop.current().remove_timeout(self._awaiting[2])
-            self._awaiting = None
+        self._stop_awaiting()  # closed before its auth frame came
         if self._counted:
             self._counted = False
             ChatSocket.sockets -= 1
@@ -3739,9 +3753,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     def _close(self, code: int, reason: str) -> None:
         """Close after whatever is queued (an error frame explaining why)."""
-        if self._awaiting is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(self._awaiting[2])
-            self._awaiting = None
+        self._stop_awaiting()
         self.outbox.close(drain=not self._dead)
         self._dead = True
         self.close(code, reason)
@@ -3749,11 +3761,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     @classmethod
     def close_all(cls, code: int, reason: str, depart: bool = True) -> None:
-        """Close every connection (shutdown, Hub.lost). Nobody is told about
-        the others leaving: they are all leaving, and will be back. Without
-        depart, they leave state that is about to be loaded again."""
-        everyone = Hub.everyone_but()
+        """Close every connection (shutdown, Hub.lost), those still waiting
+        for their auth frame too. Nobody is told about the others leaving:
+        they are all leaving, and will be back. Without depart, they leave
+        state that is about to be loaded again."""
+        everyone = Hub.everyone_but() + list(cls.awaiting)
         for connection in everyone:
+            connection._stop_awaiting()  # an auth frame that comes now is not read
             connection._dead = True
             connection._departed = connection._departed or not depart
             connection.outbox.close(drain=False)

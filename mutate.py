@@ -587,6 +587,8 @@ MUTANTS = [
       "server = Listener(app)"),
 
     # ---- shutdown and --release
+    M("shutdown_forgets_auth_waiters", "Server shutdown closes with 1001, connections still to send their auth frame too",
+      "        everyone = Hub.everyone_but() + list(cls.awaiting)\n", "        everyone = Hub.everyone_but()\n"),
     M("delete_never_erased", "A deleted message's text is erased from the file, the search index and the WAL",
       "            self.asked += 1\n", "            self.asked += 0\n"),
     M("delete_words_left_in_index", "A deleted message's words leave the search index's segments too",

@@ -1745,13 +1745,16 @@ class ProcessTest(ProcessCase):
 
     @gen_test(timeout=30)
     async def test_sigterm_closes_clients_1001_and_exits_0(self):
-        """SIGTERM: clients are closed with 1001, the exit code is 0, and the
-        WAL is checkpointed into the database file, so that file alone is a
-        whole backup. Another program (an admin's sqlite3 shell) has the file
-        open here, so closing the server's connection alone would not do it."""
+        """SIGTERM: clients are closed with 1001 (one still to send its auth
+        frame too), the exit code is 0, and the WAL is checkpointed into the
+        database file, so that file alone is a whole backup. Another program
+        (an admin's sqlite3 shell) has the file open here, so closing the
+        server's connection alone would not do it."""
         proc, port, log = await self.start()
         a, _ = await self.connect("UserA", port=port)
         said = await self.say(a, "hi")
+        waiting = await websocket_connect(self.url(port, username="UserB", auth=1))  # its auth frame not sent
+        self.sockets.append(waiting)
         other = sqlite3.connect(self.db)
         self.addCleanup(other.close)
         other.execute("SELECT count(*) FROM messages").fetchone()
@@ -1760,6 +1763,8 @@ class ProcessTest(ProcessCase):
             if await self.raw_read(a, "the close") is None:
                 break
         self.assertEqual(a.close_code, 1001)
+        self.assertIsNone(await self.raw_read(waiting, "the close of the one still to sign in"))
+        self.assertEqual(waiting.close_code, 1001, "told too, not cut off when the process exits")
         self.assertEqual(await asyncio.wait_for(proc.wait(), 5), 0)
         await proc.drain
         self.assertNotIn(b"Traceback", b"".join(log))
