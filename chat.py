@@ -16,8 +16,8 @@ Endpoints
 loopback name on its port, the ``--host`` address, or one listed with
 ``--hosts`` or ``--origins`` (anything else is 403, which stops DNS
 rebinding); ``/metrics`` only a ``Host`` that is an IP address or
-``localhost``, on any port; ``/healthz`` answers any. A WebSocket from a foreign ``Origin``
-is 403 too.
+``localhost``, on any port; ``/healthz`` answers any. A WebSocket from a
+foreign ``Origin`` is 403 too.
 
 Names
 -----
