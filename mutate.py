@@ -749,8 +749,8 @@ MUTANTS = [
 
     # ---- auth frames (issue 11)
     M("auth_timeout_ignored", "no auth frame within 10 s is name_taken",
-      "        if self._awaiting is not None and not self._dead:\n            self._awaiting = None\n",
-      "        if False:\n            self._awaiting = None\n"),
+      "        if self._awaiting is not None and not self._dead:\n            self._stop_awaiting()\n",
+      "        if False:\n            self._stop_awaiting()\n"),
     M("auth_seconds_longer", "the auth frame must come within 10 s",
       "AUTH_SECONDS = 10.0", "AUTH_SECONDS = 100.0"),
     M("auth_any_type", 'the first frame must be {"type":"auth"}',
